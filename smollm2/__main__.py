@@ -1,0 +1,5 @@
+import sys
+
+from smollm2.cli import main
+
+sys.exit(main())

@@ -1,0 +1,207 @@
+"""One CLI: info, prepare, train, generate, export. It parses and calls; the work lives elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+
+from smollm2.config import Config, UserError, load_config
+from smollm2.model import Sampling, SmolLM2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit 2), like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, help="YAML config file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=1e-3 model.n_layers=4 (later values win)",
+    )
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    add_config_flags(parser)
+    parser.add_argument("--train_steps", type=int, required=True, help="optimizer steps to run (more, when resuming)")
+    parser.add_argument("--checkpoint_path", help="resume from this checkpoint")
+    parser.add_argument("--out_dir", default=".", help="run folder for checkpoints/, logs/, final/ (default: .)")
+
+
+def read_config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    config = read_config(args)
+    print(parameter_report(config, args.config))
+
+
+def parameter_report(config: Config, source: str) -> str:
+    m = config.model
+    with torch.device("meta"):
+        model = SmolLM2(m)
+    block = model.layers[0]
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    attention, mlp = count(block.self_attn), count(block.mlp)
+    norms = count(block.input_layernorm) + count(block.post_attention_layernorm)
+    head = 0 if m.tie_embeddings else count(model.lm_head)
+    rows = [
+        ("embeddings", count(model.embed_tokens)),
+        ("per layer: attention", attention),
+        ("per layer: mlp", mlp),
+        ("per layer: norms", norms),
+        ("per layer: total", attention + mlp + norms),
+        (f"layers (x{m.n_layers})", count(model.layers)),
+        ("final norm", count(model.norm)),
+        ("lm head" + (" (tied to embeddings)" if m.tie_embeddings else ""), head),
+    ]
+    header = (
+        f"{source}: {m.n_layers} layers x {m.hidden_size} hidden, {m.n_heads} heads ({m.n_kv_heads} KV, "
+        f"head dim {m.head_dim}), {m.norm}, {m.mlp} MLP {m.intermediate_size}, vocab {m.vocab_size}, "
+        f"rope theta {m.rope_theta:g}, {'tied' if m.tie_embeddings else 'untied'} head"
+    )
+    lines = [header] + [f"  {name:<38}{value:>14,}" for name, value in rows]
+    lines.append(f"total parameters: {model.num_parameters():,}")
+    return "\n".join(lines)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from smollm2.hf import load_pretrained
+
+    if args.checkpoint:
+        from smollm2.checkpoint import load_model_from_checkpoint
+
+        model, tokenizer = load_model_from_checkpoint(args.checkpoint)
+    else:
+        model, tokenizer = load_pretrained(args.model)
+    if tokenizer is None:
+        raise UserError(f"{args.checkpoint or args.model}: no tokenizer found beside the model")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    model.eval()
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        prompt = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    if not prompt:
+        raise UserError("--prompt is empty and the tokenizer has no end-of-text token to start from")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    generator = torch.Generator().manual_seed(args.seed)
+    max_new = min(args.max_new_tokens, model.config.max_seq_len - len(prompt))
+    produced: list[int] = []
+    printed = ""
+    for step in model.stream([prompt], max_new, sampling, eos_id=tokenizer.eos_id, generator=generator):
+        token = int(step[0])
+        if token == tokenizer.eos_id:
+            break
+        produced.append(token)
+        text = tokenizer.decode(produced)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write(tokenizer.decode(produced)[len(printed) :] + "\n")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from smollm2.checkpoint import load_model_from_checkpoint
+    from smollm2.hf import export_llama
+
+    model, tokenizer = load_model_from_checkpoint(args.checkpoint)
+    export_llama(model, args.out, tokenizer)
+    print(f"wrote {args.out} (transformers: AutoModelForCausalLM.from_pretrained({str(args.out)!r}))")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from smollm2.data import prepare
+
+    prepare(read_config(args), args.out_dir)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from smollm2.trainer import train
+
+    train(read_config(args), args.train_steps, args.checkpoint_path, args.out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="smollm2", description="SmolLM2: train, inspect and run small language models")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    info = commands.add_parser("info", help="print the parameter breakdown of a config")
+    add_config_flags(info)
+    info.set_defaults(run=cmd_info)
+
+    prepare = commands.add_parser("prepare", help="train or load the tokenizer and tokenize the corpus")
+    add_config_flags(prepare)
+    prepare.add_argument("--out_dir", default=".", help="run folder (prepared data goes under data/)")
+    prepare.set_defaults(run=cmd_prepare)
+
+    train = commands.add_parser("train", help="train (or resume) a model")
+    add_train_flags(train)
+    train.set_defaults(run=cmd_train)
+
+    generate = commands.add_parser("generate", help="continue a prompt")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a training checkpoint (checkpoints/step_N.pt)")
+    source.add_argument("--model", help="a Hugging Face model folder (ours, or a downloaded SmolLM2)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max_new_tokens", type=int, default=100)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--top_k", type=int, default=50, help="0 = off")
+    generate.add_argument("--top_p", type=float, default=1.0)
+    generate.add_argument("--repetition_penalty", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(run=cmd_generate)
+
+    export = commands.add_parser("export", help="write a checkpoint as a transformers model folder")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--out", required=True)
+    export.set_defaults(run=cmd_export)
+    return parser
+
+
+def run(command: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    try:
+        command(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args.run, args)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`python train.py ...`: the seed's entry point, the same as `smollm2 train ...`."""
+    parser = ArgumentParser(prog="train.py", description="Train SmolLM2 (or resume from a checkpoint)")
+    add_train_flags(parser)
+    return run(cmd_train, parser.parse_args(argv))

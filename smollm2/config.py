@@ -1,0 +1,278 @@
+"""Typed configuration: YAML sections -> dataclasses, `section.key=value` overrides, validation.
+
+Every user mistake becomes a `ConfigError` (a `UserError`) whose one-line message names the key
+and the file; the CLI turns it into a line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake the user must fix: printed as one line, exit code 2, no traceback."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = 12
+    hidden_size: int = 768
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None = n_heads (plain multi-head attention)
+    intermediate_size: int = 3072
+    vocab_size: int = 32000
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    attention: str = "sdpa"  # sdpa | eager | flash_attn2
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    path: str = "input.txt"
+    tokenizer: str = "train"  # "train" or a path to tokenizer.json / a Hugging Face tokenizer folder
+    seq_len: int = 512
+    val_fraction: float = 0.1
+    prepared_dir: str | None = None  # None = data/<corpus name>-<vocab size> under the run folder
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd
+    schedule_steps: int | None = None  # None = the first run's --train_steps
+    decay_fraction: float = 0.2  # wsd: the share of the schedule spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1337
+    precision: str = "auto"  # auto | fp32 | bf16
+    compile: bool = False
+    grad_checkpointing: bool = False
+    eval_every: int = 500
+    eval_batches: int = 20
+    predict_every: int = 500
+    predict_tokens: int = 64
+    save_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 1
+    prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "First Citizen:\n"])
+    wandb: bool = False
+    wandb_project: str = "smollm2"
+    parallel: str = "ddp"  # ddp | fsdp (used under torchrun)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str = "<defaults>"  # where the config came from, for error messages
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.mlp": ("gelu", "swiglu"),
+    "model.attention": ("sdpa", "eager", "flash_attn2"),
+    "train.schedule": ("cosine", "wsd"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.parallel": ("ddp", "fsdp"),
+}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a dataclass field's type; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, where) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    type_name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{where}: expected {type_name}, got {value!r}")
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{section}.{key} in {source}"
+        if key not in known:
+            raise ConfigError(f"unknown key {section}.{key} in {source}")
+        kwargs[key] = _coerce(value, hints[key], where)
+        allowed = CHOICES.get(f"{section}.{key}")
+        if allowed and kwargs[key] not in allowed:
+            raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {', '.join(allowed)}")
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'train.lr=1e-3' -> ('train', 'lr', 0.001); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not name:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.lr=1e-3")
+    if section not in SECTIONS:
+        raise ConfigError(f"--set {text!r}: unknown section {section!r} (model, data, train)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_numeric(raw):  # YAML 1.1 reads "1e-3" as a string
+        value = float(raw)
+    return section, name, value
+
+
+def _looks_numeric(raw: str) -> bool:
+    try:
+        float(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def config_from_dict(raw: dict[str, Any], source: str, overrides: list[str] = ()) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections model, data, train")
+    sections: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section {section!r} in {source} (model, data, train)")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {section!r} in {source} must be a mapping")
+        sections[section] = dict(values)
+    for text in overrides:
+        section, name, value = parse_override(text)
+        sections.setdefault(section, {})[name] = value
+    where = source + (" (with --set)" if overrides else "")
+    config = Config(
+        **{name: _build_section(cls, sections.get(name, {}), name, where) for name, cls in SECTIONS.items()},
+        source=source,
+    )
+    validate(config, where)
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML ({first_line})") from None
+    return config_from_dict(raw, str(path), overrides)
+
+
+def validate(config: Config, where: str) -> None:
+    m, d, t = config.model, config.data, config.train
+
+    def positive(section: str, name: str, value: float) -> None:
+        if value <= 0:
+            raise ConfigError(f"{section}.{name} in {where}: must be positive, got {value}")
+
+    for name in (
+        "n_layers",
+        "hidden_size",
+        "n_heads",
+        "n_kv_heads",
+        "intermediate_size",
+        "vocab_size",
+        "max_seq_len",
+        "norm_eps",
+        "rope_theta",
+        "init_std",
+    ):
+        positive("model", name, getattr(m, name))
+    if m.hidden_size % m.n_heads:
+        raise ConfigError(
+            f"model.hidden_size in {where}: {m.hidden_size} is not divisible by model.n_heads={m.n_heads}"
+        )
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_kv_heads in {where}: model.n_heads={m.n_heads} is not divisible by n_kv_heads={m.n_kv_heads}"
+        )
+    if m.head_dim % 2:
+        raise ConfigError(
+            f"model.n_heads in {where}: head dim {m.head_dim} (hidden_size / n_heads) must be even for RoPE"
+        )
+    positive("data", "seq_len", d.seq_len)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len in {where}: {d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction in {where}: must be in [0, 1), got {d.val_fraction}")
+    for name in (
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "eval_every",
+        "eval_batches",
+        "predict_every",
+        "predict_tokens",
+        "save_every",
+        "log_every",
+        "keep_last",
+    ):
+        positive("train", name, getattr(t, name))
+    for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} in {where}: must not be negative, got {getattr(t, name)}")
+    if t.schedule_steps is not None:
+        positive("train", "schedule_steps", t.schedule_steps)
+    if not 0 <= t.decay_fraction <= 1:
+        raise ConfigError(f"train.decay_fraction in {where}: must be in [0, 1], got {t.decay_fraction}")

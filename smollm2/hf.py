@@ -1,0 +1,171 @@
+"""Hugging Face interop: our model <-> a transformers Llama folder (config.json + safetensors).
+
+Llama expresses the SmolLM2 family exactly when norm = rmsnorm and mlp = swiglu. Other configs
+(the seed's LayerNorm + GELU) are saved in our own format: the same safetensors and a
+`smollm2_config.json`, loadable by `load_pretrained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from smollm2.config import ModelConfig, UserError
+from smollm2.model import SmolLM2
+from smollm2.tokenizer import Tokenizer, load_tokenizer
+
+NATIVE_CONFIG = "smollm2_config.json"
+
+
+def llama_incompatibility(config: ModelConfig) -> str | None:
+    if config.norm != "rmsnorm":
+        return f"model.norm={config.norm}"
+    if config.mlp != "swiglu":
+        return f"model.mlp={config.mlp}"
+    return None
+
+
+def to_llama_config(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict:
+    problem = llama_incompatibility(config)
+    if problem:
+        raise UserError(f"{problem} cannot be expressed as a transformers Llama config (needs rmsnorm + swiglu)")
+    eos_id = tokenizer.eos_id if tokenizer else None
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "initializer_range": config.init_std,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+    }
+
+
+def from_llama_config(raw: dict, source: str) -> ModelConfig:
+    if raw.get("model_type") != "llama":
+        raise UserError(f"{source}: model_type {raw.get('model_type')!r} is not supported (llama only)")
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise UserError(f"{source}: rope scaling {rope.get('rope_type')!r} is not supported")
+    if raw.get("attention_bias") or raw.get("mlp_bias"):
+        raise UserError(f"{source}: biases in linear layers are not supported")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (silu only)")
+    config = ModelConfig(
+        n_layers=raw["num_hidden_layers"],
+        hidden_size=raw["hidden_size"],
+        n_heads=raw["num_attention_heads"],
+        n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+        intermediate_size=raw["intermediate_size"],
+        vocab_size=raw["vocab_size"],
+        norm="rmsnorm",
+        norm_eps=raw.get("rms_norm_eps", 1e-6),
+        mlp="swiglu",
+        rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+        max_seq_len=raw.get("max_position_embeddings", 2048),
+        tie_embeddings=raw.get("tie_word_embeddings", False),
+    )
+    if raw.get("head_dim", config.head_dim) != config.head_dim:
+        raise UserError(f"{source}: head_dim {raw['head_dim']} != hidden_size / heads is not supported")
+    return config
+
+
+def to_hf_state_dict(model: SmolLM2) -> dict[str, torch.Tensor]:
+    """Our names with transformers' `model.` prefix; a tied head is stored once, as embeddings."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            if not model.config.tie_embeddings:
+                state[name] = tensor
+        else:
+            state[f"model.{name}"] = tensor
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    ours = {name.removeprefix("model."): tensor for name, tensor in state.items()}
+    if config.tie_embeddings:
+        ours.pop("lm_head.weight", None)
+        ours["lm_head.weight"] = ours["embed_tokens.weight"]
+    return ours
+
+
+def save_pretrained(model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | None = None) -> str:
+    """Write the model (and tokenizer) to `folder`; 'llama' when transformers loads it, else 'native'."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(to_hf_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if llama_incompatibility(model.config) is None:
+        _write_json(folder / "config.json", to_llama_config(model.config, tokenizer))
+        generation = {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id} if tokenizer else {}
+        _write_json(folder / "generation_config.json", generation)
+        kind = "llama"
+    else:
+        _write_json(folder / NATIVE_CONFIG, dataclasses.asdict(model.config))
+        kind = "native"
+    if tokenizer is not None:
+        tokenizer.save_hf(folder)
+    return kind
+
+
+def export_llama(model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | None = None) -> None:
+    """Like save_pretrained, but refuses, in one line, a config transformers cannot load."""
+    problem = llama_incompatibility(model.config)
+    if problem:
+        raise UserError(f"cannot export to transformers: {problem} has no Llama equivalent (needs rmsnorm + swiglu)")
+    save_pretrained(model, folder, tokenizer)
+
+
+def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SmolLM2, Tokenizer | None]:
+    """Load a transformers Llama folder (e.g. a downloaded SmolLM2-135M) or one of our own."""
+    folder = Path(folder)
+    if (folder / NATIVE_CONFIG).is_file():
+        config = ModelConfig(**json.loads((folder / NATIVE_CONFIG).read_text()))
+    elif (folder / "config.json").is_file():
+        config = from_llama_config(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+    else:
+        raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    model = SmolLM2(config)
+    state = from_hf_state_dict(_read_safetensors(folder), config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+    return model.to(device), tokenizer
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state |= load_file(str(folder / shard))
+        return state
+    if not (folder / "model.safetensors").is_file():
+        raise UserError(f"{folder}: no model.safetensors (only safetensors weights are read)")
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")

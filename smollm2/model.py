@@ -1,0 +1,357 @@
+"""The SmolLM2 network, top to bottom: norms, rotary embeddings, attention, MLP, block, model, generate.
+
+Parameter names follow Hugging Face's Llama (`layers.0.self_attn.q_proj.weight`, ...), so that
+conversion to and from transformers is a renaming of the prefix, nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from smollm2.config import ModelConfig
+
+try:  # the flash-attn package: used on CUDA when installed and model.attention = flash_attn2
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - not installed on CPU machines
+    flash_attn_func = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as Llama does, then cast back: bf16 variance loses too many bits.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embeddings (the "rotate half" layout of Llama / transformers)
+
+
+def rope_frequencies(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device) / config.head_dim
+    return 1.0 / (config.rope_theta**exponents)
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (..., T) -> cos, sin of shape (..., T, head_dim), computed in fp32."""
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos/sin (T, D) or (B, T, D)."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys and values for every layer; `length` positions are filled."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
+        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        # Without a mask every query sees the keys before it; a mask (padding or a cache) says so itself.
+        causal = mask is None
+        out = self._attend(q, k, v, mask, causal)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
+        kind = self.config.attention
+        if kind == "flash_attn2" and flash_attn_func is not None and q.is_cuda and mask is None:
+            # flash-attn wants (B, T, H, D) and handles grouped KV heads natively.
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            return out.transpose(1, 2)
+        if kind == "eager":
+            return eager_attention(q, k, v, mask, causal)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+
+
+def eager_attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """The reference: softmax(q k^T / sqrt(d)) v, written out."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.float().softmax(dim=-1).to(q.dtype) @ v
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP and block
+
+
+class MLP(nn.Module):
+    """gelu: down(gelu(up(x))); swiglu: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class SmolLM2(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 / Llama init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)."""
+        std = self.config.init_std
+        for name, param in self.named_parameters():
+            if param.dim() == 1:
+                nn.init.ones_(param) if name.endswith("weight") else nn.init.zeros_(param)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(param, 0.0, std)
+        self.inv_freq.copy_(rope_frequencies(self.config, self.inv_freq.device))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab); with `targets`, the mean cross-entropy instead (ignore_index -100).
+
+        positions (B, T) and a boolean mask (B, 1, T, keys) are needed only for padded batches and
+        cached decoding; plain training passes neither and gets the causal fast path.
+        """
+        x = self.embed_tokens(input_ids)
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        x = self.norm(x)
+        if targets is None:
+            return self.lm_head(x)
+        logits = self.lm_head(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    # -----------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        sampling: Sampling | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every prompt, one step at a time, as a (B,) tensor.
+
+        Prompts of different lengths are left-padded; a finished row (it produced eos_id) keeps
+        yielding eos_id. Without the cache each step recomputes the whole sequence: slower, the
+        same tokens, and the reference the tests compare the cache against.
+        """
+        sampling = sampling or Sampling()
+        device = self.embed_tokens.weight.device
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        total = longest + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(f"prompt + new tokens = {total} exceeds max_seq_len {self.config.max_seq_len}")
+        tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
+        valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, longest - len(prompt) : longest] = torch.tensor(prompt, device=device)
+            valid[row, longest - len(prompt) :] = True
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        cache = KVCache(self.config, batch, total, device, self.embed_tokens.weight.dtype) if use_cache else None
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        start, end = 0, longest
+        for _ in range(max_new_tokens):
+            keys = valid[:, :end]
+            causal = torch.ones(end, end, dtype=torch.bool, device=device).tril()[start:end]
+            itself = torch.eye(end, dtype=torch.bool, device=device)[start:end]
+            # A padding query sees only itself: a row with no visible key would make NaNs.
+            mask = ((causal[None] & keys[:, None, :]) | itself)[:, None]  # (B, 1, queries, keys)
+            logits = self(tokens[:, start:end], positions=positions[:, start:end], mask=mask, cache=cache)
+            next_token = sample(logits[:, -1].float(), tokens[:, :end], valid[:, :end], sampling, generator)
+            if eos_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
+                finished |= next_token == eos_id
+            tokens[:, end] = next_token
+            yield next_token
+            if eos_id is not None and bool(finished.all()):
+                return
+            start, end = (end if use_cache else 0), end + 1
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+        """The new tokens of every prompt, stopping at (and dropping) eos_id."""
+        eos_id = kwargs.get("eos_id")
+        outputs: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for step in self.stream(prompts, max_new_tokens, **kwargs):
+            for row, token in enumerate(step.tolist()):
+                if done[row] or token == eos_id:
+                    done[row] = True
+                    continue
+                outputs[row].append(token)
+        return outputs
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+
+
+def sample(
+    logits: torch.Tensor,
+    context: torch.Tensor,
+    context_valid: torch.Tensor,
+    sampling: Sampling,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Pick the next token from logits (B, vocab) given the tokens so far (B, T)."""
+    if sampling.repetition_penalty != 1.0:
+        counts = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, context, context_valid.long())
+        seen = counts > 0
+        penalised = torch.where(logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the ones before it already hold top_p of the mass.
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs > sampling.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -1,0 +1,108 @@
+"""Byte-level BPE: train one on a corpus with Hugging Face `tokenizers`, or load one from disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from smollm2.config import UserError
+
+END_OF_TEXT = "<|endoftext|>"
+SPECIAL_TOKENS = [END_OF_TEXT, "<|im_start|>", "<|im_end|>"]  # the ones SmolLM2 itself starts with
+EOS_CANDIDATES = [END_OF_TEXT, "</s>", "<eos>"]
+
+
+class Tokenizer:
+    """A thin wrapper: encode, decode, the end-of-text id, a content hash, and export."""
+
+    def __init__(self, backend: HFTokenizer, eos_token: str | None = None) -> None:
+        self.backend = backend
+        vocab = backend.get_vocab()
+        self.eos_token = eos_token or next((t for t in EOS_CANDIDATES if t in vocab), None)
+        self.eos_id = vocab.get(self.eos_token) if self.eos_token else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()[:16]
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        self.backend.save(str(tmp))
+        tmp.replace(path)
+
+    def save_hf(self, folder: Path) -> None:
+        """tokenizer.json plus the config files that `AutoTokenizer.from_pretrained` reads."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self.save(folder / "tokenizer.json")
+        tokenizer_config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": 1_000_000,
+            "clean_up_tokenization_spaces": False,
+            "add_prefix_space": False,
+        }
+        if self.eos_token:
+            tokenizer_config |= {"bos_token": self.eos_token, "eos_token": self.eos_token, "unk_token": self.eos_token}
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer: any UTF-8 text encodes, and decodes back exactly."""
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    reached = backend.get_vocab_size()
+    if reached < vocab_size:
+        print(
+            f"note: the corpus supports {reached} BPE tokens, fewer than model.vocab_size={vocab_size}; "
+            "the model keeps its size and the extra rows go unused",
+            file=sys.stderr,
+        )
+    return Tokenizer(backend)
+
+
+def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer:
+    """Load tokenizer.json, or a Hugging Face folder holding one (e.g. a downloaded SmolLM2)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"tokenizer not found: {file}")
+    try:
+        backend = HFTokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        raise UserError(f"{file}: not a valid tokenizer.json ({str(exc).splitlines()[0][:120]})") from None
+    eos_token = None
+    config_file = file.parent / "tokenizer_config.json"
+    if config_file.is_file():
+        eos = json.loads(config_file.read_text()).get("eos_token")
+        eos_token = eos.get("content") if isinstance(eos, dict) else eos
+    tokenizer = Tokenizer(backend, eos_token)
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise UserError(f"tokenizer {file} has {tokenizer.vocab_size} tokens, more than model.vocab_size={vocab_size}")
+    return tokenizer

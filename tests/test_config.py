@@ -1,0 +1,97 @@
+import subprocess
+import sys
+
+import pytest
+
+from smollm2.config import ConfigError, load_config
+
+BASE = """\
+model:
+  n_layers: 2
+  hidden_size: 64
+  n_heads: 4
+  n_kv_heads: 2
+  intermediate_size: 128
+  vocab_size: 100
+train:
+  lr: 1.0e-3
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_loads_and_overrides_later_values_win(tmp_path):
+    path = write(tmp_path, BASE)
+    config = load_config(path, ["train.lr=2e-3", "model.n_layers=3", "train.lr=5e-4", "train.prompts=[a, b]"])
+    assert config.train.lr == 5e-4
+    assert config.model.n_layers == 3
+    assert config.train.prompts == ["a", "b"]
+    assert config.model.n_kv_heads == 2
+
+
+def test_n_kv_heads_defaults_to_n_heads(tmp_path):
+    config = load_config(write(tmp_path, BASE.replace("  n_kv_heads: 2\n", "")))
+    assert config.model.n_kv_heads == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        (BASE + "  bogus: 1\n", [], r"unknown key train.bogus in .*c.yaml"),
+        (BASE, ["model.hidden_size=big"], r"model.hidden_size in .*c.yaml.*expected int, got 'big'"),
+        (BASE, ["model.hidden_size=66"], r"model.hidden_size in .*c.yaml.*66 is not divisible by model.n_heads=4"),
+        (BASE, ["model.n_kv_heads=3"], r"model.n_kv_heads in .*not divisible"),
+        (BASE, ["model.hidden_size=36", "model.n_heads=12", "model.n_kv_heads=12"], r"head dim 3 .* even"),
+        (BASE, ["model.norm=batchnorm"], r"model.norm .*'batchnorm' is not one of layernorm, rmsnorm"),
+        (BASE, ["train.lr=-1"], r"train.lr .*must be positive"),
+        (BASE, ["model.tie_embeddings=3"], r"expected bool"),
+        (BASE, ["nosection"], r"expected section.key=value"),
+        (BASE, ["optim.lr=1"], r"unknown section 'optim'"),
+        ("model: [1, 2\n", [], r"not valid YAML"),
+        ("extra:\n  a: 1\n", [], r"unknown section 'extra'"),
+    ],
+)
+def test_config_errors_name_the_key_and_file(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "smollm2", *args], capture_output=True, text=True)
+
+
+def test_cli_error_is_one_line_exit_2_no_traceback(tmp_path):
+    path = write(tmp_path, BASE + "  bogus: 1\n")
+    result = run_cli("info", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown key train.bogus" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_bad_flag_is_one_line_exit_2():
+    result = run_cli("info", "--config", "config/tiny.yaml", "--bogus")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "unrecognized arguments" in result.stderr
+
+
+def test_info_prints_the_breakdown_and_exact_total():
+    result = run_cli("info", "--config", "config/model_config.yaml")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "total parameters: 134,125,056"
+    assert any("lm head" in line and "24,576,000" in line for line in lines)
+
+
+def test_info_with_set_override():
+    result = run_cli("info", "--config", "config/smollm2-135m.yaml", "--set", "model.n_layers=2")
+    expected = 28_311_552 + 2 * 3_540_096 + 576
+    assert result.stdout.strip().splitlines()[-1] == f"total parameters: {expected:,}"

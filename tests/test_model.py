@@ -1,0 +1,152 @@
+import pytest
+import torch
+
+from smollm2.config import load_config
+from smollm2.model import Sampling, SmolLM2, sample
+from tests.conftest import small_config
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("config/model_config.yaml", 134_125_056), ("config/smollm2-135m.yaml", 134_515_008)],
+)
+def test_preset_parameter_counts(path, expected):
+    with torch.device("meta"):
+        model = SmolLM2(load_config(path).model)
+    assert model.num_parameters() == expected
+
+
+def test_seed_preset_is_the_stated_architecture():
+    m = load_config("config/model_config.yaml").model
+    assert (m.n_layers, m.hidden_size, m.n_heads, m.intermediate_size, m.vocab_size) == (12, 768, 12, 3072, 32000)
+    assert (m.norm, m.mlp, m.tie_embeddings) == ("layernorm", "gelu", False)
+
+
+def test_no_biases_in_linear_layers_and_scaled_residual_init():
+    config = small_config(n_layers=8, hidden_size=128, intermediate_size=256)
+    model = SmolLM2(config)
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    q_std = model.layers[0].self_attn.q_proj.weight.std().item()
+    o_std = model.layers[0].self_attn.o_proj.weight.std().item()
+    assert abs(q_std - 0.02) < 0.002
+    assert abs(o_std - 0.02 / 4) < 0.001  # 1/sqrt(2 * 8 layers)
+
+
+def test_tied_head_shares_the_embedding():
+    model = SmolLM2(small_config(tie_embeddings=True))
+    assert model.lm_head.weight is model.embed_tokens.weight
+    untied = SmolLM2(small_config(tie_embeddings=False))
+    vocab, hidden = 97, 64
+    assert model.num_parameters() == untied.num_parameters() - vocab * hidden
+
+
+@pytest.mark.parametrize("norm,mlp", [("rmsnorm", "swiglu"), ("layernorm", "gelu")])
+def test_sdpa_matches_eager_reference(norm, mlp):
+    config = small_config(norm=norm, mlp=mlp)
+    model = SmolLM2(config).eval()
+    ids = torch.randint(0, config.vocab_size, (3, 20))
+    fast = model(ids)
+    config.attention = "eager"
+    reference = model(ids)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attn2_falls_back_to_sdpa_on_cpu():
+    model = SmolLM2(small_config()).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    expected = model(ids)
+    model.config.attention = "flash_attn2"
+    torch.testing.assert_close(model(ids), expected)
+
+
+def test_causality_future_tokens_do_not_change_the_past():
+    model = SmolLM2(small_config()).eval()
+    ids = torch.randint(0, 97, (1, 16))
+    changed = ids.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 97
+    torch.testing.assert_close(model(ids)[:, :10], model(changed)[:, :10])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = small_config()
+    model = SmolLM2(config)
+    ids = torch.randint(0, 97, (2, 16))
+    targets = torch.randint(0, 97, (2, 16))
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        model(ids, targets).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.equal(plain[name], checkpointed[name]), name
+
+
+def test_loss_matches_cross_entropy_of_logits():
+    model = SmolLM2(small_config()).eval()
+    ids = torch.randint(0, 97, (2, 8))
+    targets = torch.randint(0, 97, (2, 8))
+    expected = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(model(ids, targets), expected)
+
+
+def greedy_without_cache(model, prompt, steps):
+    tokens = list(prompt)
+    for _ in range(steps):
+        logits = model(torch.tensor([tokens]))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(prompt) :]
+
+
+def test_kv_cache_generation_equals_recomputation():
+    model = SmolLM2(small_config()).eval()
+    prompt = [5, 17, 3, 42, 8]
+    greedy = Sampling(temperature=0)
+    cached = model.generate([prompt], 20, sampling=greedy)[0]
+    recomputed = model.generate([prompt], 20, sampling=greedy, use_cache=False)[0]
+    assert cached == recomputed == greedy_without_cache(model, prompt, 20)
+
+
+def test_batch_of_different_lengths_matches_one_at_a_time():
+    model = SmolLM2(small_config()).eval()
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [30, 31, 32, 33]]
+    greedy = Sampling(temperature=0)
+    batched = model.generate(prompts, 12, sampling=greedy)
+    for prompt, out in zip(prompts, batched, strict=True):
+        assert out == greedy_without_cache(model, prompt, 12)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_stops_at_eos():
+    model = SmolLM2(small_config()).eval()
+    settings = Sampling(temperature=1.0, top_k=10, top_p=0.9, repetition_penalty=1.3)
+    runs = [
+        model.generate([[1, 2, 3]], 15, sampling=settings, generator=torch.Generator().manual_seed(7)) for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+    first = runs[0][0][0]
+    stopped = model.generate(
+        [[1, 2, 3]], 15, sampling=settings, eos_id=first, generator=torch.Generator().manual_seed(7)
+    )
+    assert stopped == [[]]
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    context, valid = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    top2 = {int(sample(logits, context, valid, Sampling(1.0, top_k=2), gen)) for _ in range(200)}
+    assert top2 == {0, 1}
+    # softmax mass of token 0 is ~0.64: top_p 0.5 keeps it alone
+    top_p = {int(sample(logits, context, valid, Sampling(1.0, top_p=0.5), gen)) for _ in range(50)}
+    assert top_p == {0}
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    context = torch.tensor([[0, 2]])
+    valid = torch.tensor([[True, False]])  # token 2 is padding: not penalised
+    chosen = sample(logits, context, valid, Sampling(temperature=0, repetition_penalty=2.0), None)
+    assert int(chosen) == 1
