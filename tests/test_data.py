@@ -1,0 +1,200 @@
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from smollm2.config import UserError, config_from_dict
+from smollm2.data import BatchLoader, eval_batches, prepare, resolve_sources
+from smollm2.tokenizer import load_tokenizer, train_tokenizer
+
+PLAY = "".join(
+    f"{name}:\nWhat light through yonder window breaks, {i}?\nIt is the east, and Juliet is the sun.\n\n"
+    for i, name in enumerate(["ROMEO", "JULIET", "NURSE", "MERCUTIO"] * 60)
+)
+
+
+def config_for(path, **data):
+    raw = {
+        "model": {"n_layers": 1, "hidden_size": 32, "n_heads": 2, "intermediate_size": 64, "vocab_size": 400},
+        "data": {"path": str(path), "seq_len": 16, "val_fraction": 0.1} | data,
+    }
+    return config_from_dict(raw, "test")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer([PLAY], vocab_size=400)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_tokenizer_round_trips_any_unicode(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_tokenizer_larger_than_model_vocab_is_an_error(tmp_path, tokenizer):
+    tokenizer.save(tmp_path / "tokenizer.json")
+    with pytest.raises(UserError, match="400 tokens, more than model.vocab_size=100"):
+        load_tokenizer(tmp_path / "tokenizer.json", vocab_size=100)
+    assert load_tokenizer(tmp_path, vocab_size=1000).hash == tokenizer.hash  # a folder works too
+
+
+def test_small_corpus_reports_the_vocab_it_reached(capsys):
+    train_tokenizer(["abc abc"], vocab_size=5000)
+    assert "supports" in capsys.readouterr().err
+
+
+def test_token_files_equal_direct_encoding(tmp_path):
+    corpus = tmp_path / "play.txt"
+    corpus.write_text(PLAY)
+    data = prepare(config_for(corpus, val_fraction=0.0), tmp_path, quiet=True)
+    expected = data.tokenizer.encode(PLAY) + [data.tokenizer.eos_id]
+    assert data.train.dtype == np.uint16
+    assert np.array_equal(np.asarray(data.train), expected)
+    assert len(data.val) == 0
+
+
+def test_validation_split_is_whole_pieces_and_disjoint(tmp_path):
+    corpus = tmp_path / "play.txt"
+    corpus.write_text(PLAY * 4)  # ~80 KB: several pieces
+    data = prepare(config_for(corpus), tmp_path, quiet=True)
+    total = len(data.tokenizer.encode(PLAY * 4)) + 1
+    assert len(data.train) + len(data.val) == total
+    assert 0.05 < len(data.val) / total < 0.2
+    meta = json.loads((data.folder / "meta.json").read_text())
+    assert meta["train_tokens"] == len(data.train) and meta["tokenizer_hash"] == data.tokenizer.hash
+
+
+def test_reuse_and_rebuild(tmp_path, capsys):
+    corpus = tmp_path / "play.txt"
+    corpus.write_text(PLAY)
+    config = config_for(corpus)
+    first = prepare(config, tmp_path)
+    assert "reusing" in prepare(config, tmp_path).folder.name or "reusing" in capsys.readouterr().out
+    corpus.write_text(PLAY + "EPILOGUE:\nThe end.\n")
+    rebuilt = prepare(config, tmp_path)
+    assert "reusing" not in capsys.readouterr().out
+    assert rebuilt.meta["bytes"] > first.meta["bytes"]
+
+
+def test_folder_of_jsonl_and_text(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(PLAY)
+    lines = [json.dumps({"text": "JULIET:\nO Romeo, Romeo!\n"}) for _ in range(50)]
+    (tmp_path / "corpus" / "b.jsonl").write_text("\n".join(lines) + "\n")
+    data = prepare(config_for(tmp_path / "corpus"), tmp_path, quiet=True)
+    eos = data.tokenizer.eos_id
+    all_tokens = np.concatenate([data.train, data.val])
+    assert int((all_tokens == eos).sum()) == 1 + 50  # one per document
+
+
+def test_parquet_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [PLAY[:2000], PLAY[2000:4000]] * 10}), tmp_path / "c.parquet")
+    data = prepare(config_for(tmp_path / "c.parquet"), tmp_path, quiet=True)
+    assert len(data.train) > 100
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: d / "missing.txt", "does not exist"),
+        (lambda d: d / "*.nothing", "matches no file"),
+        (lambda d: _write(d / "empty.txt", b""), "is empty"),
+        (lambda d: _write(d / "blank.txt", b"  \n\n \t\n"), "empty or only whitespace"),
+        (lambda d: _write(d / "short.txt", b"ROMEO: hi\n"), "fewer than one window"),
+        (lambda d: _write(d / "bad.jsonl", b'{"text": "ok"}\n{"text": broken\n'), r"bad.jsonl:2: not valid JSON"),
+        (lambda d: _write(d / "notext.jsonl", b'{"body": "ok"}\n'), r"notext.jsonl:1: no string field 'text'"),
+        (lambda d: _write(d / "bad.parquet", b"PAR1 this is not parquet"), "not a readable parquet"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_leaves_nothing_half_written(tmp_path, setup, message):
+    path = setup(tmp_path)
+    config = config_for(path, prepared_dir=str(tmp_path / "prepared"))
+    with pytest.raises(UserError, match=message):
+        prepare(config, tmp_path, quiet=True)
+    assert not (tmp_path / "prepared").exists()
+    assert not list(tmp_path.glob("prepared.tmp-*"))
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_a_failed_rebuild_keeps_the_previous_files(tmp_path):
+    corpus = tmp_path / "play.txt"
+    corpus.write_text(PLAY)
+    config = config_for(corpus, prepared_dir=str(tmp_path / "prepared"))
+    before = np.asarray(prepare(config, tmp_path, quiet=True).train).copy()
+    corpus.write_text("  \n")
+    with pytest.raises(UserError):
+        prepare(config, tmp_path, quiet=True)
+    assert np.array_equal(np.fromfile(tmp_path / "prepared" / "train.bin", dtype=np.uint16), before)
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path, capsys):
+    corpus = _write(tmp_path / "latin1.txt", PLAY.encode() + b"caf\xe9 \xff\n")
+    data = prepare(config_for(corpus), tmp_path, quiet=True)
+    assert data.meta["undecodable_bytes"] == 2
+    assert "replaced 2 undecodable" in capsys.readouterr().err
+
+
+def test_resolve_sources_glob_sorted(tmp_path):
+    for name in ["b.txt", "a.txt"]:
+        _write(tmp_path / name, b"x")
+    assert [p.name for p in resolve_sources(str(tmp_path / "*.txt"))] == ["a.txt", "b.txt"]
+
+
+TOKENS = np.arange(10_000, dtype=np.uint16)
+
+
+def test_loader_resumes_exactly():
+    uninterrupted = BatchLoader(TOKENS, batch_size=4, seq_len=32, seed=3)
+    expected = [next(uninterrupted) for _ in range(200)]  # crosses several epochs (78 per epoch)
+    first = BatchLoader(TOKENS, batch_size=4, seq_len=32, seed=3)
+    got = [next(first) for _ in range(77)]
+    state = first.state_dict()
+    first.close()
+    resumed = BatchLoader(TOKENS, batch_size=4, seq_len=32, seed=3)
+    resumed.load_state_dict(state)
+    got += [next(resumed) for _ in range(123)]
+    for (x, y), (ex, ey) in zip(got, expected, strict=True):
+        assert np.array_equal(x, ex) and np.array_equal(y, ey)
+
+
+def test_targets_are_inputs_shifted_by_one():
+    x, y = next(BatchLoader(TOKENS, batch_size=2, seq_len=16, seed=0))
+    assert np.array_equal(x[:, 1:], y[:, :-1]) and x.shape == (2, 16)
+
+
+def test_an_epoch_visits_each_window_once_and_epochs_reshuffle():
+    loader = BatchLoader(TOKENS, batch_size=4, seq_len=32, seed=1)
+    per_epoch = loader.batches_per_epoch
+    epoch0 = np.concatenate([loader.window_starts(s) for s in range(per_epoch)])
+    epoch1 = np.concatenate([loader.window_starts(s) for s in range(per_epoch, 2 * per_epoch)])
+    assert len(set(epoch0.tolist())) == len(epoch0) == per_epoch * 4
+    assert not np.array_equal(epoch0, epoch1)
+
+
+def test_ranks_get_disjoint_windows():
+    ranks = [BatchLoader(TOKENS, batch_size=4, seq_len=32, seed=1, rank=r, world_size=3) for r in range(3)]
+    for step in range(ranks[0].batches_per_epoch):
+        seen = [set(r.window_starts(step).tolist()) for r in ranks]
+        assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+
+
+def test_too_little_data_for_a_batch():
+    with pytest.raises(UserError, match="fewer than one global micro-batch"):
+        BatchLoader(np.arange(100, dtype=np.uint16), batch_size=8, seq_len=32, seed=0)
+
+
+def test_eval_batches_are_fixed_and_cover_short_splits():
+    batches = eval_batches(TOKENS[:50], batch_size=4, seq_len=32, max_batches=3)
+    assert len(batches) == 1 and batches[0][0].shape == (1, 32)
+    short = eval_batches(TOKENS[:10], batch_size=4, seq_len=32, max_batches=3)
+    assert short[0][0].shape == (1, 9)
