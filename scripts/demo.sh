@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# The demo: the parameter breakdown of every preset (training arrives with the trainer).
+# The demo: the seed's two-phase story on config/tiny.yaml over input.txt, on a CPU in minutes.
+# Phase 1 trains with predictions every 100 steps and a checkpoint at the end; phase 2 resumes it
+# for 50 more steps. Everything lands in runs/demo/ (checkpoints/, logs/, final/).
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
-for config in config/model_config.yaml config/smollm2-135m.yaml; do
-  $PY -m smollm2 info --config "$config" | tail -1
-done
+OUT=${OUT:-runs/demo}
+STEPS=${STEPS:-600}
+$PY train.py --config config/tiny.yaml --train_steps "$STEPS" --out_dir "$OUT"
+$PY train.py --config config/tiny.yaml --train_steps 50 --checkpoint_path "$OUT/checkpoints/step_$STEPS.pt" --out_dir "$OUT"
+echo
+echo "== a sample from the resumed model (step $((STEPS + 50))) =="
+$PY -m smollm2 generate --checkpoint "$OUT/checkpoints/step_$((STEPS + 50)).pt" --prompt "ROMEO:" \
+  --max_new_tokens 120 --temperature 0.8 --top_k 50 --seed 1

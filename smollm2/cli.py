@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -139,7 +140,13 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from smollm2.trainer import train
 
-    train(read_config(args), args.train_steps, args.checkpoint_path, args.out_dir)
+    settings = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
+    out_dir = f" --out_dir {shlex.quote(args.out_dir)}" if args.out_dir != "." else ""
+    hint = (
+        f"python train.py --config {shlex.quote(args.config)}{settings} --train_steps {{steps}} "
+        f"--checkpoint_path {{path}}{out_dir}"
+    )
+    train(read_config(args), args.train_steps, args.checkpoint_path, args.out_dir, hint)
 
 
 # ---------------------------------------------------------------------------------------------

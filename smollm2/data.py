@@ -237,7 +237,9 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
     dtype = np.uint16 if config.model.vocab_size <= 1 << 16 else np.uint32
     counts = {"train": 0, "val": 0}
     has_text = False
-    progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=quiet, leave=False)
+    progress = tqdm(
+        total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=True if quiet else None, leave=False
+    )
     with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
         outputs = {"train": train_file, "val": val_file}
         pieces = read_pieces(files, piece_bytes, bad_bytes)

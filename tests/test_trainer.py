@@ -1,0 +1,285 @@
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from smollm2.checkpoint import load_checkpoint, save_checkpoint
+from smollm2.config import TrainConfig, UserError, load_config
+from smollm2.model import SmolLM2
+from smollm2.trainer import learning_rate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = (ROOT / "input.txt").read_text()[:60_000]
+
+
+def tiny_config(norm="rmsnorm", mlp="swiglu", **train_changes) -> dict:
+    return {
+        "model": {
+            "n_layers": 2,
+            "hidden_size": 32,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "intermediate_size": 64,
+            "vocab_size": 320,
+            "norm": norm,
+            "mlp": mlp,
+            "max_seq_len": 64,
+            "tie_embeddings": True,
+        },
+        "data": {"path": "input.txt", "seq_len": 32, "val_fraction": 0.1},
+        "train": {
+            "batch_size": 4,
+            "grad_accum": 2,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 3,
+            "eval_every": 5,
+            "eval_batches": 2,
+            "predict_every": 5,
+            "predict_tokens": 8,
+            "save_every": 5,
+            "keep_last": 10,
+            "prompts": ["ROMEO:"],
+            "wandb": False,
+            "precision": "fp32",
+        }
+        | train_changes,
+    }
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    (tmp_path / "input.txt").write_text(CORPUS)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "tiny.yaml").write_text(yaml.safe_dump(tiny_config()))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_bitwise_exact(run_dir):
+    config = load_config("config/tiny.yaml", ["train.schedule_steps=20"])  # one schedule for both runs
+    train(config, 20, None, "full")
+    train(config, 10, None, "split")
+    train(config, 10, "split/checkpoints/step_10.pt", "split")
+    full, split = metrics(run_dir / "full"), metrics(run_dir / "split")
+    assert [r["step"] for r in split] == list(range(1, 21))
+    assert [r["loss"] for r in split[10:]] == [r["loss"] for r in full[10:]]  # exact float equality
+    assert [r["lr"] for r in split] == [r["lr"] for r in full]
+    a = load_checkpoint(run_dir / "full/checkpoints/step_20.pt")["model"]
+    b = load_checkpoint(run_dir / "split/checkpoints/step_20.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_files_and_final_model(run_dir):
+    train(load_config("config/tiny.yaml"), 10, None, "run")
+    run = run_dir / "run"
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert all({"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= r.keys() for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [5, 10]
+    samples = (run / "logs" / "samples.md").read_text()
+    assert "## step 5 (train loss" in samples and "## step 10" in samples and "ROMEO:" in samples
+    assert (run / "logs" / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_10.pt", "step_5.pt"]
+    from smollm2.hf import load_pretrained
+
+    model, tokenizer = load_pretrained(run / "final")
+    state = load_checkpoint(run / "checkpoints" / "step_10.pt")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state["model"].items())
+    assert tokenizer.hash == state["tokenizer_hash"]
+
+
+def test_keep_last_prunes_old_checkpoints(run_dir):
+    train(load_config("config/tiny.yaml", ["train.save_every=2", "train.keep_last=2"]), 7, None, "run")
+    assert sorted(p.name for p in (run_dir / "run/checkpoints").iterdir()) == ["step_6.pt", "step_7.pt"]
+
+
+def test_learning_rate_schedules():
+    t = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert learning_rate(5, t, 100) == 0.5
+    assert learning_rate(10, t, 100) == 1.0
+    assert learning_rate(100, t, 100) == pytest.approx(0.1)
+    assert learning_rate(55, t, 100) == pytest.approx(0.55)  # cosine half way
+    assert learning_rate(150, t, 100) == 0.1  # past the span: min_lr
+    wsd = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    assert learning_rate(80, wsd, 100) == 1.0
+    assert learning_rate(90, wsd, 100) == pytest.approx(0.5)
+    assert learning_rate(120, wsd, 100) == 0.0
+
+
+def test_resume_continues_the_first_runs_schedule(run_dir):
+    config = load_config("config/tiny.yaml")
+    train(config, 6, None, "run")
+    train(config, 4, "run/checkpoints/step_6.pt", "run")
+    rows = metrics(run_dir / "run")
+    assert rows[-1]["step"] == 10
+    assert all(r["lr"] == 3e-4 for r in rows[6:])  # the 6-step schedule ended: min_lr
+    assert load_checkpoint(run_dir / "run/checkpoints/step_10.pt")["schedule_steps"] == 6
+
+
+def test_nan_losses_skip_updates_then_stop_with_the_last_good_state(run_dir, monkeypatch):
+    config = load_config("config/tiny.yaml")
+    train(config, 2, None, "run")
+    good = load_checkpoint(run_dir / "run/checkpoints/step_2.pt")["model"]
+    original = SmolLM2.forward
+
+    def poisoned(self, input_ids, targets=None, **kwargs):
+        out = original(self, input_ids, targets, **kwargs)
+        return out * float("nan") if targets is not None else out
+
+    monkeypatch.setattr(SmolLM2, "forward", poisoned)
+    with pytest.raises(UserError, match="not finite for 3 steps in a row"):
+        train(config, 10, "run/checkpoints/step_2.pt", "run")
+    saved = load_checkpoint(run_dir / "run/checkpoints/step_5.pt")["model"]
+    assert all(torch.equal(saved[k], good[k]) for k in good)
+
+
+def run_train(*args, cwd, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_bad_inputs_are_one_line_and_leave_checkpoints_untouched(run_dir):
+    train(load_config("config/tiny.yaml"), 5, None, ".")
+    good = run_dir / "checkpoints" / "step_5.pt"
+    before = good.read_bytes()
+    cfg = ["--config", "config/tiny.yaml"]
+    cases = {
+        "missing": (cfg + ["--train_steps", "2", "--checkpoint_path", "checkpoints/nope.pt"], "checkpoint not found"),
+        "zero": (cfg + ["--train_steps", "0"], "positive number of steps"),
+        "negative": (cfg + ["--train_steps", "-3"], "positive number of steps"),
+        "architecture": (
+            cfg + ["--set", "model.n_layers=3", "--train_steps", "2", "--checkpoint_path", str(good)],
+            "model.n_layers=2 but",
+        ),
+        "steps flag": (cfg + ["--train_steps", "many"], "invalid int value"),
+    }
+    (run_dir / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    (run_dir / "truncated.pt").write_bytes(before[: len(before) // 2])
+    for name in ("garbage.pt", "truncated.pt"):
+        cases[name] = (cfg + ["--train_steps", "2", "--checkpoint_path", name], "truncated or corrupt")
+    for name, (args, message) in cases.items():
+        line = one_error_line(run_train(*args, cwd=run_dir))
+        assert message in line, (name, line)
+    assert good.read_bytes() == before
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_5.pt"]
+
+
+def test_checkpoint_from_another_tokenizer_is_refused(run_dir):
+    train(load_config("config/tiny.yaml"), 2, None, ".")
+    (run_dir / "other.txt").write_text(CORPUS.upper())
+    result = run_train(
+        "--config",
+        "config/tiny.yaml",
+        "--set",
+        "data.path=other.txt",
+        "--train_steps",
+        "2",
+        "--checkpoint_path",
+        "checkpoints/step_2.pt",
+        cwd=run_dir,
+    )
+    assert "tokenizer" in one_error_line(result)
+
+
+def test_checkpoints_load_with_weights_only(run_dir):
+    train(load_config("config/tiny.yaml"), 2, None, ".")
+    state = torch.load(run_dir / "checkpoints/step_2.pt", weights_only=True)
+    assert state["step"] == 2 and state["loader"]["step"] == 4  # 2 steps x 2 micro-batches
+
+
+def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"weights": torch.zeros(10), "step": 0}, path)
+    script = (
+        "import sys, torch\nfrom pathlib import Path\nfrom smollm2.checkpoint import save_checkpoint\n"
+        "big = torch.randn(40_000_000)\n"
+        "for i in range(1, 1000):\n"
+        "    save_checkpoint({'weights': big, 'step': i}, Path(sys.argv[1]))\n"
+    )
+    for delay in (0.6, 1.1, 1.7):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(path)])
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        state = torch.load(path, weights_only=True)  # never a truncated file under the real name
+        assert state["weights"].numel() in (10, 40_000_000)
+
+
+def test_sigterm_saves_a_resumable_checkpoint(run_dir):
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config",
+        "config/tiny.yaml",
+        "--train_steps",
+        "100000",
+        "--set",
+        "train.save_every=100000",
+        "train.eval_every=100000",
+        "train.predict_every=100000",
+    ]
+    proc = subprocess.Popen(args, cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_file = run_dir / "logs" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    saved = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    assert len(saved) == 1
+    step = load_checkpoint(saved[0])["step"]
+    assert step >= 3 and "resume with: python train.py --config config/tiny.yaml" in out
+    assert f"--checkpoint_path {saved[0].relative_to(run_dir)}" in out
+
+
+def test_seed_commands_end_to_end(tmp_path):
+    """The seed's two commands, exactly as written, in a fresh folder (a tiny LayerNorm/GELU config)."""
+    (tmp_path / "config").mkdir()
+    seed_like = tiny_config(norm="layernorm", mlp="gelu", wandb=True, predict_every=2, save_every=1000)
+    seed_like["model"]["tie_embeddings"] = False
+    (tmp_path / "config" / "model_config.yaml").write_text(yaml.safe_dump(seed_like))
+    (tmp_path / "input.txt").write_text(CORPUS)
+    shutil.copy(ROOT / "train.py", tmp_path / "train.py")
+    env = os.environ | {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    commands = [
+        "python train.py --config config/model_config.yaml --train_steps 4",
+        "python train.py --config config/model_config.yaml --train_steps 2 --checkpoint_path checkpoints/step_4.pt",
+    ]
+    for command in commands:
+        argv = [sys.executable] + command.split()[1:]
+        result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_4.pt", "step_6.pt"]
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    samples = (tmp_path / "logs" / "samples.md").read_text()
+    assert all(f"## step {s} " in samples for s in (2, 4, 6))
+    assert (tmp_path / "logs" / "loss.png").is_file()
+    assert {"model.safetensors", "smollm2_config.json", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "final").iterdir()
+    }
+    assert any((tmp_path / "logs" / "wandb").glob("offline-run-*"))
