@@ -31,7 +31,7 @@ from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
 SUFFIXES = (".txt", ".jsonl", ".parquet")
-ENCODE_BATCH_BYTES = 16 << 20  # text handed to the (parallel) batch encoder at once
+ENCODE_BATCH_BYTES = 4 << 20  # text handed to the (parallel) batch encoder at once
 
 
 @dataclass
@@ -219,8 +219,8 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False) -> P
 
 def _build(config: Config, files: list[Path], staging: Path, expected: dict, quiet: bool) -> dict:
     total_bytes = sum(f.stat().st_size for f in files)
-    # ~100 pieces over the corpus (4 KB to 1 MB each): the validation split takes whole pieces.
-    piece_bytes = max(4 << 10, min(1 << 20, total_bytes // 100))
+    # ~100 pieces over the corpus (4 KB to 256 KB each): the validation split takes whole pieces.
+    piece_bytes = max(4 << 10, min(256 << 10, total_bytes // 100))
     bad_bytes: dict[str, int] = {}
     if total_bytes == 0:
         raise UserError(f"data.path: the corpus {config.data.path!r} is empty")

@@ -283,3 +283,45 @@ def test_seed_commands_end_to_end(tmp_path):
         p.name for p in (tmp_path / "final").iterdir()
     }
     assert any((tmp_path / "logs" / "wandb").glob("offline-run-*"))
+
+
+def test_generate_and_export_commands(run_dir):
+    train(load_config("config/tiny.yaml"), 2, None, ".")
+    from smollm2.checkpoint import load_model_from_checkpoint
+    from smollm2.model import Sampling
+
+    model, tokenizer = load_model_from_checkpoint("checkpoints/step_2.pt")
+    expected = tokenizer.decode(model.eval().generate([tokenizer.encode("ROMEO:")], 12, sampling=Sampling(0))[0])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smollm2",
+            "generate",
+            "--checkpoint",
+            "checkpoints/step_2.pt",
+            "--prompt",
+            "ROMEO:",
+            "--max_new_tokens",
+            "12",
+            "--temperature",
+            "0",
+        ],
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "smollm2", "export", "--checkpoint", "checkpoints/step_2.pt", "--out", "hf"],
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    import transformers
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    ids = torch.tensor([tokenizer.encode("ROMEO:")])
+    torch.testing.assert_close(loaded(ids).logits, model(ids), atol=1e-4, rtol=0)

@@ -1,0 +1,41 @@
+"""`make bench`: run every benchmark in bench/ and rewrite BENCHMARKS.md with their sections."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ["data_bench.py"]
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    sections = []
+    for name in BENCHMARKS:
+        print(f"running bench/{name} ...", file=sys.stderr)
+        out = subprocess.run([sys.executable, str(ROOT / "bench" / name)], capture_output=True, text=True, check=True)
+        sections.append(out.stdout.strip())
+    header = (
+        "# Benchmarks\n\nWritten by `make bench` (`python bench/run.py`); do not edit by hand.\n\n"
+        f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.\n"
+    )
+    (ROOT / "BENCHMARKS.md").write_text(header + "\n" + "\n\n".join(sections) + "\n")
+    print((ROOT / "BENCHMARKS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
