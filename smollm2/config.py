@@ -83,7 +83,6 @@ class TrainConfig:
     predict_tokens: int = 64
     save_every: int = 1000
     keep_last: int = 3
-    log_every: int = 1
     prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "First Citizen:\n"])
     wandb: bool = False
     wandb_project: str = "smollm2"
@@ -265,7 +264,6 @@ def validate(config: Config, where: str) -> None:
         "predict_every",
         "predict_tokens",
         "save_every",
-        "log_every",
         "keep_last",
     ):
         positive("train", name, getattr(t, name))

@@ -356,11 +356,14 @@ class BatchLoader:
 
     # The state is the position alone: everything else is recomputed from the constructor's inputs.
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "world_size": self.world_size}
+        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume after the same number of windows, also in another world size or micro-batch size
+        (exactly when the new global micro-batch divides the windows already consumed)."""
         self.close()
-        self.step = int(state["step"]) * int(state.get("world_size", self.world_size)) // self.world_size
+        consumed = int(state["step"]) * int(state["batch_size"]) * int(state["world_size"])
+        self.step = consumed // (self.batch_size * self.world_size)
 
     @property
     def epoch(self) -> int:

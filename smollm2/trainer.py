@@ -164,7 +164,12 @@ class Trainer:
             if not cpu_has_native_bf16():
                 print("warning: this CPU has no native bf16; bf16 will be ~100x slower than fp32", file=sys.stderr)
         torch.manual_seed(t.seed + self.world.rank)
+        # Rank 0 tokenizes; the others wait, then find its files ready and reuse them.
+        if not self.world.is_main:
+            distributed.barrier()
         self.data: PreparedData = prepare(config, self.out_dir, quiet=not self.world.is_main)
+        if self.world.is_main:
+            distributed.barrier()
         if resume is not None:
             check_compatible(resume, config, self.data)
         self.model = SmolLM2(config.model).to(self.device)
