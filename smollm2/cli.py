@@ -100,8 +100,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     model.eval()
     prompt = tokenizer.encode(args.prompt)
-    if not prompt:
-        prompt = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    if not prompt and tokenizer.eos_id is not None:  # an empty prompt starts from end-of-text
+        prompt = [tokenizer.eos_id]
     if not prompt:
         raise UserError("--prompt is empty and the tokenizer has no end-of-text token to start from")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)

@@ -197,7 +197,7 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False) -> P
         if meta.get("fingerprint") == expected:
             if not quiet:
                 print(f"data: reusing {folder} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
-            return _open(folder, meta, config)
+            return _open(folder, meta)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -214,7 +214,7 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False) -> P
             staging.rename(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return _open(folder, meta, config)
+    return _open(folder, meta)
 
 
 def _build(config: Config, files: list[Path], staging: Path, expected: dict, quiet: bool) -> dict:
@@ -297,7 +297,7 @@ def _is_val_piece(index: int, fraction: float) -> bool:
     return int((index + 1) * fraction + 0.5) > int(index * fraction + 0.5)
 
 
-def _open(folder: Path, meta: dict, config: Config) -> PreparedData:
+def _open(folder: Path, meta: dict) -> PreparedData:
     tokenizer = load_tokenizer(folder / "tokenizer.json")
     return PreparedData(
         folder=folder,
