@@ -59,14 +59,19 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def prune_checkpoints(folder: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step_N.pt files."""
+def list_checkpoints(folder: Path) -> list[Path]:
+    """The step_N.pt files in `folder`, oldest step first."""
     found = []
-    for file in folder.glob("step_*.pt"):
+    for file in Path(folder).glob("step_*.pt"):
         match = re.fullmatch(r"step_(\d+)\.pt", file.name)
         if match:
             found.append((int(match.group(1)), file))
-    for _, file in sorted(found)[:-keep_last]:
+    return [file for _, file in sorted(found)]
+
+
+def prune_checkpoints(folder: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step_N.pt files."""
+    for file in list_checkpoints(folder)[:-keep_last]:
         file.unlink(missing_ok=True)
 
 

@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -86,40 +87,14 @@ def parameter_report(config: Config, source: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from smollm2.hf import load_pretrained
+    from smollm2.inference import load_for_inference, stream_text
 
-    if args.checkpoint:
-        from smollm2.checkpoint import load_model_from_checkpoint
-
-        model, tokenizer = load_model_from_checkpoint(args.checkpoint)
-    else:
-        model, tokenizer = load_pretrained(args.model)
-    if tokenizer is None:
-        raise UserError(f"{args.checkpoint or args.model}: no tokenizer found beside the model")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    model.eval()
-    prompt = tokenizer.encode(args.prompt)
-    if not prompt and tokenizer.eos_id is not None:  # an empty prompt starts from end-of-text
-        prompt = [tokenizer.eos_id]
-    if not prompt:
-        raise UserError("--prompt is empty and the tokenizer has no end-of-text token to start from")
+    model, tokenizer = load_for_inference(args.checkpoint or args.model)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    generator = torch.Generator().manual_seed(args.seed)
-    max_new = min(args.max_new_tokens, model.config.max_seq_len - len(prompt))
-    produced: list[int] = []
-    printed = ""
-    for step in model.stream([prompt], max_new, sampling, eos_id=tokenizer.eos_id, generator=generator):
-        token = int(step[0])
-        if token == tokenizer.eos_id:
-            break
-        produced.append(token)
-        text = tokenizer.decode(produced)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed) :])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write(tokenizer.decode(produced)[len(printed) :] + "\n")
+    for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, sampling, args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -129,6 +104,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     model, tokenizer = load_model_from_checkpoint(args.checkpoint)
     export_llama(model, args.out, tokenizer)
     print(f"wrote {args.out} (transformers: AutoModelForCausalLM.from_pretrained({str(args.out)!r}))")
+
+
+def cmd_export_space(args: argparse.Namespace) -> None:
+    from smollm2.space import export_space, push_space
+
+    folder = export_space(args.run_dir, args.out)
+    print(f"wrote {folder} (try it: python {folder / 'app.py'})")
+    if args.push:
+        print(f"pushed: {push_space(folder, args.push)}")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -187,6 +171,14 @@ def build_parser() -> ArgumentParser:
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True)
     export.set_defaults(run=cmd_export)
+
+    space = commands.add_parser("export-space", help="write a run as a Hugging Face Space folder (and push it)")
+    space.add_argument(
+        "--run", dest="run_dir", required=True, type=Path, help="the run folder (with final/ or checkpoints/)"
+    )
+    space.add_argument("--out", required=True, type=Path, help="the Space folder to write")
+    space.add_argument("--push", metavar="REPO_ID", help="upload to this Space (user/name); needs a token")
+    space.set_defaults(run=cmd_export_space)
     return parser
 
 

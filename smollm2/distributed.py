@@ -61,11 +61,71 @@ def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")  # what fully_shard adds
+
+
 def no_sync(model: nn.Module, last_micro_step: bool):
-    """Skip DDP's gradient all-reduce on all but the last micro-step of an accumulation."""
-    if last_micro_step or not hasattr(model, "no_sync"):
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on all but the last micro-step."""
+    if last_micro_step:
         return contextlib.nullcontext()
-    return model.no_sync()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if is_sharded(model):
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+# Checkpoints hold whole tensors keyed as a single process keys them, whatever the world that wrote
+# them: an FSDP run's checkpoint resumes in one process, or under DDP, and the other way round.
+
+
+def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Whole model and optimizer state dicts (on the CPU under FSDP; every rank must call this)."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, by_name = get_state_dict(model, optimizer, options=options)
+    names = _optimizer_names(model, optimizer)
+    index = {name: i for i, name in enumerate(names)}
+    optimizer_state = {
+        "state": {index[name]: value for name, value in by_name.get("state", {}).items() if name in index},
+        "param_groups": [
+            group | {"params": [index[name] for name in group["params"]]} for group in by_name.get("param_groups", [])
+        ],
+    }
+    return model_state, optimizer_state
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a whole optimizer state dict (as full_state_dicts writes it) into a plain or sharded model's."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _optimizer_names(model, optimizer)
+    by_name = {
+        "state": {names[i]: value for i, value in state["state"].items()},
+        "param_groups": [group | {"params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def mean_across_ranks(value: float, device: torch.device) -> float:

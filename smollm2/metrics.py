@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -66,6 +68,33 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line cut short by a crash: skip it
             continue
     return rows
+
+
+@dataclass
+class Predictions:
+    step: int
+    losses: str  # "train loss 4.8245, val loss 4.9085"
+    texts: list[str]  # prompt + continuation, one per prompt
+
+
+def read_samples(path: Path) -> list[Predictions]:
+    """Parse logs/samples.md as RunLog.samples writes it."""
+    if not path.is_file():
+        return []
+    found: list[Predictions] = []
+    block: list[str] | None = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if block is not None:
+            if line == "```":
+                found[-1].texts.append("\n".join(block))
+                block = None
+            else:
+                block.append(line)
+        elif match := re.fullmatch(r"## step (\d+) \((.*)\)", line):
+            found.append(Predictions(int(match[1]), match[2], []))
+        elif line == "```text" and found:
+            block = []
+    return found
 
 
 def plot_losses(rows: list[dict], path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import shutil
 import signal
@@ -61,6 +63,35 @@ def make_optimizer(model: SmolLM2, t: TrainConfig, device: torch.device) -> torc
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel exists for CUDA and, in recent PyTorch, for CPU: one kernel for all parameters.
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=True)
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+    """Clip the gradients (0 = no clipping), step, clear; returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    return float(grad_norm)
+
+
+def keep_freed_memory_on_cpu() -> bool:
+    """Stop glibc from handing large freed blocks back to the OS after every step.
+
+    By default each activation and gradient over 32 MB is a fresh mmap, so every training step on a
+    CPU pays ~300,000 page faults to get its memory back (about a sixth of a SmolLM2-135M step here;
+    BENCHMARKS.md). Keeping freed memory in the heap is what jemalloc/tcmalloc do for PyTorch.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all(
+        mallopt(option, value)
+        for option, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 34), (m_top_pad, 1 << 28))
+    )
 
 
 def cpu_has_native_bf16() -> bool:
@@ -160,10 +191,12 @@ class Trainer:
         self.world = distributed.setup()
         self.device = distributed.device_for(self.world)
         self.dtype = autocast_dtype(t.precision, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory_on_cpu()
         if self.dtype == torch.bfloat16 and self.device.type == "cpu" and t.precision == "bf16":
             if not cpu_has_native_bf16():
                 print("warning: this CPU has no native bf16; bf16 will be ~100x slower than fp32", file=sys.stderr)
-        torch.manual_seed(t.seed + self.world.rank)
+        torch.manual_seed(t.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
         # Rank 0 tokenizes; the others wait, then find its files ready and reuse them.
         if not self.world.is_main:
             distributed.barrier()
@@ -174,6 +207,11 @@ class Trainer:
             check_compatible(resume, config, self.data)
         self.model = SmolLM2(config.model).to(self.device)
         self.model.gradient_checkpointing = t.grad_checkpointing
+        if resume is not None:
+            self.model.load_state_dict(resume["model"])  # whole weights, before any sharding
+        torch.manual_seed(t.seed + self.world.rank)  # from here on each rank draws its own numbers
+        # FSDP replaces the parameters with shards, so the optimizer is made after wrapping.
+        self.train_model = distributed.wrap(self.model, self.world, t.parallel)
         self.optimizer = make_optimizer(self.model, t, self.device)
         self.loader = BatchLoader(
             self.data.train, t.batch_size, config.data.seq_len, t.seed, self.world.rank, self.world.size, self.device
@@ -181,8 +219,7 @@ class Trainer:
         self.val = eval_batches(self.data.val, t.batch_size, config.data.seq_len, t.eval_batches)
         self.state = RunState(schedule_steps=t.schedule_steps or train_steps)
         if resume is not None:
-            self.model.load_state_dict(resume["model"])
-            self.optimizer.load_state_dict(resume["optimizer"])
+            distributed.load_optimizer_state(self.model, self.optimizer, resume["optimizer"])
             self.loader.load_state_dict(resume["loader"])
             restore_rng(resume["rng"])
             self.state = RunState(
@@ -192,7 +229,6 @@ class Trainer:
                 last_loss=resume.get("last_loss"),
                 last_val_loss=resume.get("last_val_loss"),
             )
-        self.train_model = distributed.wrap(self.model, self.world, t.parallel)
         if t.compile:
             self.train_model = torch.compile(self.train_model)
         self.tokens_per_step = t.batch_size * t.grad_accum * config.data.seq_len * self.world.size
@@ -225,10 +261,7 @@ class Trainer:
         if not math.isfinite(loss_value):
             self.optimizer.zero_grad(set_to_none=True)
             return loss_value, float("nan")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, float(grad_norm)
+        return loss_value, optimizer_step(self.model, self.optimizer, t.grad_clip)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -265,9 +298,10 @@ class Trainer:
     # -- saving ---------------------------------------------------------------------------------
 
     def checkpoint_state(self) -> dict:
+        model_state, optimizer_state = distributed.full_state_dicts(self.model, self.optimizer)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "step": self.state.step,
             "tokens_seen": self.state.tokens_seen,
             "schedule_steps": self.state.schedule_steps,
@@ -283,6 +317,7 @@ class Trainer:
     def save(self) -> Path:
         path = checkpoint_path(self.out_dir, self.state.step)
         state = self.checkpoint_state()  # every rank joins (FSDP gathers); only rank 0 writes
+        self.saved_weights = state["model"]
         if self.world.is_main:
             save_checkpoint(state, path)
             prune_checkpoints(path.parent, self.config.train.keep_last)
@@ -293,7 +328,11 @@ class Trainer:
         final = self.out_dir / "final"
         staging = self.out_dir / "final.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        kind = save_pretrained(self.model, staging, self.data.tokenizer)
+        model = self.model
+        if distributed.is_sharded(model):  # the shards were gathered by the last save()
+            model = SmolLM2(self.config.model)
+            model.load_state_dict(self.saved_weights)
+        kind = save_pretrained(model, staging, self.data.tokenizer)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         return final, kind
@@ -360,7 +399,7 @@ class Trainer:
                                 f"step {step}/{end} "
                                 + " ".join(f"{k} {v}" for k, v in self.progress_fields(row).items())
                             )
-                if step % t.predict_every == 0 and main:
+                if step % t.predict_every == 0:
                     self.write_predictions(step, bar)
                 if stop.requested and step < end:
                     stopped_early = True
@@ -386,7 +425,12 @@ class Trainer:
             )
 
     def write_predictions(self, step: int, bar: tqdm) -> None:
-        samples = self.predict()
+        sharded = distributed.is_sharded(self.model)
+        if not (self.world.is_main or sharded):
+            return
+        samples = self.predict()  # under FSDP every rank runs the forward passes; rank 0 writes
+        if not self.world.is_main:
+            return
         self.log.samples(step, self.state.last_loss, self.state.last_val_loss, samples)
         text = "\n".join(f"  {prompt!r} -> {continuation!r}" for prompt, continuation in samples)
         bar.write(f"step {step} predictions:\n{text}")

@@ -47,8 +47,9 @@ def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
 
-def test_two_processes_match_one_with_the_same_global_batch(folder):
-    run(folder, "--train_steps", "6", "--out_dir", "ddp", processes=2)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(folder, parallel):
+    run(folder, "--train_steps", "6", "--out_dir", "ddp", "--set", f"train.parallel={parallel}", processes=2)
     # One process with twice the micro-batch sees the same windows: rank r takes slice r of each.
     run(folder, "--train_steps", "6", "--out_dir", "single", "--set", "train.batch_size=4")
     ddp, single = losses(folder / "ddp"), losses(folder / "single")
@@ -61,8 +62,9 @@ def test_two_processes_match_one_with_the_same_global_batch(folder):
         torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3)
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process(folder):
-    run(folder, "--train_steps", "4", "--out_dir", "ddp", processes=2)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_two_process_checkpoint_resumes_in_one_process(folder, parallel):
+    run(folder, "--train_steps", "4", "--out_dir", "ddp", "--set", f"train.parallel={parallel}", processes=2)
     run(
         folder,
         "--train_steps",

@@ -1,0 +1,168 @@
+"""The CUDA fast path, checked on a real card (bench/gpu_check.sh runs this; < 5 minutes on one GPU).
+
+Prints: which attention kernel SDPA ran; bf16-autocast vs fp32 losses over a few steps; tokens/s,
+MFU and peak memory for each preset at sequence length 2048 (compiled, bf16, fused AdamW), and
+peak memory with and without gradient checkpointing. `--device cpu` runs a small smoke version.
+
+    python bench/gpu_check.py [--batch_size 8] [--seq_len 2048] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from smollm2.config import load_config
+from smollm2.model import SmolLM2
+from smollm2.trainer import flops_per_token, make_optimizer, optimizer_step, peak_flops
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ["config/model_config.yaml", "config/smollm2-135m.yaml"]
+ATTENTION_KERNELS = ("flash", "efficient", "cudnn", "math", "FlashAttn")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def random_batch(vocab: int, batch: int, seq: int, device: torch.device, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=generator).to(device)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def attention_backend(model: SmolLM2, device: torch.device, bf16: bool) -> str:
+    """The attention kernels the profiler saw in one forward pass: verified, not assumed."""
+    inputs, targets = random_batch(model.config.vocab_size, 1, 256, device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as profile, torch.no_grad(), autocast(device, bf16):
+        model(inputs, targets)
+    names = {e.name for e in profile.events() if "attention" in e.name.lower() or "attn" in e.name.lower()}
+    found = sorted(n for n in names if any(kernel in n for kernel in ATTENTION_KERNELS))
+    return ", ".join(found) or "none recognised (" + ", ".join(sorted(names)) + ")"
+
+
+def loss_agreement(config, device: torch.device, steps: int, seq: int) -> list[tuple[float, float]]:
+    """The same init and batches trained in fp32 and in bf16 autocast; their losses side by side."""
+    losses = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = SmolLM2(config.model).to(device)
+        optimizer = make_optimizer(model, config.train, device)
+        for group in optimizer.param_groups:
+            group["lr"] = 3e-4
+        row = []
+        for step in range(steps):
+            inputs, targets = random_batch(config.model.vocab_size, 2, seq, device, seed=step % 2)
+            with autocast(device, bf16):
+                loss = model(inputs, targets)
+            loss.backward()
+            optimizer_step(model, optimizer, 1.0)
+            row.append(loss.item())
+        losses[bf16] = row
+        del model, optimizer
+    return list(zip(losses[False], losses[True], strict=True))
+
+
+def throughput(config, device, batch: int, seq: int, steps: int, compile_model: bool, checkpointing: bool) -> dict:
+    torch.manual_seed(0)
+    model = SmolLM2(config.model).to(device)
+    model.gradient_checkpointing = checkpointing
+    optimizer = make_optimizer(model, config.train, device)
+    forward = torch.compile(model) if compile_model else model
+    inputs, targets = random_batch(config.model.vocab_size, batch, seq, device)
+    bf16 = device.type == "cuda"
+
+    def step() -> None:
+        with autocast(device, bf16):
+            loss = forward(inputs, targets)
+        loss.backward()
+        optimizer_step(model, optimizer, 1.0)
+
+    start = time.perf_counter()
+    step()  # compiles
+    sync(device)
+    first = time.perf_counter() - start
+    step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    tokens = batch * seq
+    peak = peak_flops(device, torch.bfloat16 if bf16 else None)
+    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {
+        "tokens_per_sec": tokens / seconds,
+        "mfu": flops_per_token(config.model, seq) * tokens / seconds / peak if peak else None,
+        "peak_memory": memory,
+        "first_step": first,
+    }
+
+
+def describe(result: dict) -> str:
+    mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
+    memory = f"{result['peak_memory'] / 2**30:.1f} GiB" if result["peak_memory"] is not None else "n/a (CPU)"
+    return (
+        f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {mfu}, peak memory {memory}, "
+        f"first step {result['first_step']:.0f} s"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--presets", nargs="+", default=PRESETS)
+    parser.add_argument("--no_compile", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    else:
+        print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__} -- a smoke run only")
+    bf16 = device.type == "cuda"
+    first = load_config(ROOT / args.presets[-1])
+
+    model = SmolLM2(first.model).to(device)
+    print(f"attention ({args.presets[-1]}, {'bf16' if bf16 else 'fp32'}): {attention_backend(model, device, bf16)}")
+    del model
+
+    print(f"\nfp32 vs bf16 autocast, {args.presets[-1]}, 6 steps at 2 x {min(args.seq_len, 512)}:")
+    pairs = loss_agreement(first, device, 6, min(args.seq_len, 512)) if bf16 else []
+    for step, (fp32, half) in enumerate(pairs, 1):
+        print(f"  step {step}: fp32 {fp32:.4f}  bf16 {half:.4f}  diff {abs(fp32 - half) / fp32:.2%}")
+    if not pairs:
+        print("  skipped: bf16 is not the fast path on this device")
+
+    for preset in args.presets:
+        config = load_config(ROOT / preset)
+        print(f"\n{preset}: micro-batch {args.batch_size} x {args.seq_len}, {'bf16' if bf16 else 'fp32'}")
+        for checkpointing in (False, True):
+            compiled = not args.no_compile and not checkpointing  # one compilation per preset keeps it short
+            result = throughput(config, device, args.batch_size, args.seq_len, args.steps, compiled, checkpointing)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the previous model is gone; start the next from a clean pool
+            label = f"{'compiled' if compiled else 'eager'}, grad checkpointing {'on' if checkpointing else 'off'}"
+            print(f"  {label}: {describe(result)}")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The CUDA fast path on one GPU, in under 5 minutes: attention kernel, bf16 vs fp32 losses,
+# tokens/s + MFU + peak memory for both 135M presets at sequence length 2048.
+#   bash bench/gpu_check.sh [--batch_size 8] [--steps 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-$(test -x .venv/bin/python && echo .venv/bin/python || echo python)}
+exec "$PY" bench/gpu_check.py "$@"

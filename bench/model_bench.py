@@ -1,0 +1,318 @@
+"""Ours vs transformers on this machine: training step, greedy generation, peak memory.
+
+Both models are the SmolLM2-135M architecture (config/smollm2-135m.yaml) with the same weights and
+inputs, timed alternately in one run so that both see the same machine. Each training contender
+lives in a process of its own (process-wide settings such as our allocator tuning stay its own, and
+its peak memory is its own); generation runs in this process. Prints a Markdown section;
+`bench/run.py` collects it into BENCHMARKS.md.
+
+    python bench/model_bench.py [--runs 3] [--only train|generate|memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from smollm2.config import load_config
+from smollm2.hf import to_hf_state_dict, to_llama_config
+from smollm2.inference import pack_for_cpu_inference
+from smollm2.model import Sampling, SmolLM2
+from smollm2.trainer import (
+    flops_per_token,
+    keep_freed_memory_on_cpu,
+    make_optimizer,
+    measure_cpu_matmul_flops,
+    optimizer_step,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "config" / "smollm2-135m.yaml"
+BATCH, SEQ = 4, 256
+PROMPT_LEN, NEW_TOKENS = 32, 128
+STEPS_PER_RUN = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The two contenders
+
+
+def build_ours(seed: int = 0):
+    config = load_config(CONFIG)
+    torch.manual_seed(seed)
+    return config, SmolLM2(config.model)
+
+
+def build_theirs(config, weights_from: SmolLM2 | None = None):
+    """transformers' LlamaForCausalLM for the same config (fp32), with our weights when given."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(**to_llama_config(config.model), attn_implementation="sdpa"))
+    if weights_from is not None:
+        model.load_state_dict(to_hf_state_dict(weights_from), strict=False)
+        model.tie_weights()
+    return model
+
+
+def build_pair():
+    config, ours = build_ours()
+    return config, ours, build_theirs(config, ours)
+
+
+def our_train_step(config, model: SmolLM2, compile_model: bool) -> Callable:
+    """The trainer's step: forward with fused cross-entropy, backward, clip, fused AdamW."""
+    optimizer = make_optimizer(model, config.train, torch.device("cpu"))
+    forward = torch.compile(model) if compile_model else model
+
+    def step(inputs, targets) -> None:
+        forward(inputs, targets).backward()
+        optimizer_step(model, optimizer, config.train.grad_clip)
+
+    return step
+
+
+def their_train_step(config, model) -> Callable:
+    """What a transformers user writes: labels -> loss, backward, clip, torch AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+
+    def step(inputs, targets) -> None:
+        model(input_ids=inputs, labels=inputs).loss.backward()  # transformers shifts the labels itself
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def batch(vocab: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, vocab, (BATCH, SEQ + 1), generator=generator)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def timed(fn: Callable, repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+TRAINERS = ("ours (eager)", "ours (compiled)", "transformers")
+
+
+def train_worker(name: str) -> None:
+    """One contender in its own process (so that process-wide settings stay its own): on each
+    "run" line from the parent, time STEPS_PER_RUN steps and answer with JSON."""
+    config, ours = build_ours()
+    if name == "transformers":
+        step = their_train_step(config, build_theirs(config, ours))
+        del ours
+    else:
+        keep_freed_memory_on_cpu()  # what Trainer does on a CPU
+        step = our_train_step(config, ours, compile_model=name == "ours (compiled)")
+    inputs, targets = batch(config.model.vocab_size, torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    step(inputs, targets)  # compiles, allocates the optimizer state
+    first = time.perf_counter() - start
+    step(inputs, targets)
+    print(json.dumps({"ready": True, "first_step": first}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "run":
+            seconds = timed(lambda: step(inputs, targets), STEPS_PER_RUN)
+            print(json.dumps({"seconds": seconds, "peak_rss": peak_rss()}), flush=True)
+
+
+def peak_rss() -> int:
+    """This process's high-water resident memory (VmHWM; unlike ru_maxrss it is not inherited on exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_train(runs: int) -> dict:
+    """The contenders in their own processes, started one at a time, then timed in turn each run."""
+    workers, first_step = {}, {}
+    for name in TRAINERS:
+        workers[name] = subprocess.Popen(
+            [sys.executable, __file__, "--worker", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        first_step[name] = json.loads(workers[name].stdout.readline())["first_step"]
+    seconds, peaks = {name: [] for name in TRAINERS}, {}
+    for _ in range(runs):
+        for name, worker in workers.items():
+            worker.stdin.write("run\n")
+            worker.stdin.flush()
+            answer = json.loads(worker.stdout.readline())
+            seconds[name].append(answer["seconds"])
+            peaks[name] = answer["peak_rss"]
+    for worker in workers.values():
+        worker.stdin.close()
+        worker.wait()
+    config = load_config(CONFIG)
+    flops = flops_per_token(config.model, SEQ) * BATCH * SEQ
+    return {"seconds": seconds, "flops_per_step": flops, "first_step": first_step, "peak_rss": peaks}
+
+
+def bench_generate(runs: int) -> dict:
+    config, ours, theirs = build_pair()
+    ours.eval()
+    theirs.eval()
+    packed = SmolLM2(config.model)
+    packed.load_state_dict(ours.state_dict())
+    pack_for_cpu_inference(packed)
+    generator = torch.Generator().manual_seed(1)
+    results = {}
+    for batch_size in (1, 8):
+        prompt = torch.randint(0, config.model.vocab_size, (batch_size, PROMPT_LEN), generator=generator)
+        contenders = {
+            "ours": lambda prompt=prompt: our_generate(ours, prompt),
+            "ours (packed)": lambda prompt=prompt: our_generate(packed, prompt),
+            "transformers": lambda prompt=prompt: their_generate(theirs, prompt),
+        }
+        outputs = {name: fn() for name, fn in contenders.items()}  # warm up, and check agreement
+        seconds = {name: [] for name in contenders}
+        for _ in range(runs):
+            for name, fn in contenders.items():
+                seconds[name].append(timed(fn, 1))
+        agree = {name: out == outputs["transformers"] for name, out in outputs.items()}
+        results[batch_size] = {"seconds": seconds, "agree": agree}
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    return {"results": results, "weight_bytes": weight_bytes, "bandwidth": measure_bandwidth()}
+
+
+@torch.no_grad()
+def our_generate(model: SmolLM2, prompt: torch.Tensor) -> list[list[int]]:
+    return model.generate(prompt.tolist(), NEW_TOKENS, sampling=Sampling(temperature=0))
+
+
+@torch.no_grad()
+def their_generate(model, prompt: torch.Tensor) -> list[list[int]]:
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[:, PROMPT_LEN:].tolist()
+
+
+def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s read by a sum over a tensor far larger than the caches: the memory-bound ceiling."""
+    data = torch.ones(megabytes * 2**20 // 4)
+    data.sum()
+    best = min(timed(data.sum, 1) for _ in range(repeats))
+    return data.numel() * 4 / best
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def report(runs: int, train: dict | None, generate: dict | None, peak: float) -> str:
+    lines = [
+        "## Training and generation vs transformers",
+        "",
+        f"Command: `python bench/model_bench.py --runs {runs}`. Model: `config/smollm2-135m.yaml` "
+        "(134,515,008 parameters), fp32, no gradient checkpointing, both with the same weights and batch; "
+        f"medians of {runs} runs, the contenders alternating within each run. transformers "
+        f"{_transformers_version()}, `LlamaForCausalLM` with `attn_implementation='sdpa'` and torch AdamW.",
+        "",
+        f"fp32 matmul peak measured here (best 2048x2048 matmul): {peak / 1e9:.0f} GFLOPS.",
+        "",
+    ]
+    if train:
+        lines += training_table(train, peak)
+    if generate:
+        lines += generation_table(generate)
+    return "\n".join(lines)
+
+
+def training_table(train: dict, peak: float) -> list[str]:
+    tokens = BATCH * SEQ
+    medians = {name: statistics.median(s) for name, s in train["seconds"].items()}
+    base = medians["transformers"]
+    lines = [
+        f"Training step, micro-batch {BATCH} x {SEQ} tokens (forward, backward, clip, AdamW):",
+        "",
+        "| | s/step | tokens/s | MFU | vs transformers | peak memory | first step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, seconds in medians.items():
+        mfu = train["flops_per_step"] / seconds / peak
+        lines.append(
+            f"| {name} | {seconds:.2f} | {tokens / seconds:.0f} | {100 * mfu:.0f}% | {base / seconds:.2f}x "
+            f"| {train['peak_rss'][name] / 2**20:,.0f} MiB | {train['first_step'][name]:.0f} s |"
+        )
+    lines += [
+        "",
+        "Peak memory is the process's high-water resident set (weights, gradients, AdamW state, activations, "
+        "and for the compiled step the compiler). The first step includes `torch.compile`'s compilation.",
+    ]
+    return lines
+
+
+def generation_table(generate: dict) -> list[str]:
+    lines = [
+        "",
+        f"Greedy generation, {NEW_TOKENS} new tokens after a {PROMPT_LEN}-token prompt (prompt time included):",
+        "",
+        "| batch | | tokens/s | vs transformers | same tokens as transformers |",
+        "|---:|---|---:|---:|---|",
+    ]
+    for batch_size, result in generate["results"].items():
+        medians = {name: statistics.median(s) for name, s in result["seconds"].items()}
+        for name, seconds in medians.items():
+            rate = batch_size * NEW_TOKENS / seconds
+            same = "yes" if result["agree"][name] else "no"
+            lines.append(f"| {batch_size} | {name} | {rate:.1f} | {medians['transformers'] / seconds:.2f}x | {same} |")
+    one = generate["results"][1]
+    best = min(statistics.median(s) for s in one["seconds"].values())
+    limit = generate["bandwidth"] / generate["weight_bytes"]
+    lines += [
+        "",
+        f"Memory-bandwidth limit at batch 1: every token reads all {generate['weight_bytes'] / 2**20:.0f} MiB of "
+        f"weights; at the {generate['bandwidth'] / 1e9:.1f} GB/s a large sum reaches here that is "
+        f"{limit:.1f} tokens/s. The fastest above reaches {NEW_TOKENS / best / limit:.0%} of it.",
+    ]
+    return lines
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", choices=["train", "generate"])
+    parser.add_argument("--worker", choices=TRAINERS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.worker:
+        train_worker(args.worker)
+        return
+    peak = measure_cpu_matmul_flops(2048)
+    train = bench_train(args.runs) if args.only in (None, "train") else None
+    generate = bench_generate(args.runs) if args.only in (None, "generate") else None
+    print(report(args.runs, train, generate, peak))
+
+
+if __name__ == "__main__":
+    main()

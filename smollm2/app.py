@@ -1,0 +1,124 @@
+"""The Gradio app (what a Space runs): talk to a model, and watch it learn.
+
+    python app.py [--model PATH] [--logs DIR] [--host 127.0.0.1] [--port 7860]
+
+The model is a run's final/ folder, a checkpoint (.pt) or a Hugging Face Llama folder; without
+--model, $SMOLLM2_MODEL, else model/ beside app.py (an exported Space), else runs/demo/final.
+The logs (metrics.jsonl, samples.md) come from --logs, $SMOLLM2_LOGS, or the model's run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from smollm2.config import UserError
+from smollm2.inference import load_for_inference, stream_text
+from smollm2.model import Sampling
+from smollm2.space import DEFAULT_MODEL, RunRecord, logs_beside, read_record
+
+MAX_NEW_TOKENS = 512
+
+
+def build_app(model_path: Path, logs: Path | None) -> gr.Blocks:
+    model, tokenizer = load_for_inference(model_path)
+    record = read_record(model.config, model.num_parameters(), logs)
+
+    def generate(prompt: str, max_new_tokens: float, temperature: float, top_k: float, top_p: float, seed: float):
+        sampling = Sampling(temperature=temperature, top_k=int(top_k), top_p=top_p)
+        text = prompt
+        try:
+            for piece in stream_text(model, tokenizer, prompt, int(max_new_tokens), sampling, int(seed)):
+                text += piece
+                yield text
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+
+    with gr.Blocks(title="SmolLM2") as app:
+        gr.Markdown(f"# SmolLM2, {record.parameters / 1e6:.0f}M parameters\n{describe(record)}")
+        with gr.Tab("Generate"):
+            prompt = gr.Textbox(label="Prompt", value="ROMEO:", lines=3)
+            with gr.Row():
+                longest = min(MAX_NEW_TOKENS, model.config.max_seq_len - 1)
+                max_new = gr.Slider(1, longest, value=min(120, longest), step=1, label="max new tokens")
+                temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="temperature (0 = greedy)")
+                top_k = gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)")
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (1 = off)")
+                seed = gr.Number(value=0, precision=0, label="seed")
+            button = gr.Button("Generate", variant="primary")
+            output = gr.Textbox(label="Prompt and continuation", lines=14)
+            button.click(generate, [prompt, max_new, temperature, top_k, top_p, seed], output, api_name="generate")
+        with gr.Tab("Training"):
+            training_tab(record)
+    return app
+
+
+def describe(record: RunRecord) -> str:
+    c = record.config
+    return (
+        f"A decoder-only transformer ({c.n_layers} layers x {c.hidden_size}, pre-norm, rotary positions, "
+        f"{c.vocab_size:,}-token BPE) trained from scratch with smollm2."
+    )
+
+
+def training_tab(record: RunRecord) -> None:
+    gr.Markdown("## The run\n\n" + record.summary_markdown())
+    curves = loss_frame(record.metrics)
+    if curves.empty:
+        gr.Markdown("No training logs were found beside this model (logs/metrics.jsonl).")
+    else:
+        gr.LinePlot(curves, x="step", y="loss", color="split", title="Loss", height=320)
+    if not record.predictions:
+        gr.Markdown("No predictions were logged (logs/samples.md).")
+        return
+    by_step = {f"step {p.step}": p for p in record.predictions}
+    gr.Markdown("## Predictions as it learned\n\nThe same prompts, sampled with the same seed, as training went on.")
+    choice = gr.Radio(list(by_step), value=next(iter(by_step)), label="step")
+    shown = gr.Markdown(predictions_markdown(by_step[choice.value]))
+    choice.change(lambda name: predictions_markdown(by_step[name]), choice, shown, api_visibility="private")
+
+
+def predictions_markdown(predictions) -> str:
+    blocks = "\n\n".join(f"```text\n{text}\n```" for text in predictions.texts)
+    return f"**step {predictions.step}** ({predictions.losses})\n\n{blocks}"
+
+
+def loss_frame(metrics: list[dict]) -> pd.DataFrame:
+    rows = [{"step": r["step"], "loss": r["loss"], "split": "train"} for r in metrics if "loss" in r]
+    rows += [{"step": r["step"], "loss": r["val_loss"], "split": "val"} for r in metrics if "val_loss" in r]
+    return pd.DataFrame(rows, columns=["step", "loss", "split"])
+
+
+def default_model(app_folder: Path) -> Path:
+    if os.environ.get("SMOLLM2_MODEL"):
+        return Path(os.environ["SMOLLM2_MODEL"])
+    if (app_folder / "model").is_dir():
+        return app_folder / "model"
+    return DEFAULT_MODEL
+
+
+def main(argv: list[str] | None = None) -> None:
+    app_folder = Path(sys.argv[0]).resolve().parent
+    parser = argparse.ArgumentParser(description="SmolLM2: generate, and watch the training")
+    parser.add_argument("--model", type=Path, help="final/ folder, checkpoint .pt or Hugging Face folder")
+    parser.add_argument("--logs", type=Path, help="folder with metrics.jsonl and samples.md")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    args = parser.parse_args(argv)
+    model_path = args.model or default_model(app_folder)
+    logs = args.logs or (Path(os.environ["SMOLLM2_LOGS"]) if os.environ.get("SMOLLM2_LOGS") else None)
+    logs = logs or logs_beside(model_path)
+    if not model_path.exists():
+        print(f"error: {model_path}: no model there (run `make demo` first, or pass --model)", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        app = build_app(model_path, logs)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    app.queue().launch(server_name=args.host, server_port=args.port)
