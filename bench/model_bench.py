@@ -109,7 +109,7 @@ def timed(fn: Callable, repeats: int) -> float:
 # Measurements
 
 
-TRAINERS = ("ours (eager)", "ours (compiled)", "transformers")
+TRAINERS = ("ours", "ours, default allocator", "ours, compiled", "transformers")
 
 
 def train_worker(name: str) -> None:
@@ -120,8 +120,9 @@ def train_worker(name: str) -> None:
         step = their_train_step(config, build_theirs(config, ours))
         del ours
     else:
-        keep_freed_memory_on_cpu()  # what Trainer does on a CPU
-        step = our_train_step(config, ours, compile_model=name == "ours (compiled)")
+        if name != "ours, default allocator":
+            keep_freed_memory_on_cpu()  # what Trainer does on a CPU
+        step = our_train_step(config, ours, compile_model=name == "ours, compiled")
     inputs, targets = batch(config.model.vocab_size, torch.Generator().manual_seed(0))
     start = time.perf_counter()
     step(inputs, targets)  # compiles, allocates the optimizer state
@@ -232,7 +233,7 @@ def report(runs: int, train: dict | None, generate: dict | None, peak: float) ->
         f"medians of {runs} runs, the contenders alternating within each run. transformers "
         f"{_transformers_version()}, `LlamaForCausalLM` with `attn_implementation='sdpa'` and torch AdamW.",
         "",
-        f"fp32 matmul peak measured here (best 2048x2048 matmul): {peak / 1e9:.0f} GFLOPS.",
+        f"fp32 matmul peak measured here (the best 2048x2048 matmul of three rounds): {peak / 1e9:.0f} GFLOPS.",
         "",
     ]
     if train:
@@ -258,10 +259,24 @@ def training_table(train: dict, peak: float) -> list[str]:
             f"| {name} | {seconds:.2f} | {tokens / seconds:.0f} | {100 * mfu:.0f}% | {base / seconds:.2f}x "
             f"| {train['peak_rss'][name] / 2**20:,.0f} MiB | {train['first_step'][name]:.0f} s |"
         )
+    allocator = medians["ours, default allocator"] / medians["ours"]
+    compiled = medians["ours"] / medians["ours, compiled"]
+    bound = train["flops_per_step"] / peak
     lines += [
         "",
         "Peak memory is the process's high-water resident set (weights, gradients, AdamW state, activations, "
-        "and for the compiled step the compiler). The first step includes `torch.compile`'s compilation.",
+        "and for the compiled step the compiler); the first step includes `torch.compile`'s compilation.",
+        "",
+        "What each change bought (`ours` is what `Trainer` runs on a CPU):",
+        "",
+        f"- Keeping freed memory in the heap (`keep_freed_memory_on_cpu`, glibc `mallopt`): {allocator:.2f}x. "
+        "The profile showed ~300,000 page faults per step: every activation and gradient above glibc's 32 MB "
+        "mmap threshold was unmapped when freed and faulted back in on the next step.",
+        f"- `torch.compile` (inductor) on top: {compiled:.2f}x, so `train.compile` stays off by default on CPU; "
+        "it fuses the element-wise work, but with the allocator fixed that work is small.",
+        f"- Fused AdamW (one kernel for all parameters) and SDPA's flash kernel for CPU are in every `ours` row. "
+        f"At the measured peak the matmuls alone need {bound:.2f} s per step, so no fp32 implementation of this "
+        f"step can beat transformers by more than {base / bound:.2f}x here.",
     ]
     return lines
 
@@ -288,6 +303,13 @@ def generation_table(generate: dict) -> list[str]:
         f"Memory-bandwidth limit at batch 1: every token reads all {generate['weight_bytes'] / 2**20:.0f} MiB of "
         f"weights; at the {generate['bandwidth'] / 1e9:.1f} GB/s a large sum reaches here that is "
         f"{limit:.1f} tokens/s. The fastest above reaches {NEW_TOKENS / best / limit:.0%} of it.",
+        "",
+        "What each change bought: `ours (packed)` is `smollm2.inference.pack_for_cpu_inference` (what "
+        "`smollm2 generate` and the Space use): every linear weight reordered once into oneDNN's blocked layout, "
+        "q/k/v and gate/up fused into one matrix each. Decoding is a matrix-vector product per weight, and "
+        "MKL's (plain PyTorch) streams weights at ~11 GB/s on this CPU against ~20 GB/s for packed oneDNN. "
+        "The rest of a step is ~100 small ops per layer (norms, rotary, cache, attention), about a quarter of "
+        "the time at batch 1.",
     ]
     return lines
 
@@ -308,10 +330,13 @@ def main() -> None:
     if args.worker:
         train_worker(args.worker)
         return
-    peak = measure_cpu_matmul_flops(2048)
+    peaks = [measure_cpu_matmul_flops(2048)]
     train = bench_train(args.runs) if args.only in (None, "train") else None
+    peaks.append(measure_cpu_matmul_flops(2048))
     generate = bench_generate(args.runs) if args.only in (None, "generate") else None
-    print(report(args.runs, train, generate, peak))
+    peaks.append(measure_cpu_matmul_flops(2048))
+    # The machine's peak is the best it showed: a moment of contention only lowers a measurement.
+    print(report(args.runs, train, generate, max(peaks)))
 
 
 if __name__ == "__main__":

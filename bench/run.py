@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ["data_bench.py"]
+BENCHMARKS = ["data_bench.py", "model_bench.py"]
 
 
 def machine() -> str:
@@ -29,6 +29,8 @@ def main() -> None:
         print(f"running bench/{name} ...", file=sys.stderr)
         out = subprocess.run([sys.executable, str(ROOT / "bench" / name)], capture_output=True, text=True, check=True)
         sections.append(out.stdout.strip())
+    # GPU figures come from bench/gpu_check.sh on a lent card, recorded by hand in this file.
+    sections.append((ROOT / "bench" / "gpu_results.md").read_text().strip())
     header = (
         "# Benchmarks\n\nWritten by `make bench` (`python bench/run.py`); do not edit by hand.\n\n"
         f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.\n"

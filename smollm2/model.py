@@ -129,8 +129,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        # Without a mask every query sees the keys before it; a mask (padding or a cache) says so itself.
-        causal = mask is None
+        # Without a mask every query sees the keys up to its own: the causal pattern for a chunk that
+        # starts at position 0, and all keys for the single query of a cached decoding step.
+        causal = mask is None and length > 1
         out = self._attend(q, k, v, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -243,6 +244,8 @@ class SmolLM2(nn.Module):
         positions (B, T) and a boolean mask (B, 1, T, keys) are needed only for padded batches and
         cached decoding; plain training passes neither and gets the causal fast path.
         """
+        if mask is None and cache is not None and cache.length > 0 and input_ids.shape[1] > 1:
+            raise ValueError("several new tokens after cached ones need an explicit mask")
         x = self.embed_tokens(input_ids)
         if positions is None:
             start = cache.length if cache is not None else 0
@@ -267,7 +270,7 @@ class SmolLM2(nn.Module):
     # -----------------------------------------------------------------------------------------
     # Generation
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def stream(
         self,
         prompts: list[list[int]],
@@ -297,15 +300,12 @@ class SmolLM2(nn.Module):
             tokens[row, longest - len(prompt) : longest] = torch.tensor(prompt, device=device)
             valid[row, longest - len(prompt) :] = True
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        unpadded = use_cache and all(len(p) == longest for p in prompts)  # then no mask is needed
         cache = KVCache(self.config, batch, total, device, self.embed_tokens.weight.dtype) if use_cache else None
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         start, end = 0, longest
         for _ in range(max_new_tokens):
-            keys = valid[:, :end]
-            causal = torch.ones(end, end, dtype=torch.bool, device=device).tril()[start:end]
-            itself = torch.eye(end, dtype=torch.bool, device=device)[start:end]
-            # A padding query sees only itself: a row with no visible key would make NaNs.
-            mask = ((causal[None] & keys[:, None, :]) | itself)[:, None]  # (B, 1, queries, keys)
+            mask = None if unpadded else padding_mask(valid, start, end)
             logits = self(tokens[:, start:end], positions=positions[:, start:end], mask=mask, cache=cache)
             next_token = sample(logits[:, -1].float(), tokens[:, :end], valid[:, :end], sampling, generator)
             if eos_id is not None:
@@ -329,6 +329,14 @@ class SmolLM2(nn.Module):
                     continue
                 outputs[row].append(token)
         return outputs
+
+
+def padding_mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """(B, 1, queries start..end, keys 0..end): causal, and blind to padding keys."""
+    causal = torch.ones(end, end, dtype=torch.bool, device=valid.device).tril()[start:end]
+    itself = torch.eye(end, dtype=torch.bool, device=valid.device)[start:end]
+    # A padding query sees only itself: a row with no visible key would make NaNs.
+    return ((causal[None] & valid[:, None, :end]) | itself)[:, None]
 
 
 @dataclass

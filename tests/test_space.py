@@ -199,3 +199,17 @@ def test_in_a_browser_generate_streams_text_and_training_shows_predictions(app_u
         assert page.get_by_text("Predictions as it learned").is_visible()
         assert first.texts[0].splitlines()[-1].strip() in page.inner_text("body")
         browser.close()
+
+
+def test_app_without_a_model_says_so_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "--model", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nope'}: no model there (run `make demo` first, or pass --model)"
+    ]
