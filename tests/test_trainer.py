@@ -325,3 +325,14 @@ def test_generate_and_export_commands(run_dir):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "hf")
     ids = torch.tensor([tokenizer.encode("ROMEO:")])
     torch.testing.assert_close(loaded(ids).logits, model(ids), atol=1e-4, rtol=0)
+
+
+def test_compiled_training_matches_eager_and_saves_plain_names(run_dir):
+    config = load_config("config/tiny.yaml", ["train.schedule_steps=3"])
+    train(config, 3, None, "eager")
+    train(load_config("config/tiny.yaml", ["train.schedule_steps=3", "train.compile=true"]), 3, None, "compiled")
+    eager, compiled = metrics(run_dir / "eager"), metrics(run_dir / "compiled")
+    for a, b in zip(eager, compiled, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    names = load_checkpoint(run_dir / "compiled/checkpoints/step_3.pt")["model"].keys()
+    assert not [name for name in names if "_orig_mod" in name]  # the compiled wrapper's prefix

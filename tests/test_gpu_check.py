@@ -1,0 +1,33 @@
+"""bench/gpu_check.py, run small on the CPU so that it keeps working between GPU loans."""
+
+import subprocess
+import sys
+
+from tests.test_trainer import ROOT
+
+
+def test_gpu_check_runs_end_to_end_on_cpu():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_check.py"),
+            "--device",
+            "cpu",
+            "--presets",
+            "config/tiny.yaml",
+            "--seq_len",
+            "32",
+            "--batch_size",
+            "2",
+            "--steps",
+            "1",
+            "--no_compile",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "attention (config/tiny.yaml, fp32): aten::_scaled_dot_product_flash_attention_for_cpu" in result.stdout
+    assert result.stdout.count("tokens/s, MFU") == 2  # with and without gradient checkpointing
