@@ -56,19 +56,24 @@ def rope_frequencies(config: ModelConfig, device: torch.device | None = None) ->
 def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions (..., T) -> cos, sin of shape (..., T, head_dim), computed in fp32."""
+    """positions (T) or (B, T) -> cos, sin broadcastable to (B, H, T, head_dim), computed in fp32.
+
+    sin comes with its first half negated, so that rotating half is a roll (see apply_rope).
+    """
     angles = positions.float()[..., None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos = torch.cat((angles, angles), dim=-1).cos()
+    sin = torch.cat((-angles, angles), dim=-1).sin()
+    if positions.dim() == 2:  # one row of positions per sequence: broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D); cos/sin (T, D) or (B, T, D)."""
-    if cos.dim() == 3:
-        cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x (B, H, T, D): x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1).
+
+    roll(x) = (x2, x1), and the sign lives in sin's first half: one op instead of four.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,15 +85,16 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
         shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype).unbind(0)  # a view per layer
+        self.values = torch.zeros(shape, device=device, dtype=dtype).unbind(0)
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
 
 # ---------------------------------------------------------------------------------------------
