@@ -7,7 +7,8 @@ blocked layout (bench/model_bench.py, BENCHMARKS.md). This is what torch.compile
 for CPU inference; doing it directly keeps generation free of compilation and of shape guards.
 
 The packed model is for inference only: fp32, no gradients, and its state_dict no longer holds the
-linear weights (the originals are freed, so packing costs no extra memory).
+linear weights (the originals are freed; only a tied output head, which is also the embedding,
+costs a packed copy).
 """
 
 from __future__ import annotations
