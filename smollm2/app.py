@@ -19,7 +19,7 @@ import pandas as pd
 
 from smollm2.config import UserError
 from smollm2.inference import load_for_inference, stream_text
-from smollm2.model import Sampling
+from smollm2.model import Sampling, parameter_count
 from smollm2.space import DEFAULT_MODEL, RunRecord, logs_beside, read_record
 
 MAX_NEW_TOKENS = 512
@@ -27,7 +27,7 @@ MAX_NEW_TOKENS = 512
 
 def build_app(model_path: Path, logs: Path | None) -> gr.Blocks:
     model, tokenizer = load_for_inference(model_path)
-    record = read_record(model.config, model.num_parameters(), logs)
+    record = read_record(model.config, parameter_count(model.config), logs)  # packing hid the linears
 
     def generate(prompt: str, max_new_tokens: float, temperature: float, top_k: float, top_p: float, seed: float):
         sampling = Sampling(temperature=temperature, top_k=int(top_k), top_p=top_p)

@@ -337,6 +337,12 @@ class SmolLM2(nn.Module):
         return outputs
 
 
+def parameter_count(config: ModelConfig) -> int:
+    """The parameters of a model with this config, counted without allocating it."""
+    with torch.device("meta"):
+        return SmolLM2(config).num_parameters()
+
+
 def padding_mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """(B, 1, queries start..end, keys 0..end): causal, and blind to padding keys."""
     causal = torch.ones(end, end, dtype=torch.bool, device=valid.device).tril()[start:end]

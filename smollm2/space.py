@@ -78,7 +78,7 @@ class RunRecord:
         return rows
 
     def summary_markdown(self) -> str:
-        return "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in self.summary_rows())
+        return "| the run | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in self.summary_rows())
 
 
 def read_record(config: ModelConfig, parameters: int, logs: Path | None) -> RunRecord:

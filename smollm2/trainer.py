@@ -29,7 +29,7 @@ from smollm2.config import Config, ModelConfig, TrainConfig, UserError
 from smollm2.data import BatchLoader, PreparedData, eval_batches, prepare
 from smollm2.hf import save_pretrained
 from smollm2.metrics import RunLog
-from smollm2.model import Sampling, SmolLM2
+from smollm2.model import Sampling, SmolLM2, parameter_count
 
 MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops
 PREDICTION_SAMPLING = Sampling(temperature=0.8, top_k=50, top_p=0.95)
@@ -116,8 +116,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul parameters + attention scores (PaLM appendix B)."""
-    with torch.device("meta"):
-        params = SmolLM2(config).num_parameters()
+    params = parameter_count(config)
     matmul_params = params if config.tie_embeddings else params - config.vocab_size * config.hidden_size
     return 6 * matmul_params + 12 * config.n_layers * config.hidden_size * seq_len
 

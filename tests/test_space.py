@@ -197,7 +197,10 @@ def test_in_a_browser_generate_streams_text_and_training_shows_predictions(app_u
         first = read_samples(space / "out" / "logs" / "samples.md")[0]
         page.get_by_text(f"step {first.step}", exact=False).first.wait_for(timeout=30_000)
         assert page.get_by_text("Predictions as it learned").is_visible()
-        assert first.texts[0].splitlines()[-1].strip() in page.inner_text("body")
+        body = page.inner_text("body")
+        assert first.texts[0].splitlines()[-1].strip() in body
+        model, _ = load_pretrained(space / "out" / "model")
+        assert f"{model.num_parameters():,}" in body  # the summary counts the weights packing replaced
         browser.close()
 
 
