@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from smollm2.config import ModelConfig, UserError
+from smollm2.config import ModelConfig, UserError, error_reason
 from smollm2.model import SmolLM2
 from smollm2.tokenizer import Tokenizer
 
@@ -52,8 +52,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
-        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({reason})") from None
+        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({error_reason(exc, 100)})") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
         raise UserError(f"{path}: not a smollm2 training checkpoint (missing keys)")
     return state

@@ -24,6 +24,12 @@ class ConfigError(UserError):
     pass
 
 
+def error_reason(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name if it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 @dataclass
 class ModelConfig:
     n_layers: int = 12
@@ -213,8 +219,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{path}: not valid YAML ({first_line})") from None
+        raise ConfigError(f"{path}: not valid YAML ({error_reason(exc)})") from None
     return config_from_dict(raw, str(path), overrides)
 
 

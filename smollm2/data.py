@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from smollm2.config import Config, UserError
+from smollm2.config import Config, UserError, error_reason
 from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
@@ -158,7 +158,7 @@ def _parquet_pieces(file: Path) -> Iterator[Piece]:
     except UserError:
         raise
     except Exception as exc:  # pyarrow raises several types for damaged files
-        raise UserError(f"{file}: not a readable parquet file ({str(exc).splitlines()[0][:100]})") from None
+        raise UserError(f"{file}: not a readable parquet file ({error_reason(exc, 100)})") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: the plot is a file, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+from smollm2.config import error_reason  # noqa: E402
+
 
 class RunLog:
     """Append-only metrics and samples; a resumed run keeps the rows up to its checkpoint's step."""
@@ -128,9 +130,7 @@ def start_wandb(folder: Path, config: dict, project: str):
     try:
         return wandb.init(project=project, dir=str(folder), config=config, reinit="finish_previous")
     except Exception as exc:  # wandb has many failure modes (network, auth); the run goes on without it
-        print(
-            f"warning: wandb could not start ({str(exc).splitlines()[0][:100]}); continuing without it", file=sys.stderr
-        )
+        print(f"warning: wandb could not start ({error_reason(exc, 100)}); continuing without it", file=sys.stderr)
         return None
 
 

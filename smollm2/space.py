@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from smollm2.checkpoint import list_checkpoints, load_model_from_checkpoint
-from smollm2.config import ModelConfig, UserError
+from smollm2.config import ModelConfig, UserError, error_reason
 from smollm2.hf import load_pretrained, save_pretrained
 from smollm2.metrics import Predictions, read_metrics, read_samples
 
@@ -208,6 +208,5 @@ def push_space(folder: Path, repo_id: str) -> str:
         api.create_repo(repo_id, repo_type="space", space_sdk="gradio", exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="space", commit_message="smollm2 Space")
     except (HfHubHTTPError, httpx.HTTPError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not push {folder} to the Space {repo_id}: {reason}") from None
+        raise UserError(f"could not push {folder} to the Space {repo_id}: {error_reason(exc)}") from None
     return f"https://huggingface.co/spaces/{repo_id}"

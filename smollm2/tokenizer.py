@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from smollm2.config import UserError
+from smollm2.config import UserError, error_reason
 
 END_OF_TEXT = "<|endoftext|>"
 SPECIAL_TOKENS = [END_OF_TEXT, "<|im_start|>", "<|im_end|>"]  # the ones SmolLM2 itself starts with
@@ -97,7 +97,7 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
     try:
         backend = HFTokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
-        raise UserError(f"{file}: not a valid tokenizer.json ({str(exc).splitlines()[0][:120]})") from None
+        raise UserError(f"{file}: not a valid tokenizer.json ({error_reason(exc, 120)})") from None
     eos_token = None
     config_file = file.parent / "tokenizer_config.json"
     if config_file.is_file():
