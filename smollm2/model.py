@@ -1,4 +1,5 @@
-"""The SmolLM2 network, top to bottom: norms, rotary embeddings, attention, MLP, block, model, generate.
+"""The SmolLM2 network, top to bottom: norms, rotary embeddings, attention, MLP, block, loss, model,
+generate.
 
 Parameter names follow Hugging Face's Llama (`layers.0.self_attn.q_proj.weight`, ...), so that
 conversion to and from transformers is a renaming of the prefix, nothing more.
@@ -207,6 +208,71 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Loss: the head and the cross-entropy in one, chunk by chunk
+
+LOGITS_PER_CHUNK = 2**26  # 256 MB of fp32 logits at a time, whatever the batch
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean cross-entropy(hidden @ weight.T, targets), ignoring targets of -100.
+
+    The same value as F.cross_entropy on the full logits, without ever holding them: with 49k
+    words a batch of 16k tokens has 3 GB of fp32 logits, and their gradient as much again. Each
+    chunk's gradient is taken while its logits are at hand, so backward is a multiplication.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets)
+    return _chunked_cross_entropy(hidden, weight, targets, with_grads=False)[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        loss, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, targets, with_grads=True)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None
+
+
+def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, with_grads: bool):
+    """hidden (N, d), weight (vocab, d), targets (N) -> loss, and d loss / d hidden, d loss / d weight."""
+    device = hidden.device.type
+    # The matmuls run in autocast's dtype when it is on, the softmax always in fp32, and the weight
+    # gradient is summed over chunks in fp32; casts are explicit, so autocast is off inside.
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device, enabled=False):
+        hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
+        counted = targets != -100
+        count = counted.sum().clamp(min=1)
+        safe_targets = targets.clamp(min=0)
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if with_grads else None
+        grad_weight = None
+        rows = max(1, LOGITS_PER_CHUNK // weight.shape[0])
+        for start in range(0, hidden.shape[0], rows):
+            chunk = slice(start, start + rows)
+            logits = (hidden_c[chunk] @ weight_c.t()).float()
+            log_total = logits.logsumexp(dim=-1)
+            target_logit = logits.gather(1, safe_targets[chunk, None]).squeeze(1)
+            loss += ((log_total - target_logit) * counted[chunk]).sum()
+            if not with_grads:
+                continue
+            # d loss / d logits = (softmax - one_hot(target)) / count, made in place of the logits.
+            grad_logits = logits.sub_(log_total[:, None]).exp_()
+            grad_logits[torch.arange(grad_logits.shape[0], device=hidden.device), safe_targets[chunk]] -= 1
+            grad_logits = grad_logits.mul_((counted[chunk] / count)[:, None]).to(dtype)
+            grad_hidden[chunk] = grad_logits @ weight_c
+            partial = grad_logits.t() @ hidden_c[chunk]
+            grad_weight = partial.float() if grad_weight is None else grad_weight.add_(partial)
+    grad_weight = grad_weight.to(weight.dtype) if with_grads else None
+    return loss / count, grad_hidden, grad_weight
+
+
+# ---------------------------------------------------------------------------------------------
 # The model
 
 
@@ -267,8 +333,7 @@ class SmolLM2(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x)
-        logits = self.lm_head(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once

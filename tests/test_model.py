@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+import smollm2.model
 from smollm2.config import load_config
-from smollm2.model import Sampling, SmolLM2, sample
+from smollm2.model import Sampling, SmolLM2, linear_cross_entropy, sample
 from tests.conftest import small_config
 
 
@@ -91,6 +92,47 @@ def test_loss_matches_cross_entropy_of_logits():
     targets = torch.randint(0, 97, (2, 8))
     expected = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
     torch.testing.assert_close(model(ids, targets), expected)
+
+
+def reference_loss_and_grads(hidden, weight, targets):
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets, ignore_index=-100)
+    loss.backward()
+    return loss, hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1000, 7, 1])
+def test_chunked_linear_cross_entropy_matches_the_full_logits(monkeypatch, rows_per_chunk):
+    vocab = 97
+    monkeypatch.setattr(smollm2.model, "LOGITS_PER_CHUNK", rows_per_chunk * vocab)
+    hidden, weight = torch.randn(30, 16), torch.randn(vocab, 16)
+    targets = torch.randint(0, vocab, (30,))
+    targets[[0, 5, 29]] = -100
+    expected_loss, expected_hidden_grad, expected_weight_grad = reference_loss_and_grads(hidden, weight, targets)
+    hidden.requires_grad_(), weight.requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, targets)
+    (2 * loss).backward()  # the upstream gradient scales both
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(hidden.grad, 2 * expected_hidden_grad)
+    torch.testing.assert_close(weight.grad, 2 * expected_weight_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), expected_loss)
+
+
+def test_linear_cross_entropy_under_bf16_autocast_runs_the_matmuls_in_bf16():
+    hidden, weight = torch.randn(12, 16, requires_grad=True), torch.randn(97, 16, requires_grad=True)
+    targets = torch.randint(0, 97, (12,))
+    bf16_logits = (hidden.bfloat16() @ weight.bfloat16().t()).float()
+    expected = torch.nn.functional.cross_entropy(bf16_logits, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected)
+    assert (hidden.grad.dtype, weight.grad.dtype) == (torch.float32, torch.float32)
+    _, hidden_grad, weight_grad = reference_loss_and_grads(hidden, weight, targets)
+    torch.testing.assert_close(hidden.grad, hidden_grad, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(weight.grad, weight_grad, atol=2e-2, rtol=2e-2)
 
 
 def greedy_without_cache(model, prompt, steps):
