@@ -256,15 +256,20 @@ def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
         for start in range(0, hidden.shape[0], rows):
             chunk = slice(start, start + rows)
             logits = (hidden_c[chunk] @ weight_c.t()).float()
-            log_total = logits.logsumexp(dim=-1)
             target_logit = logits.gather(1, safe_targets[chunk, None]).squeeze(1)
+            # logsumexp by hand, in place: the exponentials are reused for the softmax below.
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(row_max).exp_()
+            row_sum = exps.sum(dim=-1, keepdim=True)
+            log_total = (row_sum.log() + row_max).squeeze(1)
             loss += ((log_total - target_logit) * counted[chunk]).sum()
             if not with_grads:
                 continue
-            # d loss / d logits = (softmax - one_hot(target)) / count, made in place of the logits.
-            grad_logits = logits.sub_(log_total[:, None]).exp_()
-            grad_logits[torch.arange(grad_logits.shape[0], device=hidden.device), safe_targets[chunk]] -= 1
-            grad_logits = grad_logits.mul_((counted[chunk] / count)[:, None]).to(dtype)
+            # d loss / d logits = (softmax - one_hot(target)) * weight of the row, i.e. 1 / count.
+            row_weight = counted[chunk] / count
+            grad_logits = exps.mul_(row_weight[:, None] / row_sum)
+            grad_logits[torch.arange(grad_logits.shape[0], device=hidden.device), safe_targets[chunk]] -= row_weight
+            grad_logits = grad_logits.to(dtype)
             grad_hidden[chunk] = grad_logits @ weight_c
             partial = grad_logits.t() @ hidden_c[chunk]
             grad_weight = partial.float() if grad_weight is None else grad_weight.add_(partial)

@@ -88,9 +88,10 @@ def keep_freed_memory_on_cpu() -> bool:
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
         return False
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    largest_int = 2**31 - 1  # mallopt takes a C int: ctypes silently wraps anything larger (2**34 -> 0)
     return all(
         mallopt(option, value)
-        for option, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 34), (m_top_pad, 1 << 28))
+        for option, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, largest_int), (m_top_pad, 1 << 28))
     )
 
 
