@@ -235,7 +235,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None
+        # In place: no second 113 MB weight gradient (a second backward through it raises).
+        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None
 
 
 def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, with_grads: bool):
