@@ -218,7 +218,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
     The same value as F.cross_entropy on the full logits, without ever holding them: with 49k
     words a batch of 16k tokens has 3 GB of fp32 logits, and their gradient as much again. Each
-    chunk's gradient is taken while its logits are at hand, so backward is a multiplication.
+    chunk's gradient is taken while its logits are at hand, so backward is a multiplication. A
+    batch whose targets are all ignored has loss 0 (F.cross_entropy would give nan).
     """
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets)
