@@ -117,6 +117,7 @@ def test_chunked_linear_cross_entropy_matches_the_full_logits(monkeypatch, rows_
     torch.testing.assert_close(weight.grad, 2 * expected_weight_grad)
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), expected_loss)
+        assert linear_cross_entropy(hidden, weight, torch.full_like(targets, -100)).item() == 0.0
 
 
 def test_linear_cross_entropy_under_bf16_autocast_runs_the_matmuls_in_bf16():
