@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from smollm2.config import load_config
+from smollm2.distributed import checkpoint_blocks
+from smollm2.hardware import flops_per_token, peak_flops
 from smollm2.model import SmolLM2
-from smollm2.trainer import flops_per_token, make_optimizer, optimizer_step, peak_flops
+from smollm2.trainer import make_optimizer, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["config/model_config.yaml", "config/smollm2-135m.yaml"]
@@ -77,7 +79,8 @@ def loss_agreement(config, device: torch.device, steps: int, seq: int) -> list[t
 def throughput(config, device, batch: int, seq: int, steps: int, compile_model: bool, checkpointing: bool) -> dict:
     torch.manual_seed(0)
     model = SmolLM2(config.model).to(device)
-    model.gradient_checkpointing = checkpointing
+    if checkpointing:
+        checkpoint_blocks(model)
     optimizer = make_optimizer(model, config.train, device)
     forward = torch.compile(model) if compile_model else model
     inputs, targets = random_batch(config.model.vocab_size, batch, seq, device)

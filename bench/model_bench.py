@@ -25,16 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from smollm2.config import load_config
+from smollm2.generation import Sampling, generate
+from smollm2.hardware import flops_per_token, keep_freed_memory_on_cpu, measure_cpu_matmul_flops
 from smollm2.hf import to_hf_state_dict, to_llama_config
 from smollm2.inference import pack_for_cpu_inference
-from smollm2.model import Sampling, SmolLM2
-from smollm2.trainer import (
-    flops_per_token,
-    keep_freed_memory_on_cpu,
-    make_optimizer,
-    measure_cpu_matmul_flops,
-    optimizer_step,
-)
+from smollm2.model import SmolLM2
+from smollm2.trainer import make_optimizer, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "smollm2-135m.yaml"
@@ -186,9 +182,7 @@ def bench_generate(runs: int) -> dict:
     config, ours, theirs = build_pair()
     ours.eval()
     theirs.eval()
-    packed = SmolLM2(config.model)
-    packed.load_state_dict(ours.state_dict())
-    pack_for_cpu_inference(packed)
+    packed = pack_for_cpu_inference(ours)  # a new model: ours is left unpacked
     generator = torch.Generator().manual_seed(1)
     results = {}
     for batch_size in (1, 8):
@@ -211,7 +205,7 @@ def bench_generate(runs: int) -> dict:
 
 @torch.no_grad()
 def our_generate(model: SmolLM2, prompt: torch.Tensor) -> list[list[int]]:
-    return model.generate(prompt.tolist(), NEW_TOKENS, sampling=Sampling(temperature=0))
+    return generate(model, prompt.tolist(), NEW_TOKENS, sampling=Sampling(temperature=0))
 
 
 @torch.no_grad()

@@ -6,6 +6,16 @@ set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/demo}
 STEPS=${STEPS:-600}
+# A run folder holds one run: a previous demo (marked by smollm2 as a run) is replaced, anything else refused.
+if [ -e "$OUT" ]; then
+  if grep -qs '"kind": "run"' "$OUT/.smollm2"; then
+    echo "replacing the previous demo run in $OUT"
+    rm -rf "$OUT"
+  else
+    echo "error: $OUT exists and is not a smollm2 run: move it, or run with OUT=another/folder" >&2
+    exit 2
+  fi
+fi
 $PY train.py --config config/tiny.yaml --train_steps "$STEPS" --out_dir "$OUT"
 $PY train.py --config config/tiny.yaml --train_steps 50 --checkpoint_path "$OUT/checkpoints/step_$STEPS.pt" --out_dir "$OUT"
 echo

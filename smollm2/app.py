@@ -9,7 +9,6 @@ The logs (metrics.jsonl, samples.md) come from --logs, $SMOLLM2_LOGS, or the mod
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -17,9 +16,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from smollm2.config import UserError
+from smollm2.cli import ArgumentParser
+from smollm2.errors import UserError, error_reason
+from smollm2.generation import Sampling
 from smollm2.inference import load_for_inference, stream_text
-from smollm2.model import Sampling, parameter_count
 from smollm2.space import DEFAULT_MODEL, RunRecord, logs_beside, read_record
 
 MAX_NEW_TOKENS = 512
@@ -27,12 +27,12 @@ MAX_NEW_TOKENS = 512
 
 def build_app(model_path: Path, logs: Path | None) -> gr.Blocks:
     model, tokenizer = load_for_inference(model_path)
-    record = read_record(model.config, parameter_count(model.config), logs)  # packing hid the linears
+    record = read_record(model.config, model.num_parameters(), logs)
 
     def generate(prompt: str, max_new_tokens: float, temperature: float, top_k: float, top_p: float, seed: float):
-        sampling = Sampling(temperature=temperature, top_k=int(top_k), top_p=top_p)
         text = prompt
         try:
+            sampling = Sampling(temperature=temperature, top_k=int(top_k), top_p=top_p)
             for piece in stream_text(model, tokenizer, prompt, int(max_new_tokens), sampling, int(seed)):
                 text += piece
                 yield text
@@ -59,11 +59,7 @@ def build_app(model_path: Path, logs: Path | None) -> gr.Blocks:
 
 
 def describe(record: RunRecord) -> str:
-    c = record.config
-    return (
-        f"A decoder-only transformer ({c.n_layers} layers x {c.hidden_size}, pre-norm, rotary positions, "
-        f"{c.vocab_size:,}-token BPE) trained from scratch with smollm2."
-    )
+    return f"A decoder-only transformer ({record.config.describe()}) trained with smollm2."
 
 
 def training_tab(record: RunRecord) -> None:
@@ -104,12 +100,14 @@ def default_model(app_folder: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     app_folder = Path(sys.argv[0]).resolve().parent
-    parser = argparse.ArgumentParser(description="SmolLM2: generate, and watch the training")
+    parser = ArgumentParser(description="SmolLM2: generate, and watch the training")
     parser.add_argument("--model", type=Path, help="final/ folder, checkpoint .pt or Hugging Face folder")
     parser.add_argument("--logs", type=Path, help="folder with metrics.jsonl and samples.md")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT", "7860"))
     args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be in 1..65535, got {args.port}")
     model_path = args.model or default_model(app_folder)
     logs = args.logs or (Path(os.environ["SMOLLM2_LOGS"]) if os.environ.get("SMOLLM2_LOGS") else None)
     logs = logs or logs_beside(model_path)
@@ -121,4 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    app.queue().launch(server_name=args.host, server_port=args.port)
+    try:
+        app.queue().launch(server_name=args.host, server_port=args.port)
+    except OSError as exc:  # the port is taken, or the host is not this machine's
+        print(f"error: cannot serve on {args.host}:{args.port} ({error_reason(exc, 120)})", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,4 +1,6 @@
-"""Atomic save and safe load of the full training state.
+"""The training state and its file, defined once: what a checkpoint holds, how it is written
+(atomically) and read back (safely), which runs may continue from it, and the run folder's
+checkpoints/ and final/ (`Checkpointer`: when to save, what to keep, what never to touch).
 
 A checkpoint holds only tensors and plain Python types, so `torch.load(weights_only=True)` opens
 it: loading a checkpoint from elsewhere cannot run code.
@@ -6,20 +8,142 @@ it: loading a checkpoint from elsewhere cannot run code.
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import pickle
 import random
 import re
+import sys
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from smollm2.config import ModelConfig, UserError, error_reason
+from smollm2 import distributed
+from smollm2.config import Config, ModelConfig, TrainConfig, model_config_from_dict
+from smollm2.errors import UserError, error_reason
+from smollm2.files import check_replaceable, clean_leftovers, mark, read_marker, write_atomic
+from smollm2.hf import MODEL_FILES, write_model_folder
 from smollm2.model import SmolLM2
 from smollm2.tokenizer import Tokenizer
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "config", "tokenizer_hash", "loader")
+# What a resumed run must share with its checkpoint for the data to come in the same order.
+DATA_ORDER_KEYS = (("data", "seq_len"), ("data", "val_fraction"), ("data", "tokenizer"), ("train", "seed"))
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass
+class RunProgress:
+    """Where a run stands: the loop advances it, the checkpoint keeps it."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    schedule_steps: int = 0
+    last_loss: float | None = None
+    last_val_loss: float | None = None
+    run_id: str | None = field(default_factory=new_run_id)  # None: a checkpoint older than run ids
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run needs to go on exactly where it stopped."""
+
+    progress: RunProgress
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    loader: dict
+    rng: dict
+    config: dict
+    tokenizer_hash: str
+    tokenizer: str | None = None  # the tokenizer.json text (absent from the oldest checkpoints)
+
+    def to_dict(self) -> dict:
+        """The file's layout: the progress fields at the top level, beside the states."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "progress"}
+        return dataclasses.asdict(self.progress) | fields
+
+    @classmethod
+    def from_dict(cls, state: dict, source: str | Path) -> Checkpoint:
+        try:
+            progress = RunProgress(
+                step=int(state["step"]),
+                tokens_seen=int(state.get("tokens_seen", 0)),
+                schedule_steps=int(state.get("schedule_steps", 0)),
+                last_loss=state.get("last_loss"),
+                last_val_loss=state.get("last_val_loss"),
+                run_id=state.get("run_id"),
+            )
+            checkpoint = cls(
+                progress=progress,
+                model=state["model"],
+                optimizer=state["optimizer"],
+                loader=state["loader"],
+                rng=state["rng"],
+                config=state["config"],
+                tokenizer_hash=state["tokenizer_hash"],
+                tokenizer=state.get("tokenizer"),
+            )
+        except KeyError as exc:
+            raise UserError(f"{source}: not a smollm2 training checkpoint (no {exc.args[0]})") from None
+        except (TypeError, ValueError):
+            raise UserError(f"{source}: not a smollm2 training checkpoint (its step is not a number)") from None
+        if not isinstance(checkpoint.config, dict) or not isinstance(checkpoint.config.get("model"), dict):
+            raise UserError(f"{source}: not a smollm2 training checkpoint (no model config)")
+        return checkpoint
+
+    @classmethod
+    def load(cls, path: str | Path) -> Checkpoint:
+        return cls.from_dict(load_checkpoint(path), path)
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(self.to_dict(), path)
+
+    def weights_are_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.model.values() if t.is_floating_point())
+
+    def check_resumable(self, config: Config) -> None:
+        """Refuse, before the corpus is touched, a config this checkpoint cannot continue exactly."""
+        saved, current = self.config, config.to_dict()
+        for key, value in current["model"].items():
+            if key == "attention":  # the kernel may change between machines; the weights do not
+                continue
+            if saved["model"].get(key) != value:
+                raise UserError(
+                    f"checkpoint has model.{key}={saved['model'].get(key)!r} but {config.source} says {value!r}: "
+                    "it was trained with another architecture"
+                )
+        for section, key in DATA_ORDER_KEYS:
+            was, now = saved.get(section, {}).get(key), current[section][key]
+            if was is not None and was != now:
+                raise UserError(
+                    f"checkpoint was trained with {section}.{key}={was!r} but {config.source} says {now!r}: "
+                    "a resumed run must see the same tokenizer and data in the same order"
+                )
+        was_path = saved.get("data", {}).get("path")
+        if was_path is not None and was_path != config.data.path:
+            if config.data.tokenizer == "train":
+                raise UserError(
+                    f"checkpoint was trained on data.path={was_path!r} but {config.source} says "
+                    f"{config.data.path!r}: with data.tokenizer=train the tokenizer would be retrained on other text"
+                )
+            print(
+                f"warning: data.path changed from {was_path!r} to {config.data.path!r}: "
+                "the run goes on with the same tokenizer, on other data",
+                file=sys.stderr,
+            )
+
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        if self.tokenizer_hash != tokenizer.hash:
+            raise UserError(
+                f"checkpoint was trained with tokenizer {self.tokenizer_hash}, but the data uses "
+                f"{tokenizer.hash}: use the same data.tokenizer and data.path as the first run"
+            )
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:
@@ -28,50 +152,137 @@ def checkpoint_path(out_dir: Path, step: int) -> Path:
 
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write to a temporary name, fsync, rename: a crash leaves the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """The raw dictionary of a checkpoint file, or one line saying why it is not one."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: pass a checkpoint file such as {path / 'step_N.pt'}")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt ({error_reason(exc, 100)})") from None
-    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
-        raise UserError(f"{path}: not a smollm2 training checkpoint (missing keys)")
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # a whole file that names Python objects to build
+            raise UserError(
+                f"{path}: not a plain-tensor checkpoint (it holds Python objects, which smollm2 never loads)"
+            ) from None
+        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt") from None
+    except Exception:  # torch raises RuntimeError, EOFError, ... for damaged files
+        raise UserError(f"{path}: not a readable checkpoint, truncated or corrupt") from None
+    missing = [key for key in REQUIRED_KEYS if key not in state] if isinstance(state, dict) else list(REQUIRED_KEYS)
+    if missing:
+        raise UserError(f"{path}: not a smollm2 training checkpoint (no {', '.join(missing)})")
     return state
+
+
+def step_of(path: Path) -> int | None:
+    match = re.fullmatch(r"step_(\d+)\.pt", path.name)
+    return int(match.group(1)) if match else None
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
     """The step_N.pt files in `folder`, oldest step first."""
-    found = []
-    for file in Path(folder).glob("step_*.pt"):
-        match = re.fullmatch(r"step_(\d+)\.pt", file.name)
-        if match:
-            found.append((int(match.group(1)), file))
-    return [file for _, file in sorted(found)]
+    if not Path(folder).is_dir():
+        return []
+    found = [(step_of(file), file) for file in Path(folder).glob("step_*.pt")]
+    return [file for step, file in sorted(found) if step is not None]
 
 
 def prune_checkpoints(folder: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step_N.pt files."""
     for file in list_checkpoints(folder)[:-keep_last]:
         file.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder
+
+
+class Checkpointer:
+    """A run folder's checkpoints/ and final/: when to save, what to keep, what never to touch.
+
+    A folder holds one run. A fresh run refuses a folder that holds another; a resumed run refuses
+    one whose checkpoints are newer than its own or belong to another run, so nothing of a run is
+    ever pruned or replaced by a different one.
+    """
+
+    def __init__(self, out_dir: str | Path, train: TrainConfig, is_main: bool) -> None:
+        self.out_dir = Path(out_dir)
+        self.folder = self.out_dir / "checkpoints"
+        self.final = self.out_dir / "final"
+        self.save_every, self.keep_last = train.save_every, train.keep_last
+        self.is_main = is_main
+
+    def check_folder(self, resume: Checkpoint | None) -> None:
+        """Refuse, before anything is written, a folder this run would damage."""
+        for folder in (self.out_dir, self.folder):
+            if folder.exists() and not folder.is_dir():
+                raise UserError(f"{folder} is a file, not a folder: choose another --out_dir")
+        existing = list_checkpoints(self.folder)
+        if resume is None:
+            metrics = self.out_dir / "logs" / "metrics.jsonl"
+            held = existing[-1:] or [p for p in (self.final, metrics) if p.exists() and not _is_empty(p)]
+            if held:
+                resume_with = f"--checkpoint_path {existing[-1]}" if existing else "--checkpoint_path CHECKPOINT"
+                raise UserError(
+                    f"{self.out_dir} already holds a run ({held[0]}): continue it with {resume_with}, "
+                    "or train into a new --out_dir"
+                )
+        else:
+            newer = [p for p in existing if step_of(p) > resume.progress.step]
+            if newer:
+                raise UserError(
+                    f"{self.folder} holds checkpoints past step {resume.progress.step} ({newer[-1].name}): resume "
+                    f"from {newer[-1]}, or continue from step {resume.progress.step} into a new --out_dir"
+                )
+            owner = read_marker(self.out_dir).get("run_id")
+            if owner and resume.progress.run_id and owner != resume.progress.run_id:
+                raise UserError(f"{self.out_dir} holds another run: continue this one into a new --out_dir")
+        check_replaceable(self.final, "model", "the run's final/", MODEL_FILES)
+
+    def claim(self, run_id: str | None) -> None:
+        """Mark the run folder as this run's and clear what killed runs left behind."""
+        if not self.is_main:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for folder in (self.out_dir, self.folder, self.out_dir / "logs"):
+            clean_leftovers(folder)
+        if run_id:
+            mark(self.out_dir, "run", run_id=run_id)
+
+    def due(self, step: int, end: int) -> bool:
+        return step % self.save_every == 0 and step < end
+
+    def save(self, checkpoint: Checkpoint, prune: bool = True) -> Path | None:
+        """Write the checkpoint (rank 0) and prune old ones; None when its weights are not all finite:
+        such weights are never written, and never push a good checkpoint out."""
+        path = checkpoint_path(self.out_dir, checkpoint.progress.step)
+        written = checkpoint.weights_are_finite()
+        if self.is_main and written:
+            checkpoint.save(path)
+            if prune:
+                prune_checkpoints(self.folder, self.keep_last)
+        distributed.barrier()
+        return path if written else None
+
+    def latest(self) -> Path | None:
+        existing = list_checkpoints(self.folder)
+        return existing[-1] if existing else None
+
+    def export_final(self, model: SmolLM2, tokenizer: Tokenizer) -> tuple[Path, str]:
+        """final/: built beside the old one and swapped in, so an old final/ survives until the new is whole."""
+        return self.final, write_model_folder(model, self.final, tokenizer)
+
+
+def _is_empty(path: Path) -> bool:
+    return not any(path.iterdir()) if path.is_dir() else path.stat().st_size == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Random number generators
 
 
 def capture_rng() -> dict:
@@ -116,8 +327,26 @@ def _as_tuples(value):
 def load_model_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[SmolLM2, Tokenizer]:
     """The model and tokenizer of a training checkpoint, for generate and export."""
     state = load_checkpoint(path)
-    config = ModelConfig(**state["config"]["model"])
-    model = SmolLM2(config)
-    model.load_state_dict(state["model"])
-    tokenizer = Tokenizer(HFTokenizer.from_str(state["tokenizer"])) if "tokenizer" in state else None
+    model = SmolLM2(checkpoint_model_config(state, path))
+    load_weights(model, state["model"], path)
+    tokenizer = None
+    if "tokenizer" in state:
+        try:
+            tokenizer = Tokenizer(HFTokenizer.from_str(state["tokenizer"]))
+        except Exception:  # tokenizers raises a bare Exception for malformed text
+            raise UserError(f"{path}: the checkpoint's tokenizer is not a valid tokenizer.json") from None
     return model.to(device), tokenizer
+
+
+def checkpoint_model_config(state: dict, path: str | Path) -> ModelConfig:
+    """The architecture a checkpoint was trained with, checked like any config."""
+    config = state["config"]
+    return model_config_from_dict(config.get("model") if isinstance(config, dict) else None, str(path))
+
+
+def load_weights(model: SmolLM2, weights: dict, source: str | Path) -> None:
+    """Load a state dict, or say in one line that it belongs to another model."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise UserError(f"{source}: the weights do not fit the model ({error_reason(exc, 120)})") from None

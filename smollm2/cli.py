@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from smollm2.config import Config, UserError, load_config
-from smollm2.model import Sampling, SmolLM2
+from smollm2.config import Config, load_config
+from smollm2.errors import UserError, os_error_line
+from smollm2.generation import Sampling
+from smollm2.model import SmolLM2
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -55,9 +57,9 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def parameter_report(config: Config, source: str) -> str:
-    m = config.model
+    model_config = config.model
     with torch.device("meta"):
-        model = SmolLM2(m)
+        model = SmolLM2(model_config)
     block = model.layers[0]
 
     def count(module: torch.nn.Module) -> int:
@@ -65,23 +67,18 @@ def parameter_report(config: Config, source: str) -> str:
 
     attention, mlp = count(block.self_attn), count(block.mlp)
     norms = count(block.input_layernorm) + count(block.post_attention_layernorm)
-    head = 0 if m.tie_embeddings else count(model.lm_head)
+    head = 0 if model_config.tie_embeddings else count(model.lm_head)
     rows = [
         ("embeddings", count(model.embed_tokens)),
         ("per layer: attention", attention),
         ("per layer: mlp", mlp),
         ("per layer: norms", norms),
         ("per layer: total", attention + mlp + norms),
-        (f"layers (x{m.n_layers})", count(model.layers)),
+        (f"layers (x{model_config.n_layers})", count(model.layers)),
         ("final norm", count(model.norm)),
-        ("lm head" + (" (tied to embeddings)" if m.tie_embeddings else ""), head),
+        ("lm head" + (" (tied to embeddings)" if model_config.tie_embeddings else ""), head),
     ]
-    header = (
-        f"{source}: {m.n_layers} layers x {m.hidden_size} hidden, {m.n_heads} heads ({m.n_kv_heads} KV, "
-        f"head dim {m.head_dim}), {m.norm}, {m.mlp} MLP {m.intermediate_size}, vocab {m.vocab_size}, "
-        f"rope theta {m.rope_theta:g}, {'tied' if m.tie_embeddings else 'untied'} head"
-    )
-    lines = [header] + [f"  {name:<38}{value:>14,}" for name, value in rows]
+    lines = [f"{source}: {model_config.describe()}"] + [f"  {name:<38}{value:>14,}" for name, value in rows]
     lines.append(f"total parameters: {model.num_parameters():,}")
     return "\n".join(lines)
 
@@ -122,14 +119,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from smollm2.trainer import train
+    from smollm2.trainer import resume_command, train
 
-    settings = "".join(f" --set {shlex.quote(o)}" for o in args.overrides)
-    out_dir = f" --out_dir {shlex.quote(args.out_dir)}" if args.out_dir != "." else ""
-    hint = (
-        f"python train.py --config {shlex.quote(args.config)}{settings} --train_steps {{steps}} "
-        f"--checkpoint_path {{path}}{out_dir}"
-    )
+    hint = resume_command(args.config, args.overrides, args.out_dir)
     train(read_config(args), args.train_steps, args.checkpoint_path, args.out_dir, hint)
 
 
@@ -182,15 +174,37 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which finishes its step and saves instead)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def run(command: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    """Run a command; every way it can fail for the user's reasons ends in one line on stderr.
+
+    Work in progress is written beside its target and swapped in, so an error or a signal here
+    leaves every file as it was (the staging copies are removed on the way out).
+    """
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         command(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine said no: a read-only folder, a full disk, a file for a folder
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: nothing half-written was left behind", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM): nothing half-written was left behind", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

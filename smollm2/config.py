@@ -7,27 +7,26 @@ and the file; the CLI turns it into a line on stderr and exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from smollm2.errors import UserError, error_reason
 
-class UserError(Exception):
-    """A mistake the user must fix: printed as one line, exit code 2, no traceback."""
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "UserError", "load_config"]
+
+BYTE_LEVEL_ALPHABET = 256  # a trained byte-level BPE starts from every byte
+SPECIAL_TOKEN_COUNT = 3  # <|endoftext|>, <|im_start|>, <|im_end|> (smollm2.tokenizer)
+SEED_LIMIT = 2**63  # torch.manual_seed and numpy both take seeds in [0, 2**63)
 
 
 class ConfigError(UserError):
     pass
-
-
-def error_reason(exc: BaseException, limit: int | None = None) -> str:
-    """The first line of an exception's message (its type's name if it has none), for one-line errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
 
 
 @dataclass
@@ -38,13 +37,13 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None = n_heads (plain multi-head attention)
     intermediate_size: int = 3072
     vocab_size: int = 32000
-    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu | swiglu
+    mlp: Literal["gelu", "swiglu"] = "gelu"
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = False
-    attention: str = "sdpa"  # sdpa | eager | flash_attn2
+    attention: Literal["sdpa", "eager", "flash_attn2"] = "sdpa"
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -54,6 +53,23 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.n_heads
+
+    def architecture_rows(self) -> list[tuple[str, str]]:
+        """The architecture in words, a row per part: the one description `info`, the Space card
+        and the app all show."""
+        return [
+            ("architecture", f"decoder-only, {self.n_layers} layers x {self.hidden_size} wide, pre-norm {self.norm}"),
+            (
+                "attention",
+                f"{self.n_heads} query heads, {self.n_kv_heads} key/value heads of {self.head_dim}, "
+                f"rotary positions (theta {self.rope_theta:g})",
+            ),
+            ("feed-forward", f"{self.mlp}, {self.intermediate_size} hidden"),
+            ("vocabulary", f"{self.vocab_size:,} BPE tokens, {'tied' if self.tie_embeddings else 'untied'} head"),
+        ]
+
+    def describe(self) -> str:
+        return "; ".join(text for _, text in self.architecture_rows())
 
 
 @dataclass
@@ -72,7 +88,7 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd
+    schedule: Literal["cosine", "wsd"] = "cosine"
     schedule_steps: int | None = None  # None = the first run's --train_steps
     decay_fraction: float = 0.2  # wsd: the share of the schedule spent decaying
     weight_decay: float = 0.1
@@ -80,7 +96,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 1337
-    precision: str = "auto"  # auto | fp32 | bf16
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     grad_checkpointing: bool = False
     eval_every: int = 500
@@ -92,7 +108,7 @@ class TrainConfig:
     prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "First Citizen:\n"])
     wandb: bool = False
     wandb_project: str = "smollm2"
-    parallel: str = "ddp"  # ddp | fsdp (used under torchrun)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun
 
 
 @dataclass
@@ -108,19 +124,15 @@ class Config:
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.mlp": ("gelu", "swiglu"),
-    "model.attention": ("sdpa", "eager", "flash_attn2"),
-    "train.schedule": ("cosine", "wsd"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "train.parallel": ("ddp", "fsdp"),
-}
-
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check `value` against a dataclass field's type; ints are accepted where floats are."""
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -140,6 +152,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: must be a finite number, got {value!r}")
             return float(value)
     elif annotation is str:
         if isinstance(value, str):
@@ -157,9 +171,6 @@ def _build_section(cls: type, values: dict[str, Any], section: str, source: str)
         if key not in known:
             raise ConfigError(f"unknown key {section}.{key} in {source}")
         kwargs[key] = _coerce(value, hints[key], where)
-        allowed = CHOICES.get(f"{section}.{key}")
-        if allowed and kwargs[key] not in allowed:
-            raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {', '.join(allowed)}")
     return cls(**kwargs)
 
 
@@ -223,13 +234,16 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return config_from_dict(raw, str(path), overrides)
 
 
-def validate(config: Config, where: str) -> None:
-    m, d, t = config.model, config.data, config.train
+def model_config_from_dict(raw: Any, source: str) -> ModelConfig:
+    """A model section alone (a checkpoint's, a model folder's), type-checked and validated."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of model settings")
+    config = _build_section(ModelConfig, raw, "model", source)
+    validate_model(config, source)
+    return config
 
-    def positive(section: str, name: str, value: float) -> None:
-        if value <= 0:
-            raise ConfigError(f"{section}.{name} in {where}: must be positive, got {value}")
 
+def validate_model(model: ModelConfig, where: str) -> None:
     for name in (
         "n_layers",
         "hidden_size",
@@ -242,24 +256,36 @@ def validate(config: Config, where: str) -> None:
         "rope_theta",
         "init_std",
     ):
-        positive("model", name, getattr(m, name))
-    if m.hidden_size % m.n_heads:
+        _positive("model", name, getattr(model, name), where)
+    if model.hidden_size % model.n_heads:
         raise ConfigError(
-            f"model.hidden_size in {where}: {m.hidden_size} is not divisible by model.n_heads={m.n_heads}"
+            f"model.hidden_size in {where}: {model.hidden_size} is not divisible by model.n_heads={model.n_heads}"
         )
-    if m.n_heads % m.n_kv_heads:
+    if model.n_heads % model.n_kv_heads:
         raise ConfigError(
-            f"model.n_kv_heads in {where}: model.n_heads={m.n_heads} is not divisible by n_kv_heads={m.n_kv_heads}"
+            f"model.n_kv_heads in {where}: model.n_heads={model.n_heads} is not divisible by "
+            f"n_kv_heads={model.n_kv_heads}"
         )
-    if m.head_dim % 2:
+    if model.head_dim % 2:
         raise ConfigError(
-            f"model.n_heads in {where}: head dim {m.head_dim} (hidden_size / n_heads) must be even for RoPE"
+            f"model.n_heads in {where}: head dim {model.head_dim} (hidden_size / n_heads) must be even for RoPE"
         )
-    positive("data", "seq_len", d.seq_len)
-    if d.seq_len > m.max_seq_len:
-        raise ConfigError(f"data.seq_len in {where}: {d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if not 0 <= d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction in {where}: must be in [0, 1), got {d.val_fraction}")
+
+
+def _positive(section: str, name: str, value: float, where: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{section}.{name} in {where}: must be positive, got {value}")
+
+
+def validate(config: Config, where: str) -> None:
+    """Every value checked before anything is written: ranges, and what the values must agree on."""
+    model, data, train = config.model, config.data, config.train
+    validate_model(model, where)
+    _positive("data", "seq_len", data.seq_len, where)
+    if data.seq_len > model.max_seq_len:
+        raise ConfigError(f"data.seq_len in {where}: {data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    if not 0 <= data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction in {where}: must be in [0, 1), got {data.val_fraction}")
     for name in (
         "batch_size",
         "grad_accum",
@@ -271,11 +297,24 @@ def validate(config: Config, where: str) -> None:
         "save_every",
         "keep_last",
     ):
-        positive("train", name, getattr(t, name))
+        _positive("train", name, getattr(train, name), where)
     for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip"):
-        if getattr(t, name) < 0:
-            raise ConfigError(f"train.{name} in {where}: must not be negative, got {getattr(t, name)}")
-    if t.schedule_steps is not None:
-        positive("train", "schedule_steps", t.schedule_steps)
-    if not 0 <= t.decay_fraction <= 1:
-        raise ConfigError(f"train.decay_fraction in {where}: must be in [0, 1], got {t.decay_fraction}")
+        if getattr(train, name) < 0:
+            raise ConfigError(f"train.{name} in {where}: must not be negative, got {getattr(train, name)}")
+    if train.schedule_steps is not None:
+        _positive("train", "schedule_steps", train.schedule_steps, where)
+    if not 0 <= train.decay_fraction <= 1:
+        raise ConfigError(f"train.decay_fraction in {where}: must be in [0, 1], got {train.decay_fraction}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(train, name) < 1:
+            raise ConfigError(f"train.{name} in {where}: must be in [0, 1), got {getattr(train, name)}")
+    if not 0 <= train.seed < SEED_LIMIT:
+        raise ConfigError(f"train.seed in {where}: must be in [0, 2**63), got {train.seed}")
+    smallest_vocab = BYTE_LEVEL_ALPHABET + SPECIAL_TOKEN_COUNT
+    if data.tokenizer == "train" and model.vocab_size < smallest_vocab:
+        raise ConfigError(
+            f"model.vocab_size in {where}: a trained byte-level tokenizer needs at least {smallest_vocab} "
+            f"tokens (256 bytes + {SPECIAL_TOKEN_COUNT} special), got {model.vocab_size}"
+        )
+    if train.min_lr > train.lr:
+        raise ConfigError(f"train.min_lr in {where}: {train.min_lr} is above train.lr={train.lr}")

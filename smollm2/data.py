@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import queue
-import shutil
 import sys
 import threading
 from collections.abc import Iterator
@@ -26,10 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from smollm2.config import Config, UserError, error_reason
+from smollm2.config import Config
+from smollm2.errors import UserError, error_reason
+from smollm2.files import build_folder, check_replaceable, clean_leftovers, is_inside
 from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
+PREPARED_FILES = frozenset({"meta.json", "tokenizer.json", "train.bin", "val.bin"})
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 ENCODE_BATCH_BYTES = 4 << 20  # text handed to the (parallel) batch encoder at once
 
@@ -153,8 +154,11 @@ def _parquet_pieces(file: Path) -> Iterator[Piece]:
             raise UserError(f"{file}: no 'text' column")
         for batch in reader.iter_batches(columns=["text"], batch_size=1024):
             for text in batch.column(0).to_pylist():
-                if text is not None:
-                    yield Piece(text, ends_document=True)
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise UserError(f"{file}: the 'text' column holds {type(text).__name__} values, not strings")
+                yield Piece(text, ends_document=True)
     except UserError:
         raise
     except Exception as exc:  # pyarrow raises several types for damaged files
@@ -190,31 +194,41 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False) -> P
     """Tokenize the corpus into token files, or reuse the ones already there for the same inputs."""
     files = resolve_sources(config.data.path)
     folder = prepared_folder(config, out_dir)
+    check_prepared_folder(folder, files)
     expected = fingerprint(config, files)
-    meta_file = folder / "meta.json"
-    if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("fingerprint") == expected:
-            if not quiet:
-                print(f"data: reusing {folder} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
-            return _open(folder, meta)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    meta = read_meta(folder)
+    if meta is not None and meta.get("fingerprint") == expected:
+        if not quiet:
+            print(f"data: reusing {folder} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
+        return _open(folder, meta)
+    clean_leftovers(folder.parent)
+    with build_folder(folder, "data") as staging:  # the old folder stays whole until the new one is complete
         meta = _build(config, files, staging, expected, quiet)
-        # Swap in atomically: the old folder stays whole until the new one is complete.
-        if folder.exists():
-            old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            staging.rename(folder)
-            shutil.rmtree(old)
-        else:
-            staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return _open(folder, meta)
+
+
+def check_prepared_folder(folder: Path, sources: list[Path]) -> None:
+    """data.prepared_dir may only be a folder smollm2 prepared, or a new or empty one."""
+    inside = next((f for f in sources if is_inside(f, folder)), None)
+    if inside is not None:
+        raise UserError(f"data.prepared_dir {folder} holds the corpus itself ({inside}): choose another folder")
+    check_replaceable(folder, "data", "data.prepared_dir", PREPARED_FILES)
+
+
+def read_meta(folder: Path) -> dict | None:
+    """The prepared folder's meta.json; None when absent or unreadable (a crash, a hand edit): rebuild."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    needed = {"fingerprint", "dtype", "train_tokens", "val_tokens"}
+    if (
+        not isinstance(meta, dict)
+        or not needed <= meta.keys()
+        or not PREPARED_FILES <= {p.name for p in folder.iterdir()}
+    ):
+        return None
+    return meta
 
 
 def _build(config: Config, files: list[Path], staging: Path, expected: dict, quiet: bool) -> dict:

@@ -1,4 +1,6 @@
-"""torch.distributed set-up for torchrun (or anything that sets RANK / WORLD_SIZE / LOCAL_RANK)."""
+"""Parallelism, applied from outside the model: torch.distributed set-up for torchrun (or anything
+that sets RANK / WORLD_SIZE / LOCAL_RANK), `parallelize` (activation checkpointing, DDP / FSDP2,
+compile), and whole-tensor state dicts whatever the world that wrote them."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from smollm2.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,32 @@ def teardown() -> None:
 
 def device_for(world: World) -> torch.device:
     return torch.device("cuda", world.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def parallelize(model: nn.Module, world: World, train: TrainConfig) -> nn.Module:
+    """The module the training step calls, made from the plain model from outside it: activation
+    checkpointing per block, then DDP or FSDP2 across processes, then torch.compile.
+
+    `model` itself stays the handle for everything else (optimizer, state dicts, evaluation,
+    generation): checkpointing and FSDP change it in place without renaming a parameter.
+    """
+    if train.grad_checkpointing:
+        checkpoint_blocks(model)
+    wrapped = wrap(model, world, train.parallel)
+    return torch.compile(wrapped) if train.compile else wrapped
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them (training only)."""
+    for block in model.layers:
+        plain_forward = block.forward
+
+        def forward(*args, _block=block, _plain=plain_forward):
+            if _block.training and torch.is_grad_enabled():
+                return checkpoint(_plain, *args, use_reentrant=False)
+            return _plain(*args)
+
+        block.forward = forward
 
 
 def wrap(model: nn.Module, world: World, parallel: str) -> nn.Module:
@@ -134,6 +165,16 @@ def mean_across_ranks(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], device=device, dtype=torch.float64)
     dist.all_reduce(tensor)
     return tensor.item() / dist.get_world_size()
+
+
+@contextlib.contextmanager
+def main_rank_first(world: World):
+    """Rank 0 runs the block first (e.g. writes files); the other ranks run it once it is done."""
+    if not world.is_main:
+        barrier()
+    yield
+    if world.is_main:
+        barrier()
 
 
 def barrier() -> None:

@@ -14,11 +14,24 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from smollm2.config import ModelConfig, UserError
+from smollm2.config import ModelConfig, model_config_from_dict
+from smollm2.errors import UserError, error_reason
+from smollm2.files import build_folder, check_replaceable, write_atomic
 from smollm2.model import SmolLM2
 from smollm2.tokenizer import Tokenizer, load_tokenizer
 
 NATIVE_CONFIG = "smollm2_config.json"
+# What an earlier smollm2 wrote into a model folder (before folders carried a marker).
+MODEL_FILES = frozenset(
+    {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        NATIVE_CONFIG,
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+)
 
 
 def llama_incompatibility(config: ModelConfig) -> str | None:
@@ -29,10 +42,14 @@ def llama_incompatibility(config: ModelConfig) -> str | None:
     return None
 
 
-def to_llama_config(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict:
+def require_llama(config: ModelConfig) -> None:
     problem = llama_incompatibility(config)
     if problem:
-        raise UserError(f"{problem} cannot be expressed as a transformers Llama config (needs rmsnorm + swiglu)")
+        raise UserError(f"cannot export to transformers: {problem} has no Llama equivalent (needs rmsnorm + swiglu)")
+
+
+def to_llama_config(config: ModelConfig, tokenizer: Tokenizer | None = None) -> dict:
+    require_llama(config)
     eos_id = tokenizer.eos_id if tokenizer else None
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -126,26 +143,42 @@ def save_pretrained(model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | N
     return kind
 
 
+def write_model_folder(model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | None = None) -> str:
+    """save_pretrained into a new folder built beside `folder` and swapped in: no stale file of an
+    older model survives, and a folder smollm2 did not write is refused, not replaced."""
+    folder = Path(folder)
+    check_replaceable(folder, "model", "the model folder", MODEL_FILES)
+    with build_folder(folder, "model") as staging:
+        kind = save_pretrained(model, staging, tokenizer)
+    return kind
+
+
 def export_llama(model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | None = None) -> None:
-    """Like save_pretrained, but refuses, in one line, a config transformers cannot load."""
-    problem = llama_incompatibility(model.config)
-    if problem:
-        raise UserError(f"cannot export to transformers: {problem} has no Llama equivalent (needs rmsnorm + swiglu)")
-    save_pretrained(model, folder, tokenizer)
+    """Like write_model_folder, but refuses, in one line, a config transformers cannot load."""
+    require_llama(model.config)
+    write_model_folder(model, folder, tokenizer)
 
 
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SmolLM2, Tokenizer | None]:
     """Load a transformers Llama folder (e.g. a downloaded SmolLM2-135M) or one of our own."""
     folder = Path(folder)
     if (folder / NATIVE_CONFIG).is_file():
-        config = ModelConfig(**json.loads((folder / NATIVE_CONFIG).read_text()))
+        config = model_config_from_dict(_read_json(folder / NATIVE_CONFIG), str(folder / NATIVE_CONFIG))
     elif (folder / "config.json").is_file():
-        config = from_llama_config(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+        path = folder / "config.json"
+        try:
+            config = from_llama_config(_read_json(path), str(path))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{path}: not a complete Llama config ({error_reason(exc)} missing or malformed)") from None
+        config = model_config_from_dict(dataclasses.asdict(config), str(path))
     else:
         raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
     model = SmolLM2(config)
     state = from_hf_state_dict(_read_safetensors(folder), config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise UserError(f"{folder}: weights do not match the config ({error_reason(exc, 160)})") from None
     if missing or unexpected:
         raise UserError(
             f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
@@ -157,15 +190,37 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> t
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(_read_json(index)["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError):
+            raise UserError(f"{index}: no weight_map of shard files") from None
         state = {}
         for shard in shards:
-            state |= load_file(str(folder / shard))
+            state |= _load_safetensors(folder / shard)
         return state
     if not (folder / "model.safetensors").is_file():
         raise UserError(f"{folder}: no model.safetensors (only safetensors weights are read)")
-    return load_file(str(folder / "model.safetensors"))
+    return _load_safetensors(folder / "model.safetensors")
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for damaged files
+        raise UserError(f"{path}: not a readable safetensors file ({error_reason(exc, 100)})") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path}: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -1,4 +1,9 @@
-"""What a user sees of a run: logs/metrics.jsonl, logs/samples.md, logs/loss.png, and wandb."""
+"""What a user sees of a run: the console (progress bar, header, predictions, the closing lines),
+logs/metrics.jsonl, logs/samples.md, logs/loss.png, and wandb.
+
+`Reporter` owns all of it on rank 0; the other ranks get `Silent`, on which every report is a no-op,
+so the trainer reports without asking which rank it is.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,18 @@ import json
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
+from tqdm import tqdm
 
 matplotlib.use("Agg")  # headless: the plot is a file, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from smollm2.config import error_reason  # noqa: E402
+from smollm2.errors import error_reason  # noqa: E402
+from smollm2.files import write_atomic  # noqa: E402
 
 
 class RunLog:
@@ -22,14 +30,15 @@ class RunLog:
 
     def __init__(self, out_dir: Path, start_step: int, config: dict, use_wandb: bool, project: str) -> None:
         self.folder = Path(out_dir) / "logs"
+        self.start_step = start_step
         self.folder.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.folder / "metrics.jsonl"
         self.samples_path = self.folder / "samples.md"
         self.plot_path = self.folder / "loss.png"
         rows = [r for r in read_metrics(self.metrics_path) if r["step"] <= start_step] if start_step else []
-        _write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         if not start_step:
-            _write_atomic(self.samples_path, "# Predictions during training\n")
+            write_atomic(self.samples_path, "# Predictions during training\n")
         self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.wandb = start_wandb(self.folder, config, project) if use_wandb else None
 
@@ -58,6 +67,71 @@ class RunLog:
         self.metrics_file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class Reporter:
+    """Rank 0's view of a run: the progress bar and console lines, and the run's log files."""
+
+    def __init__(
+        self, log: RunLog, end: int, last_val_loss: float | None, flops_per_token: float, peak: float | None
+    ) -> None:
+        self.log, self.end = log, end
+        self.latest_val = last_val_loss
+        self.flops_per_token, self.peak = flops_per_token, peak  # peak None: no MFU (an unknown device)
+        self.began = time.perf_counter()
+        self.bar = tqdm(total=end, initial=log.start_step, desc="train", unit="step", disable=None, dynamic_ncols=True)
+
+    def header(self, lines: list[str]) -> None:
+        for line in lines:
+            self.bar.write(line)
+
+    def step(self, row: dict) -> None:
+        """One optimizer step's row: to metrics.jsonl, wandb, the bar; the plot at evaluations."""
+        if self.peak:
+            row["mfu"] = self.flops_per_token * row["tokens_per_sec"] / self.peak
+        self.log.log(row)
+        self.latest_val = row.get("val_loss", self.latest_val)
+        fields = progress_fields(row, self.latest_val)
+        self.bar.set_postfix(fields, refresh=False)
+        self.bar.update(1)
+        if "val_loss" in row:
+            self.log.plot()
+            if self.bar.disable:  # no terminal (a pipe or a log file): one line per evaluation
+                print(f"step {row['step']}/{self.end} " + " ".join(f"{k} {v}" for k, v in fields.items()), flush=True)
+
+    def predictions(self, step: int, train_loss: float | None, val_loss: float | None, samples: list) -> None:
+        self.log.samples(step, train_loss, val_loss, samples)
+        text = "\n".join(f"  {prompt!r} -> {continuation!r}" for prompt, continuation in samples)
+        self.bar.write(f"step {step} predictions:\n{text}")
+
+    def warn(self, message: str) -> None:
+        self.bar.write(f"warning: {message}", file=sys.stderr)
+
+    def close(self) -> float:
+        """Close the bar and the logs (plot redrawn); returns the run's seconds."""
+        self.bar.close()
+        self.log.plot()
+        self.log.close()
+        return time.perf_counter() - self.began
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+
+class Silent:
+    """What the ranks other than 0 report: nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+def progress_fields(row: dict, val_loss: float | None) -> dict:
+    fields = {"loss": f"{row['loss']:.3f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_sec']:.0f}"}
+    if "mfu" in row:
+        fields["mfu"] = f"{100 * row['mfu']:.1f}%"
+    if val_loss is not None:
+        fields["val"] = f"{val_loss:.3f}"
+    return fields
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -112,10 +186,8 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def start_wandb(folder: Path, config: dict, project: str):
@@ -132,9 +204,3 @@ def start_wandb(folder: Path, config: dict, project: str):
     except Exception as exc:  # wandb has many failure modes (network, auth); the run goes on without it
         print(f"warning: wandb could not start ({error_reason(exc, 100)}); continuing without it", file=sys.stderr)
         return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

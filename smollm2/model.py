@@ -1,5 +1,7 @@
-"""The SmolLM2 network, top to bottom: norms, rotary embeddings, attention, MLP, block, loss, model,
-generate.
+"""The SmolLM2 network, top to bottom: norms, rotary embeddings, attention, MLP, block, loss, model.
+
+Generation (the KV cache, sampling, the decoding loop) lives in smollm2.generation; here `forward`
+merely takes a cache to fill.
 
 Parameter names follow Hugging Face's Llama (`layers.0.self_attn.q_proj.weight`, ...), so that
 conversion to and from transformers is a renaming of the prefix, nothing more.
@@ -8,15 +10,16 @@ conversion to and from transformers is a renaming of the prefix, nothing more.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from smollm2.config import ModelConfig
+
+if TYPE_CHECKING:  # smollm2.generation imports this module
+    from smollm2.generation import KVCache
 
 try:  # the flash-attn package: used on CUDA when installed and model.attention = flash_attn2
     from flash_attn import flash_attn_func
@@ -78,27 +81,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache:
-    """Preallocated keys and values for every layer; `length` positions are filled."""
-
-    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
-        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype).unbind(0)  # a view per layer
-        self.values = torch.zeros(shape, device=device, dtype=dtype).unbind(0)
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        keys, values = self.keys[layer], self.values[layer]
-        keys[:, :, self.length : end] = k
-        values[:, :, self.length : end] = v
-        return keys[:, :, :end], values[:, :, :end]
-
-
-# ---------------------------------------------------------------------------------------------
 # Attention
 
 
@@ -112,13 +94,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
-        self.fused_qkv: nn.Module | None = None  # one matrix for q, k, v (smollm2.inference packs it)
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.fused_qkv is not None:
-            sizes = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
-            return self.fused_qkv(x).split(sizes, dim=-1)
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(
         self,
@@ -128,8 +103,13 @@ class Attention(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        batch, length, _ = x.shape
-        q, k, v = self.project(x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(q, k, v, cos, sin, mask, cache))
+
+    def attend(self, q, k, v, cos, sin, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        """Projected q (B, T, heads * head_dim), k and v (B, T, kv_heads * head_dim) -> (B, T, heads *
+        head_dim): split into heads, rotate, extend the cache, attend, and merge the heads again."""
+        batch, length, _ = q.shape
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -139,10 +119,11 @@ class Attention(nn.Module):
         # Without a mask every query sees the keys up to its own: the causal pattern for a chunk that
         # starts at position 0, and all keys for the single query of a cached decoding step.
         causal = mask is None and length > 1
-        out = self._attend(q, k, v, mask, causal)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        out = self._kernel(q, k, v, mask, causal)
+        return out.transpose(1, 2).reshape(batch, length, -1)
 
-    def _attend(self, q, k, v, mask, causal: bool) -> torch.Tensor:
+    def _kernel(self, q, k, v, mask, causal: bool) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v over (B, H, T, D) heads, by the implementation the config names."""
         kind = self.config.attention
         if kind == "flash_attn2" and flash_attn_func is not None and q.is_cuda and mask is None:
             # flash-attn wants (B, T, H, D) and handles grouped KV heads natively.
@@ -181,12 +162,8 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.fused_gate_up: nn.Module | None = None  # one matrix for gate and up (smollm2.inference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gate_up is not None:
-            gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
         if self.swiglu:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
@@ -294,7 +271,6 @@ class SmolLM2(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
-        self.gradient_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -331,10 +307,7 @@ class SmolLM2(nn.Module):
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += input_ids.shape[1]
         x = self.norm(x)
@@ -345,117 +318,8 @@ class SmolLM2(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
-    # -----------------------------------------------------------------------------------------
-    # Generation
-
-    @torch.inference_mode()
-    def stream(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        sampling: Sampling | None = None,
-        eos_id: int | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield the next token of every prompt, one step at a time, as a (B,) tensor.
-
-        Prompts of different lengths are left-padded; a finished row (it produced eos_id) keeps
-        yielding eos_id. Without the cache each step recomputes the whole sequence: slower, the
-        same tokens, and the reference the tests compare the cache against.
-        """
-        sampling = sampling or Sampling()
-        device = self.embed_tokens.weight.device
-        batch, longest = len(prompts), max(len(p) for p in prompts)
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        total = longest + max_new_tokens
-        if total > self.config.max_seq_len:
-            raise ValueError(f"prompt + new tokens = {total} exceeds max_seq_len {self.config.max_seq_len}")
-        tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
-        valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
-        for row, prompt in enumerate(prompts):
-            tokens[row, longest - len(prompt) : longest] = torch.tensor(prompt, device=device)
-            valid[row, longest - len(prompt) :] = True
-        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-        unpadded = use_cache and all(len(p) == longest for p in prompts)  # then no mask is needed
-        cache = KVCache(self.config, batch, total, device, self.embed_tokens.weight.dtype) if use_cache else None
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        start, end = 0, longest
-        for _ in range(max_new_tokens):
-            mask = None if unpadded else padding_mask(valid, start, end)
-            logits = self(tokens[:, start:end], positions=positions[:, start:end], mask=mask, cache=cache)
-            next_token = sample(logits[:, -1].float(), tokens[:, :end], valid[:, :end], sampling, generator)
-            if eos_id is not None:
-                next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
-                finished |= next_token == eos_id
-            tokens[:, end] = next_token
-            yield next_token
-            if eos_id is not None and bool(finished.all()):
-                return
-            start, end = (end if use_cache else 0), end + 1
-
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
-        """The new tokens of every prompt, stopping at (and dropping) eos_id."""
-        eos_id = kwargs.get("eos_id")
-        outputs: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        for step in self.stream(prompts, max_new_tokens, **kwargs):
-            for row, token in enumerate(step.tolist()):
-                if done[row] or token == eos_id:
-                    done[row] = True
-                    continue
-                outputs[row].append(token)
-        return outputs
-
 
 def parameter_count(config: ModelConfig) -> int:
     """The parameters of a model with this config, counted without allocating it."""
     with torch.device("meta"):
         return SmolLM2(config).num_parameters()
-
-
-def padding_mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """(B, 1, queries start..end, keys 0..end): causal, and blind to padding keys."""
-    causal = torch.ones(end, end, dtype=torch.bool, device=valid.device).tril()[start:end]
-    itself = torch.eye(end, dtype=torch.bool, device=valid.device)[start:end]
-    # A padding query sees only itself: a row with no visible key would make NaNs.
-    return ((causal[None] & valid[:, None, :end]) | itself)[:, None]
-
-
-@dataclass
-class Sampling:
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    repetition_penalty: float = 1.0  # 1 = off
-
-
-def sample(
-    logits: torch.Tensor,
-    context: torch.Tensor,
-    context_valid: torch.Tensor,
-    sampling: Sampling,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Pick the next token from logits (B, vocab) given the tokens so far (B, T)."""
-    if sampling.repetition_penalty != 1.0:
-        counts = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, context, context_valid.long())
-        seen = counts > 0
-        penalised = torch.where(logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
-    if sampling.top_k > 0:
-        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # Drop a token once the ones before it already hold top_p of the mass.
-        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs > sampling.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

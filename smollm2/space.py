@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from smollm2.checkpoint import list_checkpoints, load_model_from_checkpoint
-from smollm2.config import ModelConfig, UserError, error_reason
-from smollm2.hf import load_pretrained, save_pretrained
+from smollm2.config import ModelConfig
+from smollm2.errors import UserError, error_reason
+from smollm2.files import build_folder, check_replaceable, is_inside, write_atomic
+from smollm2.hf import llama_incompatibility, load_pretrained, save_pretrained
 from smollm2.metrics import Predictions, read_metrics, read_samples
 
 PACKAGE = Path(__file__).resolve().parent
@@ -58,15 +60,7 @@ class RunRecord:
         return next((row[key] for row in reversed(self.metrics) if key in row), None)
 
     def summary_rows(self) -> list[tuple[str, str]]:
-        c = self.config
-        attention = f"{c.n_heads} query heads, {c.n_kv_heads} key/value heads of {c.head_dim}"
-        rows = [
-            ("architecture", f"decoder-only, {c.n_layers} layers x {c.hidden_size} wide, pre-norm {c.norm}"),
-            ("attention", f"{attention}, rotary positions (theta {c.rope_theta:g})"),
-            ("feed-forward", f"{c.mlp}, {c.intermediate_size} hidden"),
-            ("vocabulary", f"{c.vocab_size:,} byte-level BPE tokens, {'tied' if c.tie_embeddings else 'untied'} head"),
-            ("parameters", f"{self.parameters:,}"),
-        ]
+        rows = [*self.config.architecture_rows(), ("parameters", f"{self.parameters:,}")]
         if self.metrics:
             rows.append(("steps", f"{self.last['step']:,}"))
             if "tokens" in self.last:
@@ -100,32 +94,37 @@ def logs_beside(model: Path) -> Path | None:
 # export-space
 
 
+SPACE_FILES = frozenset({"app.py", "smollm2", "requirements.txt", "README.md", "model", "logs"})
+
+
 def export_space(run: Path, out: Path) -> Path:
-    """Write the Space folder for `run` (a run folder) to `out`, built aside and renamed into place."""
+    """Write the Space folder for `run` (a run folder) to `out`, built aside and swapped into place.
+
+    `out` must be new, empty, or a Space folder written by export-space: never the run itself, a
+    folder that holds the run, or a folder of someone else's.
+    """
     run, out = Path(run), Path(out)
     if not run.is_dir():
         raise UserError(f"{run}: no such run folder")
+    if is_inside(run, out):
+        raise UserError(f"--out {out} holds the run {run} itself: choose a new folder, e.g. {run / 'space'}")
+    check_replaceable(out, "space", "--out", SPACE_FILES)
     if not APP_PY.is_file():
         raise UserError(f"{APP_PY} not found: export-space works from a clone of the repository")
-    logs = run / "logs"
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     model, tokenizer = load_run_model(run)
-    save_pretrained(model, staging / "model", tokenizer)
-    if logs.is_dir():
-        (staging / "logs").mkdir()
-        for name in ("metrics.jsonl", "samples.md", "loss.png"):
-            if (logs / name).is_file():
-                shutil.copy2(logs / name, staging / "logs" / name)
-    shutil.copytree(PACKAGE, staging / "smollm2", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copy2(APP_PY, staging / "app.py")
-    (staging / "requirements.txt").write_text(SPACE_REQUIREMENTS)
-    record = read_record(model.config, model.num_parameters(), staging / "logs" if logs.is_dir() else None)
-    (staging / "README.md").write_text(space_readme(record, run))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    logs = run / "logs"
+    with build_folder(out, "space") as staging:
+        save_pretrained(model, staging / "model", tokenizer)
+        if logs.is_dir():
+            (staging / "logs").mkdir()
+            for name in ("metrics.jsonl", "samples.md", "loss.png"):
+                if (logs / name).is_file():
+                    shutil.copy2(logs / name, staging / "logs" / name)
+        shutil.copytree(PACKAGE, staging / "smollm2", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copy2(APP_PY, staging / "app.py")
+        write_atomic(staging / "requirements.txt", SPACE_REQUIREMENTS)
+        record = read_record(model.config, model.num_parameters(), staging / "logs" if logs.is_dir() else None)
+        write_atomic(staging / "README.md", space_readme(record, run))
     return out
 
 
@@ -142,7 +141,6 @@ def load_run_model(run: Path):
 def space_readme(record: RunRecord, run: Path) -> str:
     import gradio
 
-    c = record.config
     title = f"SmolLM2 {record.parameters / 1e6:.0f}M"
     front_matter = (
         "---\n"
@@ -157,7 +155,7 @@ def space_readme(record: RunRecord, run: Path) -> str:
         f"short_description: A {record.parameters / 1e6:.0f}M-parameter SmolLM2 trained from scratch\n"
         "---\n"
     )
-    llama = " with a transformers Llama config.json" if (c.norm, c.mlp) == ("rmsnorm", "swiglu") else ""
+    llama = " with a transformers Llama config.json" if llama_incompatibility(record.config) is None else ""
     sample = ""
     if record.predictions:
         last = record.predictions[-1]
@@ -167,8 +165,8 @@ def space_readme(record: RunRecord, run: Path) -> str:
         + f"""
 # {title}
 
-A decoder-only transformer of the SmolLM2 family ({c.n_layers} layers, pre-norm, rotary positions,
-byte-level BPE vocabulary), trained from scratch with smollm2 (the run `{run.name}`). The **Generate** tab continues a
+A decoder-only transformer of the SmolLM2 family ({record.config.describe()}),
+trained from scratch with smollm2 (the run `{run.name}`). The **Generate** tab continues a
 prompt, token by token; the **Training** tab shows the loss curves and the predictions the model made
 as it learned.
 

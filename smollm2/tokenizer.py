@@ -11,7 +11,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from smollm2.config import UserError, error_reason
+from smollm2.errors import UserError, error_reason
+from smollm2.files import write_atomic
 
 END_OF_TEXT = "<|endoftext|>"
 SPECIAL_TOKENS = [END_OF_TEXT, "<|im_start|>", "<|im_end|>"]  # the ones SmolLM2 itself starts with
@@ -46,10 +47,7 @@ class Tokenizer:
         return self.backend.decode(ids, skip_special_tokens=False)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        self.backend.save(str(tmp))
-        tmp.replace(path)
+        write_atomic(path, self.backend.to_str(pretty=True))
 
     def save_hf(self, folder: Path) -> None:
         """tokenizer.json plus the config files that `AutoTokenizer.from_pretrained` reads."""
@@ -63,7 +61,7 @@ class Tokenizer:
         }
         if self.eos_token:
             tokenizer_config |= {"bos_token": self.eos_token, "eos_token": self.eos_token, "unk_token": self.eos_token}
-        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        write_atomic(folder / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -98,12 +96,21 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
         backend = HFTokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
         raise UserError(f"{file}: not a valid tokenizer.json ({error_reason(exc, 120)})") from None
-    eos_token = None
-    config_file = file.parent / "tokenizer_config.json"
-    if config_file.is_file():
-        eos = json.loads(config_file.read_text()).get("eos_token")
-        eos_token = eos.get("content") if isinstance(eos, dict) else eos
-    tokenizer = Tokenizer(backend, eos_token)
+    tokenizer = Tokenizer(backend, read_eos_token(file.parent / "tokenizer_config.json"))
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
         raise UserError(f"tokenizer {file} has {tokenizer.vocab_size} tokens, more than model.vocab_size={vocab_size}")
     return tokenizer
+
+
+def read_eos_token(config_file: Path) -> str | None:
+    """The eos_token of a transformers tokenizer_config.json (a string or an AddedToken dict)."""
+    if not config_file.is_file():
+        return None
+    try:
+        eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
+    except (ValueError, AttributeError):
+        raise UserError(f"{config_file}: not a valid tokenizer_config.json (expected a JSON object)") from None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos is not None and not isinstance(eos, str):
+        raise UserError(f"{config_file}: eos_token must be a string, got {eos!r}")
+    return eos

@@ -12,7 +12,7 @@ model:
   n_heads: 4
   n_kv_heads: 2
   intermediate_size: 128
-  vocab_size: 100
+  vocab_size: 300
 train:
   lr: 1.0e-3
 """

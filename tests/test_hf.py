@@ -5,8 +5,9 @@ import torch
 import transformers
 
 from smollm2.config import UserError
+from smollm2.generation import Sampling, generate
 from smollm2.hf import export_llama, from_hf_state_dict, load_pretrained, to_hf_state_dict, to_llama_config
-from smollm2.model import Sampling, SmolLM2
+from smollm2.model import SmolLM2
 from smollm2.tokenizer import train_tokenizer
 from tests.conftest import small_config
 
@@ -62,7 +63,7 @@ def test_export_loads_in_transformers_and_generates_the_same_tokens(tmp_path, to
     expected = theirs.generate(
         torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
     )[0, len(ids) :].tolist()
-    assert ours.generate([ids], 16, sampling=Sampling(temperature=0))[0] == expected
+    assert generate(ours, [ids], 16, sampling=Sampling(temperature=0))[0] == expected
 
 
 def test_load_pretrained_round_trip(tmp_path, tokenizer):

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from smollm2.inference import PackedLinear, can_pack, pack_for_cpu_inference
-from smollm2.model import Sampling, SmolLM2
+from smollm2.generation import Sampling, generate
+from smollm2.inference import PackedLinear, PackedSmolLM2, can_pack, pack_for_cpu_inference
+from smollm2.model import SmolLM2
 from tests.conftest import small_config
 
 pytestmark = pytest.mark.skipif(not can_pack(SmolLM2(small_config())), reason="this torch has no oneDNN")
@@ -11,25 +12,54 @@ pytestmark = pytest.mark.skipif(not can_pack(SmolLM2(small_config())), reason="t
 @pytest.mark.parametrize(("norm", "mlp", "tied"), [("rmsnorm", "swiglu", True), ("layernorm", "gelu", False)])
 def test_packed_model_gives_the_same_logits_and_greedy_tokens(norm, mlp, tied):
     model = SmolLM2(small_config(norm=norm, mlp=mlp, tie_embeddings=tied)).eval()
-    packed = SmolLM2(model.config)
-    packed.load_state_dict(model.state_dict())
-    pack_for_cpu_inference(packed)
+    packed = pack_for_cpu_inference(model)
     ids = torch.randint(0, model.config.vocab_size, (3, 20))
     with torch.no_grad():
         torch.testing.assert_close(packed(ids), model(ids), rtol=1e-5, atol=1e-5)
-    prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
     greedy = Sampling(temperature=0)
-    assert packed.generate(prompts, 16, sampling=greedy) == model.generate(prompts, 16, sampling=greedy)
+    for prompts in ([[1, 2, 3, 4, 5, 6, 7], [9, 8]], [[5, 4, 3]]):  # padded, then a lone prompt (no mask)
+        assert generate(packed, prompts, 24, sampling=greedy) == generate(model, prompts, 24, sampling=greedy)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_packing_leaves_the_model_as_it_was(tied):
+    model = SmolLM2(small_config(tie_embeddings=tied))  # in training mode, with gradients
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    count = model.num_parameters()
+    modules = [(name, type(module)) for name, module in model.named_modules()]
+    packed = pack_for_cpu_inference(model)
+    assert packed is not model
+    state = model.state_dict()
+    assert list(state) == list(before)  # the same keys: transformers' Llama names, q/k/v and gate/up apart
+    for name, tensor in before.items():
+        assert torch.equal(state[name], tensor), name
+    assert model.num_parameters() == count
+    assert [(name, type(module)) for name, module in model.named_modules()] == modules
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tied
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_packed_model_counts_the_parameters_of_its_model_and_refuses_a_state_dict(tied):
+    model = SmolLM2(small_config(tie_embeddings=tied))
+    packed = pack_for_cpu_inference(model)
+    assert isinstance(packed, PackedSmolLM2) and packed.config is model.config
+    assert packed.num_parameters() == model.num_parameters()
+    with pytest.raises(TypeError, match="state_dict of the model it was packed from"):
+        packed.state_dict()
+    # What it holds beside packed weights is the model's embedding and norms: shared, frozen.
+    assert packed.embed_tokens.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    assert not packed.training and not any(p.requires_grad for p in packed.parameters())
+    assert pack_for_cpu_inference(packed) is packed
 
 
 def test_packing_replaces_every_linear_and_fuses_projections():
     model = pack_for_cpu_inference(SmolLM2(small_config(n_heads=4, n_kv_heads=2)))
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     attention = model.layers[0].self_attn
-    assert isinstance(attention.fused_qkv, PackedLinear)
-    assert attention.fused_qkv.packed.shape == (64 + 2 * 32, 64)  # q: 4 heads x 16, k and v: 2 heads x 16
-    assert model.layers[0].mlp.fused_gate_up.packed.shape == (2 * 128, 64)
-    assert not any(p.requires_grad for p in model.parameters())
+    assert isinstance(attention.qkv_proj, PackedLinear)
+    assert attention.qkv_proj.packed.shape == (64 + 2 * 32, 64)  # q: 4 heads x 16, k and v: 2 heads x 16
+    assert model.layers[0].mlp.gate_up_proj.packed.shape == (2 * 128, 64)
 
 
 def test_packing_leaves_non_fp32_models_alone():

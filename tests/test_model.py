@@ -3,7 +3,9 @@ import torch
 
 import smollm2.model
 from smollm2.config import load_config
-from smollm2.model import Sampling, SmolLM2, linear_cross_entropy, sample
+from smollm2.distributed import checkpoint_blocks
+from smollm2.generation import Sampling, generate, sample
+from smollm2.model import SmolLM2, linear_cross_entropy
 from tests.conftest import small_config
 
 
@@ -74,13 +76,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     ids = torch.randint(0, 97, (2, 16))
     targets = torch.randint(0, 97, (2, 16))
 
-    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+    def grads() -> dict[str, torch.Tensor]:
         model.zero_grad()
-        model.gradient_checkpointing = checkpointing
         model(ids, targets).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    plain, checkpointed = grads(False), grads(True)
+    plain = grads()
+    checkpoint_blocks(model)  # applied from outside the model, as the trainer does
+    checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         assert torch.equal(plain[name], checkpointed[name]), name
@@ -148,8 +151,8 @@ def test_kv_cache_generation_equals_recomputation():
     model = SmolLM2(small_config()).eval()
     prompt = [5, 17, 3, 42, 8]
     greedy = Sampling(temperature=0)
-    cached = model.generate([prompt], 20, sampling=greedy)[0]
-    recomputed = model.generate([prompt], 20, sampling=greedy, use_cache=False)[0]
+    cached = generate(model, [prompt], 20, sampling=greedy)[0]
+    recomputed = generate(model, [prompt], 20, sampling=greedy, use_cache=False)[0]
     assert cached == recomputed == greedy_without_cache(model, prompt, 20)
 
 
@@ -157,7 +160,7 @@ def test_batch_of_different_lengths_matches_one_at_a_time():
     model = SmolLM2(small_config()).eval()
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [30, 31, 32, 33]]
     greedy = Sampling(temperature=0)
-    batched = model.generate(prompts, 12, sampling=greedy)
+    batched = generate(model, prompts, 12, sampling=greedy)
     for prompt, out in zip(prompts, batched, strict=True):
         assert out == greedy_without_cache(model, prompt, 12)
 
@@ -166,12 +169,13 @@ def test_sampling_is_reproducible_with_a_seed_and_stops_at_eos():
     model = SmolLM2(small_config()).eval()
     settings = Sampling(temperature=1.0, top_k=10, top_p=0.9, repetition_penalty=1.3)
     runs = [
-        model.generate([[1, 2, 3]], 15, sampling=settings, generator=torch.Generator().manual_seed(7)) for _ in range(2)
+        generate(model, [[1, 2, 3]], 15, sampling=settings, generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
     ]
     assert runs[0] == runs[1]
     first = runs[0][0][0]
-    stopped = model.generate(
-        [[1, 2, 3]], 15, sampling=settings, eos_id=first, generator=torch.Generator().manual_seed(7)
+    stopped = generate(
+        model, [[1, 2, 3]], 15, sampling=settings, eos_id=first, generator=torch.Generator().manual_seed(7)
     )
     assert stopped == [[]]
 

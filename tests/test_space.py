@@ -14,10 +14,10 @@ import torch
 import yaml
 
 from smollm2.config import load_config
+from smollm2.generation import Sampling
 from smollm2.hf import load_pretrained
 from smollm2.inference import load_for_inference, stream_text
 from smollm2.metrics import read_samples
-from smollm2.model import Sampling
 from smollm2.trainer import train
 from tests.test_trainer import CORPUS, ROOT, tiny_config
 

@@ -141,9 +141,13 @@ def test_nan_losses_skip_updates_then_stop_with_the_last_good_state(run_dir, mon
         return out * float("nan") if targets is not None else out
 
     monkeypatch.setattr(SmolLM2, "forward", poisoned)
-    with pytest.raises(UserError, match="not finite for 3 steps in a row"):
+    with pytest.raises(
+        UserError, match="not finite for 3 steps in a row.*last good checkpoint is run/checkpoints/step_2.pt"
+    ):
         train(config, 10, "run/checkpoints/step_2.pt", "run")
-    saved = load_checkpoint(run_dir / "run/checkpoints/step_5.pt")["model"]
+    # Nothing was saved over the streak: the newest checkpoint is still the last good one.
+    assert sorted(p.name for p in (run_dir / "run/checkpoints").iterdir()) == ["step_2.pt"]
+    saved = load_checkpoint(run_dir / "run/checkpoints/step_2.pt")["model"]
     assert all(torch.equal(saved[k], good[k]) for k in good)
 
 
@@ -288,10 +292,10 @@ def test_seed_commands_end_to_end(tmp_path):
 def test_generate_and_export_commands(run_dir):
     train(load_config("config/tiny.yaml"), 2, None, ".")
     from smollm2.checkpoint import load_model_from_checkpoint
-    from smollm2.model import Sampling
+    from smollm2.generation import Sampling, generate
 
     model, tokenizer = load_model_from_checkpoint("checkpoints/step_2.pt")
-    expected = tokenizer.decode(model.eval().generate([tokenizer.encode("ROMEO:")], 12, sampling=Sampling(0))[0])
+    expected = tokenizer.decode(generate(model.eval(), [tokenizer.encode("ROMEO:")], 12, sampling=Sampling(0))[0])
     result = subprocess.run(
         [
             sys.executable,

@@ -1,0 +1,29 @@
+"""The one kind of error a user sees: one line on stderr, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import errno
+
+
+class UserError(Exception):
+    """A mistake the user must fix (or a machine limit they must know of): one line, exit code 2."""
+
+
+def error_reason(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name if it has none), for one-line errors;
+    past `limit` characters it is cut at a word, never inside one."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if limit is None or len(line) <= limit:
+        return line
+    return line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError (read-only folder, disk full, a file where a folder should be) as one plain line."""
+    if exc.errno == errno.ENOSPC:
+        reason = "no space left on device"
+    else:
+        reason = exc.strerror or error_reason(exc)
+    where = exc.filename
+    return f"{where}: {reason.lower()}" if where else reason.lower()

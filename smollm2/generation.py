@@ -1,0 +1,185 @@
+"""Generation: the KV cache, sampling, and the decoding loop around a SmolLM2.
+
+`stream` yields the next token of every prompt step by step; `generate` collects them. Both work
+on any SmolLM2, packed for CPU inference (smollm2.inference) or not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from smollm2.config import ModelConfig
+from smollm2.errors import UserError
+from smollm2.model import SmolLM2
+from smollm2.tokenizer import Tokenizer
+
+# ---------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys and values for every layer; `length` positions are filled."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
+        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype).unbind(0)  # a view per layer
+        self.values = torch.zeros(shape, device=device, dtype=dtype).unbind(0)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+
+def padding_mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """(B, 1, queries start..end, keys 0..end): causal, and blind to padding keys."""
+    causal = torch.ones(end, end, dtype=torch.bool, device=valid.device).tril()[start:end]
+    itself = torch.eye(end, dtype=torch.bool, device=valid.device)[start:end]
+    # A padding query sees only itself: a row with no visible key would make NaNs.
+    return ((causal[None] & valid[:, None, :end]) | itself)[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+
+    def __post_init__(self) -> None:
+        # Checked here, so the CLI, the Space and the trainer's predictions refuse the same values.
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise UserError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise UserError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str, max_seq_len: int) -> list[int]:
+    """A prompt's token ids, with room for at least one new token; an empty prompt starts from
+    end-of-text. A prompt that does not fit the context is refused, never silently cut."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # a command-line argument that was not UTF-8 arrives with surrogates
+        raise UserError("the prompt is not valid UTF-8 text") from None
+    ids = tokenizer.encode(prompt)
+    if not ids and tokenizer.eos_id is not None:
+        ids = [tokenizer.eos_id]
+    if not ids:
+        raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
+    if len(ids) >= max_seq_len:
+        raise UserError(
+            f"the prompt is {len(ids)} tokens, but the model's context is {max_seq_len}: shorten it to at most "
+            f"{max_seq_len - 1} tokens"
+        )
+    return ids
+
+
+def sample(
+    logits: torch.Tensor,
+    context: torch.Tensor,
+    context_valid: torch.Tensor,
+    sampling: Sampling,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Pick the next token from logits (B, vocab) given the tokens so far (B, T)."""
+    if sampling.repetition_penalty != 1.0:
+        counts = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, context, context_valid.long())
+        seen = counts > 0
+        penalised = torch.where(logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the ones before it already hold top_p of the mass.
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs > sampling.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoding loop
+
+
+@torch.inference_mode()
+def stream(
+    model: SmolLM2,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: Sampling | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every prompt, one step at a time, as a (B,) tensor.
+
+    Prompts of different lengths are left-padded; a finished row (it produced eos_id) keeps
+    yielding eos_id. Without the cache each step recomputes the whole sequence: slower, the
+    same tokens, and the reference the tests compare the cache against.
+    """
+    sampling = sampling or Sampling()
+    device = model.embed_tokens.weight.device
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    total = longest + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"prompt + new tokens = {total} exceeds max_seq_len {model.config.max_seq_len}")
+    tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
+    valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt) : longest] = torch.tensor(prompt, device=device)
+        valid[row, longest - len(prompt) :] = True
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    unpadded = use_cache and all(len(p) == longest for p in prompts)  # then no mask is needed
+    cache = KVCache(model.config, batch, total, device, model.embed_tokens.weight.dtype) if use_cache else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    start, end = 0, longest
+    for _ in range(max_new_tokens):
+        mask = None if unpadded else padding_mask(valid, start, end)
+        logits = model(tokens[:, start:end], positions=positions[:, start:end], mask=mask, cache=cache)
+        next_token = sample(logits[:, -1].float(), tokens[:, :end], valid[:, :end], sampling, generator)
+        if eos_id is not None:
+            next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
+            finished |= next_token == eos_id
+        tokens[:, end] = next_token
+        yield next_token
+        if eos_id is not None and bool(finished.all()):
+            return
+        start, end = (end if use_cache else 0), end + 1
+
+
+def generate(model: SmolLM2, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+    """The new tokens of every prompt, stopping at (and dropping) eos_id."""
+    eos_id = kwargs.get("eos_id")
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in stream(model, prompts, max_new_tokens, **kwargs):
+        for row, token in enumerate(step.tolist()):
+            if done[row] or token == eos_id:
+                done[row] = True
+                continue
+            outputs[row].append(token)
+    return outputs

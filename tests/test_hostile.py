@@ -1,0 +1,400 @@
+"""Mistakes a user makes at 2 a.m.: each ends in one line on stderr and exit code 2 (or, where the
+mistake is harmless, a correct run), and every file that existed before is byte-identical after.
+
+The workspace: the shipped corpus, a tiny config, a finished 4-step run in run/ (checkpoints at 2
+and 4, final/, logs/), and a folder of the user's own, mine/.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from smollm2 import cli
+from smollm2.files import RunLock
+from tests.test_trainer import CORPUS, ROOT, tiny_config
+
+TRAIN = ["--config", "config/tiny.yaml"]
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("workspace")
+    (folder / "input.txt").write_text(CORPUS)
+    (folder / "config").mkdir()
+    config = tiny_config(save_every=2, eval_every=2, predict_every=2, keep_last=5)
+    (folder / "config" / "tiny.yaml").write_text(yaml.safe_dump(config))
+    (folder / "mine").mkdir()
+    (folder / "mine" / "notes.txt").write_text("a week of notes\n")
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        assert cli.train_main([*TRAIN, "--train_steps", "4", "--out_dir", "run"]) == 0
+    finally:
+        os.chdir(previous)
+    return folder
+
+
+@pytest.fixture
+def workspace(template, tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "ws"
+    shutil.copytree(template, folder)
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def refused(capsys, folder: Path, command, argv: list[str], message: str) -> str:
+    """Run a CLI command in-process: exit 2, one line naming `message`, every old file untouched."""
+    before = snapshot(folder)
+    code = command(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+    after = snapshot(folder)
+    changed = [name for name, digest in before.items() if after.get(name) != digest]
+    assert not changed, changed
+    assert not leftovers(folder)
+    return err
+
+
+def train_refused(capsys, folder, argv, message) -> str:
+    return refused(capsys, folder, cli.train_main, argv, message)
+
+
+def main_refused(capsys, folder, argv, message) -> str:
+    return refused(capsys, folder, cli.main, argv, message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders we did not write
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (".", "holds the run"),  # the folder holding the run
+        ("run", "holds the run"),  # the run itself
+        ("mine", "did not write (notes.txt)"),  # an unrelated folder
+        ("run/final", "did not write"),  # a model folder is not a Space folder
+        ("input.txt", "is not a folder"),
+    ],
+)
+def test_export_space_never_replaces_what_it_did_not_write(workspace, capsys, out, message):
+    main_refused(capsys, workspace, ["export-space", "--run", "run", "--out", out], message)
+
+
+def test_export_space_replaces_its_own_folder_whole(workspace):
+    assert cli.main(["export-space", "--run", "run", "--out", "space"]) == 0
+    (workspace / "space" / "model" / "stale.bin").write_bytes(b"old")  # inside its own model/: replaced
+    assert cli.main(["export-space", "--run", "run", "--out", "space"]) == 0
+    assert not (workspace / "space" / "model" / "stale.bin").exists()
+    assert not leftovers(workspace)
+
+
+def test_export_refuses_a_folder_of_someone_elses_model(workspace, capsys):
+    other = workspace / "downloaded"
+    other.mkdir()
+    (other / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    (other / "model-00001-of-00002.safetensors").write_bytes(b"weights")
+    argv = ["export", "--checkpoint", "run/checkpoints/step_4.pt", "--out", "downloaded"]
+    main_refused(capsys, workspace, argv, "did not write")
+
+
+def test_export_into_its_own_folder_leaves_no_stale_file(workspace):
+    argv = ["export", "--checkpoint", "run/checkpoints/step_2.pt", "--out", "hf"]
+    assert cli.main(argv) == 0
+    first = (workspace / "hf" / "model.safetensors").read_bytes()
+    assert cli.main([*argv[:2], "run/checkpoints/step_4.pt", *argv[3:]]) == 0
+    assert (workspace / "hf" / "model.safetensors").read_bytes() != first
+    assert (workspace / "hf" / ".smollm2").is_file() and not leftovers(workspace)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["data.path=corpus/a.txt", "data.prepared_dir=corpus"], "holds the corpus itself"),
+        (["data.prepared_dir=run"], "did not write"),
+        (["data.prepared_dir=mine"], "did not write (notes.txt)"),
+    ],
+)
+def test_prepared_dir_never_replaces_a_users_folder(workspace, capsys, settings, message):
+    (workspace / "corpus").mkdir()
+    (workspace / "corpus" / "a.txt").write_text(CORPUS)
+    argv = [*TRAIN, "--set", *settings, "--train_steps", "2", "--out_dir", "fresh"]
+    train_refused(capsys, workspace, argv, message)
+    main_refused(capsys, workspace, ["prepare", *TRAIN, "--set", *settings], message)
+
+
+def test_a_truncated_meta_json_is_rebuilt(workspace):
+    prepared = next((workspace / "run" / "data").iterdir())
+    train_bin = (prepared / "train.bin").read_bytes()
+    meta = prepared / "meta.json"
+    meta.write_text(meta.read_text()[:40])
+    assert cli.main(["prepare", *TRAIN, "--out_dir", "run"]) == 0
+    assert json.loads(meta.read_text())["train_tokens"] * 2 == len(train_bin)  # uint16 ids
+    assert (prepared / "train.bin").read_bytes() == train_bin
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def test_a_fresh_run_into_a_run_folder_is_refused(workspace, capsys):
+    line = train_refused(capsys, workspace, [*TRAIN, "--train_steps", "2", "--out_dir", "run"], "already holds a run")
+    assert "--checkpoint_path run/checkpoints/step_4.pt" in line and "--out_dir" in line
+
+
+def test_resuming_an_older_checkpoint_over_newer_ones_is_refused(workspace, capsys):
+    argv = [*TRAIN, "--train_steps", "1", "--checkpoint_path", "run/checkpoints/step_2.pt", "--out_dir", "run"]
+    train_refused(capsys, workspace, argv, "holds checkpoints past step 2 (step_4.pt)")
+
+
+def test_continuing_one_run_into_another_runs_folder_is_refused(workspace, capsys):
+    assert cli.train_main([*TRAIN, "--train_steps", "2", "--out_dir", "other"]) == 0
+    argv = [*TRAIN, "--train_steps", "2", "--checkpoint_path", "run/checkpoints/step_4.pt", "--out_dir", "other"]
+    train_refused(capsys, workspace, argv, "holds another run")
+
+
+def test_a_second_run_in_a_locked_folder_is_refused(workspace, capsys):
+    with RunLock(workspace / "run"):
+        argv = [*TRAIN, "--train_steps", "1", "--checkpoint_path", "run/checkpoints/step_4.pt", "--out_dir", "run"]
+        train_refused(capsys, workspace, argv, "another smollm2 run")
+    # The lock goes with its holder: the same command now runs.
+    assert cli.train_main(argv) == 0
+
+
+def test_leftovers_of_killed_processes_are_cleaned_and_an_interrupted_swap_is_undone(workspace):
+    dead = 2**22 + 12345  # above Linux's default pid_max: no such process
+    run = workspace / "run"
+    (run / "checkpoints" / f".step_6.pt.tmp-{dead}").write_bytes(b"half a checkpoint")
+    (run / f".final.tmp-{dead}").mkdir()
+    (run / "final").rename(run / f".final.old-{dead}")  # killed between the two renames of a swap
+    argv = [*TRAIN, "--train_steps", "2", "--checkpoint_path", "run/checkpoints/step_4.pt", "--out_dir", "run"]
+    assert cli.train_main(argv) == 0
+    assert not leftovers(workspace)
+    assert (run / "checkpoints" / "step_6.pt").is_file() and (run / "final" / "model.safetensors").is_file()
+
+
+def test_divergence_keeps_every_good_checkpoint_and_saves_no_bad_weights(workspace, capsys):
+    good = (workspace / "run" / "checkpoints" / "step_4.pt").read_bytes()
+    argv = [*TRAIN, "--train_steps", "10", "--checkpoint_path", "run/checkpoints/step_4.pt", "--out_dir", "run"]
+    code = cli.train_main([*argv, "--set", "train.lr=1e30", "train.schedule_steps=100", "train.keep_last=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "not finite for 3 steps in a row" in err.strip().splitlines()[-1]
+    assert (workspace / "run" / "checkpoints" / "step_4.pt").read_bytes() == good
+    for path in (workspace / "run" / "checkpoints").glob("step_*.pt"):
+        weights = torch.load(path, weights_only=True)["model"]
+        assert all(torch.isfinite(t).all() for t in weights.values()), path
+
+
+@pytest.mark.parametrize("key", ["train.weight_decay", "train.lr", "train.min_lr", "train.grad_clip"])
+@pytest.mark.parametrize("value", ["nan", ".inf", "-.inf"])
+def test_non_finite_numbers_are_refused(workspace, capsys, key, value):
+    argv = [*TRAIN, "--set", f"{key}={value}", "--train_steps", "2", "--out_dir", "fresh"]
+    train_refused(capsys, workspace, argv, "must be a finite number")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("model.norm_eps=nan", "finite number"),
+        ("model.init_std=nan", "finite number"),
+        ("model.rope_theta=.nan", "finite number"),
+        ("train.beta1=1.0", "must be in [0, 1)"),
+        ("train.beta2=-0.1", "must be in [0, 1)"),
+        ("train.seed=-1", "train.seed"),
+        ("train.seed=99999999999999999999", "train.seed"),
+        ("model.vocab_size=200", "at least 259"),
+        ("train.min_lr=1.0", "above train.lr"),
+        ("train.schedule=linear", "not one of cosine, wsd"),
+        ("train.prompts=[]", None),
+    ],
+)
+def test_bad_config_values_are_refused_before_anything_is_written(workspace, capsys, setting, message):
+    argv = [*TRAIN, "--set", setting, "--train_steps", "2", "--out_dir", "fresh"]
+    if message is None:  # no prompts is fine: nothing to predict
+        assert cli.train_main(argv) == 0
+        return
+    train_refused(capsys, workspace, argv, message)
+    assert not (workspace / "fresh").exists()
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_training(workspace, capsys):
+    long_prompt = "ROMEO: " * 200
+    argv = [*TRAIN, "--set", f"train.prompts=[{json.dumps(long_prompt)}]", "--train_steps", "2", "--out_dir", "fresh"]
+    train_refused(capsys, workspace, argv, "the prompt is")
+    assert not list((workspace / "fresh").rglob("step_*.pt"))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("data.seq_len=16", "data.seq_len=32"),
+        ("train.seed=7", "train.seed=1337"),
+        ("data.val_fraction=0.2", "data.val_fraction=0.1"),
+        ("model.n_layers=3", "model.n_layers=2"),
+    ],
+)
+def test_a_resume_that_would_change_the_data_order_is_refused(workspace, capsys, setting, message):
+    argv = [*TRAIN, "--set", setting, "--train_steps", "2", "--checkpoint_path", "run/checkpoints/step_4.pt"]
+    train_refused(capsys, workspace, [*argv, "--out_dir", "run"], message)
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment
+
+
+def test_out_dir_or_checkpoints_a_file(workspace, capsys):
+    (workspace / "afile").write_text("x")
+    train_refused(capsys, workspace, [*TRAIN, "--train_steps", "2", "--out_dir", "afile"], "is a file")
+    (workspace / "new").mkdir()
+    (workspace / "new" / "checkpoints").write_text("x")
+    train_refused(capsys, workspace, [*TRAIN, "--train_steps", "2", "--out_dir", "new"], "is a file")
+
+
+def test_a_full_disk_is_one_line(workspace, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "run/checkpoints/.step_6.pt.tmp-1")
+
+    monkeypatch.setattr("smollm2.checkpoint.save_checkpoint", full)
+    argv = [*TRAIN, "--train_steps", "2", "--checkpoint_path", "run/checkpoints/step_4.pt", "--out_dir", "run"]
+    before = {name: digest for name, digest in snapshot(workspace).items() if "checkpoints" in name}
+    assert cli.train_main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("no space left on device")
+    assert all(snapshot(workspace)[name] == digest for name, digest in before.items())
+
+
+def test_sigterm_during_prepare_exits_with_a_line_and_leaves_no_staging(workspace, capsys, monkeypatch):
+    import smollm2.data
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal should have stopped the build")
+
+    monkeypatch.setattr(smollm2.data, "_build", killed)
+    before = snapshot(workspace)
+    assert cli.main(["prepare", *TRAIN, "--out_dir", "fresh"]) == 143
+    assert "terminated" in capsys.readouterr().err
+    assert snapshot(workspace) == before and not leftovers(workspace)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def test_checkpoint_path_a_folder(workspace, capsys):
+    argv = [*TRAIN, "--train_steps", "2", "--checkpoint_path", "run/checkpoints", "--out_dir", "run"]
+    train_refused(capsys, workspace, argv, "is a folder")
+
+
+def test_hand_made_and_malicious_checkpoints(workspace, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"model": {}, "step": 1}, workspace / "partial.pt")
+    torch.save({"model": Payload()}, workspace / "evil.pt")
+    state = torch.load(workspace / "run/checkpoints/step_4.pt", weights_only=True)
+    state["config"]["model"]["n_layers"] = "two"
+    torch.save(state, workspace / "badconfig.pt")
+    cases = {
+        "partial.pt": "no optimizer, config, tokenizer_hash, loader",
+        "evil.pt": "not a plain-tensor checkpoint",
+        "badconfig.pt": "expected int, got 'two'",
+    }
+    for name, message in cases.items():
+        main_refused(capsys, workspace, ["generate", "--checkpoint", name, "--prompt", "a"], message)
+        main_refused(capsys, workspace, ["export", "--checkpoint", name, "--out", "hf"], message)
+    argv = [*TRAIN, "--train_steps", "2", "--checkpoint_path", "partial.pt", "--out_dir", "run"]
+    train_refused(capsys, workspace, argv, "no optimizer")
+
+
+def test_parquet_text_of_numbers(workspace, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), workspace / "numbers.parquet")
+    argv = ["prepare", *TRAIN, "--set", "data.path=numbers.parquet", "--out_dir", "fresh"]
+    main_refused(capsys, workspace, argv, "holds int values, not strings")
+
+
+def test_malformed_tokenizer_config(workspace, capsys):
+    folder = workspace / "tok"
+    folder.mkdir()
+    shutil.copy(next((workspace / "run" / "data").iterdir()) / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text("{not json")
+    argv = ["prepare", *TRAIN, "--set", "data.tokenizer=tok", "--out_dir", "fresh"]
+    main_refused(capsys, workspace, argv, "not a valid tokenizer_config.json")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "config.json").write_text("{"), "config.json: not valid JSON"),
+        (lambda f: (f / "config.json").write_text('{"model_type": "llama"}'), "not a complete Llama config"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"\x00" * 20), "not a readable safetensors file"),
+        (lambda f: (f / "model.safetensors").unlink(), "no model.safetensors"),
+    ],
+)
+def test_broken_model_folders(workspace, capsys, damage, message):
+    damage(workspace / "run" / "final")
+    main_refused(capsys, workspace, ["generate", "--model", "run/final", "--prompt", "a"], message)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--temperature", "nan"], "temperature must be"),
+        (["--temperature", "-1"], "temperature must be"),
+        (["--repetition_penalty", "0"], "repetition_penalty must be > 0"),
+        (["--top_p", "0"], "top_p must be in (0, 1]"),
+        (["--top_p", "1.5"], "top_p must be in (0, 1]"),
+        (["--top_k", "-1"], "top_k must be >= 0"),
+        (["--max_new_tokens", "0"], "max_new_tokens must be at least 1"),
+        (["--prompt", "ROMEO: " * 100], "the prompt is"),
+    ],
+)
+def test_bad_generation_flags(workspace, capsys, flags, message):
+    argv = ["generate", "--checkpoint", "run/checkpoints/step_4.pt", "--prompt", "ROMEO:", *flags]
+    main_refused(capsys, workspace, argv, message)
+
+
+def run_python(*args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, timeout=300)
+
+
+def one_line(result: subprocess.CompletedProcess, message: bytes) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and b"Traceback" not in result.stderr and message in lines[0], result.stderr
+
+
+def test_a_prompt_that_is_not_utf8(workspace):
+    argv = ["-m", "smollm2", "generate", "--checkpoint", "run/checkpoints/step_4.pt", "--prompt", b"\xff\xfe"]
+    one_line(run_python(*argv, cwd=workspace), b"not valid UTF-8")
+
+
+def test_app_with_a_port_out_of_range(workspace):
+    one_line(run_python(str(ROOT / "app.py"), "--model", "run/final", "--port", "99999", cwd=workspace), b"--port")
