@@ -24,7 +24,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from smollm2 import distributed
 from smollm2.config import Config, ModelConfig, TrainConfig, model_config_from_dict
 from smollm2.errors import UserError, error_reason
-from smollm2.files import check_replaceable, clean_leftovers, mark, read_marker, write_atomic
+from smollm2.files import MARKER, check_replaceable, clean_leftovers, mark, read_marker, write_atomic
 from smollm2.hf import MODEL_FILES, write_model_folder
 from smollm2.model import SmolLM2
 from smollm2.tokenizer import Tokenizer
@@ -248,7 +248,8 @@ class Checkpointer:
         if not self.is_main:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        for folder in (self.out_dir, self.folder, self.out_dir / "logs"):
+        clean_leftovers(self.out_dir, {self.final.name, MARKER})  # the run folder may be the user's own
+        for folder in (self.folder, self.out_dir / "logs"):
             clean_leftovers(folder)
         if run_id:
             mark(self.out_dir, "run", run_id=run_id)

@@ -195,13 +195,13 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False) -> P
     files = resolve_sources(config.data.path)
     folder = prepared_folder(config, out_dir)
     check_prepared_folder(folder, files)
+    clean_leftovers(folder.parent, {folder.name})  # a killed build of this folder, even when it is reused
     expected = fingerprint(config, files)
     meta = read_meta(folder)
     if meta is not None and meta.get("fingerprint") == expected:
         if not quiet:
             print(f"data: reusing {folder} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
         return _open(folder, meta)
-    clean_leftovers(folder.parent)
     with build_folder(folder, "data") as staging:  # the old folder stays whole until the new one is complete
         meta = _build(config, files, staging, expected, quiet)
     return _open(folder, meta)

@@ -114,6 +114,7 @@ def build_folder(target: Path, kind: str) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(target.parent, {target.name})  # a killed build of the same target
     staging = staging_name(target)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -136,8 +137,9 @@ def swap_in(staging: Path, target: Path) -> None:
     fsync_folder(target.parent)
 
 
-def clean_leftovers(folder: Path) -> list[Path]:
-    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` entries in `folder` whose process is gone.
+def clean_leftovers(folder: Path, names: set[str] | None = None) -> list[Path]:
+    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` entries in `folder` whose process is gone; in a
+    folder that is not all ours, only those of the given NAMEs (what we write there).
 
     An `.old` folder whose NAME is missing was the only copy when its process died mid-swap: it is
     put back rather than removed.
@@ -147,7 +149,7 @@ def clean_leftovers(folder: Path) -> list[Path]:
         return cleaned
     for entry in folder.iterdir():
         match = LEFTOVER.fullmatch(entry.name)
-        if not match or process_alive(int(match["pid"])):
+        if not match or process_alive(int(match["pid"])) or (names is not None and match["name"] not in names):
             continue
         original = folder / match["name"]
         if match["what"] == "old" and not original.exists():
