@@ -247,7 +247,6 @@ class Checkpointer:
         """Mark the run folder as this run's and clear what killed runs left behind."""
         if not self.is_main:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         clean_leftovers(self.out_dir, {self.final.name, MARKER})  # the run folder may be the user's own
         for folder in (self.folder, self.out_dir / "logs"):
             clean_leftovers(folder)

@@ -8,8 +8,7 @@
   names its kind ("model", "data", "space", "run"), and a folder is replaced only when it holds
   nothing but what smollm2 writes into one of its kind (`check_replaceable`).
 - Leftovers of killed processes (`.NAME.tmp-PID`, `.NAME.old-PID`) are cleaned by the next run
-  (`clean_leftovers`), and one run holds a folder at a time (`RunLock`; the kernel releases it
-  when the process dies, so a killed run never leaves it stuck).
+  (`clean_leftovers`), and one run holds a folder at a time (`RunLock`).
 """
 
 from __future__ import annotations
@@ -182,36 +181,41 @@ def is_inside(path: Path, folder: Path) -> bool:
 
 
 class RunLock:
-    """An exclusive lock on a run folder for as long as a run lives (flock: freed when it dies)."""
+    """An exclusive lock on a run folder for as long as a run lives.
+
+    flock on the folder itself: no lock file to leave behind, and the kernel frees the lock when
+    the process dies, so a killed run never leaves it stuck.
+    """
 
     def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / ".smollm2.lock"
-        self.file = None
+        self.folder = Path(folder)
+        self.fd: int | None = None
 
     def __enter__(self) -> RunLock:
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock, as before
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.folder, os.O_RDONLY)
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "?"
-            self.file.close()
-            self.file = None
+            os.close(self.fd)
+            self.fd = None
             raise UserError(
-                f"another smollm2 run (pid {holder}) is using {self.path.parent}: wait for it, or use another --out_dir"
+                f"another smollm2 run is using {self.folder}: wait for it to end, or use another --out_dir"
             ) from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(str(os.getpid()))
-        self.file.flush()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def remove_empty_folders(*folders: Path) -> None:
+    """rmdir each folder that exists and is empty (rmdir refuses anything else), in order."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()

@@ -35,10 +35,11 @@ class RunLog:
         self.metrics_path = self.folder / "metrics.jsonl"
         self.samples_path = self.folder / "samples.md"
         self.plot_path = self.folder / "loss.png"
+        # A resumed run goes on from its checkpoint's step: what was logged after it is cut back.
         rows = [r for r in read_metrics(self.metrics_path) if r["step"] <= start_step] if start_step else []
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-        if not start_step:
-            write_atomic(self.samples_path, "# Predictions during training\n")
+        write_atomic(self.samples_path, samples_up_to(self.samples_path, start_step))
+        self.summary_path = self.folder / "summary.json"
         self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.wandb = start_wandb(self.folder, config, project) if use_wandb else None
 
@@ -69,16 +70,19 @@ class RunLog:
             self.wandb.finish()
 
 
+PROGRESS_SECONDS = 60.0  # without a terminal, a progress line at least this often
+SPEED_AFTER_SECONDS = 30.0  # the speed line comes after 2 steps, or this long, whichever is first
+SMOOTHING_STEPS = 20  # throughput and MFU over the last this many steps: one step's time swings
+
+
 class Reporter:
     """Rank 0's view of a run: the progress bar and console lines, and the run's log files."""
 
-    def __init__(
-        self, log: RunLog, end: int, last_val_loss: float | None, flops_per_token: float, peak: float | None
-    ) -> None:
-        self.log, self.end = log, end
+    def __init__(self, log: RunLog, end: int, last_val_loss: float | None, speed: SpeedModel) -> None:
+        self.log, self.end, self.speed = log, end, speed
         self.latest_val = last_val_loss
-        self.flops_per_token, self.peak = flops_per_token, peak  # peak None: no MFU (an unknown device)
-        self.began = time.perf_counter()
+        self.began = self.last_line = time.perf_counter()
+        self.speed_said = False
         self.bar = tqdm(total=end, initial=log.start_step, desc="train", unit="step", disable=None, dynamic_ncols=True)
 
     def header(self, lines: list[str]) -> None:
@@ -87,17 +91,42 @@ class Reporter:
 
     def step(self, row: dict) -> None:
         """One optimizer step's row: to metrics.jsonl, wandb, the bar; the plot at evaluations."""
-        if self.peak:
-            row["mfu"] = self.flops_per_token * row["tokens_per_sec"] / self.peak
+        self.speed.add(row)
+        mfu = self.speed.mfu()
+        if mfu is not None:
+            row["mfu"] = mfu
         self.log.log(row)
         self.latest_val = row.get("val_loss", self.latest_val)
-        fields = progress_fields(row, self.latest_val)
+        fields = progress_fields(row, self.latest_val, self.speed.tokens_per_sec(), self.eta(row["step"]))
         self.bar.set_postfix(fields, refresh=False)
         self.bar.update(1)
+        now = time.perf_counter()
         if "val_loss" in row:
             self.log.plot()
-            if self.bar.disable:  # no terminal (a pipe or a log file): one line per evaluation
-                print(f"step {row['step']}/{self.end} " + " ".join(f"{k} {v}" for k, v in fields.items()), flush=True)
+        if not self.speed_said and (row["step"] - self.log.start_step >= 2 or now - self.began >= SPEED_AFTER_SECONDS):
+            self.speed_said = True
+            self.bar.write(self.speed_line(row["step"]))
+        # No terminal (a pipe, a log file, a cluster job): a line per evaluation and per PROGRESS_SECONDS.
+        if self.bar.disable and ("val_loss" in row or now - self.last_line >= PROGRESS_SECONDS):
+            self.last_line = now
+            print(f"step {row['step']}/{self.end} " + " ".join(f"{k} {v}" for k, v in fields.items()), flush=True)
+
+    def seconds_per_step(self, step: int) -> float:
+        return (time.perf_counter() - self.began) / max(1, step - self.log.start_step)
+
+    def eta(self, step: int) -> str:
+        return duration(self.seconds_per_step(step) * (self.end - step))
+
+    def speed_line(self, step: int) -> str:
+        per_step = self.seconds_per_step(step)
+        line = (
+            f"speed: {per_step:.2f} s/step, {self.speed.tokens_per_sec():,.0f} tokens/s on {self.speed.device}; "
+            f"the {self.end - self.log.start_step} steps take ~{duration(per_step * (self.end - self.log.start_step))} "
+            "at this speed"
+        )
+        if self.speed.device == "cpu" and per_step * (self.end - step) > 3600:
+            line += " (config/tiny.yaml trains in minutes on a CPU)"
+        return line
 
     def predictions(self, step: int, train_loss: float | None, val_loss: float | None, samples: list) -> None:
         self.log.samples(step, train_loss, val_loss, samples)
@@ -114,8 +143,42 @@ class Reporter:
         self.log.close()
         return time.perf_counter() - self.began
 
+    def summary(self, summary: dict) -> None:
+        """The run's closing figures: kept in logs/summary.json (for the Space and scripts)."""
+        write_atomic(self.log.summary_path, json.dumps(summary, indent=2) + "\n")
+
     def say(self, text: str) -> None:
         print(text, flush=True)
+
+
+class SpeedModel:
+    """Throughput smoothed over the last steps, and MFU against a measured peak, or none when the
+    peak cannot be trusted (a figure above 100% means the peak was measured too low)."""
+
+    def __init__(self, device: str, tokens_per_step: int, flops_per_token: float, peak: float | None) -> None:
+        self.device, self.tokens_per_step = device, tokens_per_step
+        self.flops_per_token, self.peak = flops_per_token, peak
+        self.seconds: list[float] = []  # of the last steps
+
+    def add(self, row: dict) -> None:
+        self.seconds = [*self.seconds[-(SMOOTHING_STEPS - 1) :], self.tokens_per_step / row["tokens_per_sec"]]
+
+    def tokens_per_sec(self) -> float:
+        return self.tokens_per_step * len(self.seconds) / max(1e-9, sum(self.seconds))
+
+    def mfu(self) -> float | None:
+        if not self.peak:
+            return None
+        mfu = self.flops_per_token * self.tokens_per_sec() / self.peak
+        if mfu > 1.0:
+            print(
+                f"warning: MFU left out: training reached {mfu:.0%} of the peak measured at start-up "
+                f"({self.peak / 1e9:.0f} GFLOP/s), so the machine was busy when it was measured",
+                file=sys.stderr,
+            )
+            self.peak = None
+            return None
+        return mfu
 
 
 class Silent:
@@ -125,12 +188,23 @@ class Silent:
         return lambda *args, **kwargs: None
 
 
-def progress_fields(row: dict, val_loss: float | None) -> dict:
-    fields = {"loss": f"{row['loss']:.3f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{row['tokens_per_sec']:.0f}"}
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def progress_fields(row: dict, val_loss: float | None, tokens_per_sec: float, eta: str) -> dict:
+    fields = {"loss": f"{row['loss']:.3f}", "lr": f"{row['lr']:.2e}", "tok/s": f"{tokens_per_sec:.0f}"}
     if "mfu" in row:
         fields["mfu"] = f"{100 * row['mfu']:.1f}%"
     if val_loss is not None:
         fields["val"] = f"{val_loss:.3f}"
+    fields["eta"] = eta
     return fields
 
 
@@ -144,6 +218,22 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:  # a line cut short by a crash: skip it
             continue
     return rows
+
+
+SAMPLES_TITLE = "# Predictions during training\n"
+
+
+def samples_up_to(path: Path, last_step: int) -> str:
+    """samples.md without the sections of steps after `last_step` (all of them for a fresh run)."""
+    if not last_step or not path.is_file():
+        return SAMPLES_TITLE
+    kept, keep = [], True
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if match := re.match(r"## step (\d+) \(", line):
+            keep = int(match[1]) <= last_step
+        if keep:
+            kept.append(line)
+    return "".join(kept).rstrip("\n") + "\n"
 
 
 @dataclass

@@ -23,7 +23,7 @@ from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rn
 from smollm2.config import Config, TrainConfig
 from smollm2.data import BatchLoader, PreparedData, eval_batches, prepare
 from smollm2.errors import UserError
-from smollm2.files import RunLock
+from smollm2.files import RunLock, remove_empty_folders
 from smollm2.generation import Sampling, generate, prompt_ids
 from smollm2.hardware import (
     autocast_dtype,
@@ -32,7 +32,7 @@ from smollm2.hardware import (
     keep_freed_memory_on_cpu,
     peak_flops,
 )
-from smollm2.metrics import Reporter, RunLog, Silent
+from smollm2.metrics import Reporter, RunLog, Silent, SpeedModel, duration
 from smollm2.model import SmolLM2
 
 MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops
@@ -381,7 +381,8 @@ class Trainer:
         settings = self.config.train
         log = RunLog(self.out_dir, start, self.config.to_dict(), settings.wandb, settings.wandb_project)
         flops = flops_per_token(self.config.model, self.config.data.seq_len)
-        reporter = Reporter(log, end, self.progress.last_val_loss, flops, peak_flops(self.device, self.dtype))
+        speed = SpeedModel(self.device.type, self.tokens_per_step, flops, peak_flops(self.device, self.dtype))
+        reporter = Reporter(log, end, self.progress.last_val_loss, speed)
         reporter.header(self.header_lines(start, end))
         return reporter
 
@@ -399,6 +400,8 @@ class Trainer:
 
     def finish(self, reporter, path: Path | None, start: int, end: int, stopped_early: bool, resume_hint: str) -> None:
         seconds = reporter.close()
+        summary = self.summary(start, seconds, stopped_early)
+        reporter.summary(summary)
         if stopped_early:
             reporter.say(f"stopped at step {self.progress.step}; checkpoint: {path}")
             reporter.say(f"resume with: {resume_hint.format(steps=end - self.progress.step, path=path)}")
@@ -410,16 +413,33 @@ class Trainer:
             model = SmolLM2(self.config.model)
             model.load_state_dict(self.last_snapshot.model)
         final, kind = self.checkpointer.export_final(model, self.data.tokenizer)
-        p = self.progress
-        val = f"{p.last_val_loss:.4f}" if p.last_val_loss is not None else "n/a"
+        val = f"{summary['final_val_loss']:.4f}" if summary["final_val_loss"] is not None else "n/a"
         log = reporter.log
         reporter.say(
-            f"done: steps {start} -> {p.step} in {seconds / 60:.1f} min, "
-            f"{p.tokens_seen:,} tokens seen; final train loss {p.last_loss:.4f}, val loss {val}\n"
+            f"done: steps {start} -> {self.progress.step} in {duration(seconds)}, {summary['tokens']:,} tokens "
+            f"({summary['epochs']:.2f} epochs of the training data) at {summary['tokens_per_sec']:,.0f} tokens/s; "
+            f"final train loss {summary['final_loss']:.4f}, val loss {val}\n"
             f"  checkpoint: {path}\n"
             f"  model:      {final} ({'transformers Llama' if kind == 'llama' else 'safetensors + smollm2 config'})\n"
-            f"  logs:       {log.metrics_path}, {log.samples_path}, {log.plot_path}"
+            f"  logs:       {log.metrics_path}, {log.samples_path}, {log.plot_path}, {log.summary_path}"
         )
+
+    def summary(self, start: int, seconds: float, stopped_early: bool) -> dict:
+        """The closing figures of this session of the run (a resume has its own)."""
+        windows = self.loader.step * self.loader.batch_size * self.world.size
+        tokens = (self.progress.step - start) * self.tokens_per_step
+        return {
+            "first_step": start,
+            "last_step": self.progress.step,
+            "stopped_early": stopped_early,
+            "elapsed_seconds": round(seconds, 3),
+            "tokens": tokens,
+            "tokens_seen": self.progress.tokens_seen,
+            "tokens_per_sec": tokens / max(seconds, 1e-9),
+            "epochs": windows / self.loader.n_windows,
+            "final_loss": self.progress.last_loss,
+            "final_val_loss": self.progress.last_val_loss,
+        }
 
 
 def resume_command(config_path: str, overrides: list[str] = (), out_dir: str | Path = ".") -> str:
@@ -447,14 +467,24 @@ def train(
     if resume is not None:
         resume.check_resumable(config)
     resume_hint = resume_hint or resume_command(config.source, out_dir=out_dir)
+    out_dir = Path(out_dir)
     checkpointer = Checkpointer(out_dir, config.train, is_main=True)
-    checkpointer.check_folder(resume)
+    checkpointer.check_folder(resume)  # before the lock, which creates the folder
+    # What this run creates, it may remove again: only these, only if it made them, only if empty.
+    new_folders = [f for f in (out_dir / "data", out_dir / "checkpoints", out_dir) if not f.exists()]
     is_main = distributed.setup().is_main
-    with RunLock(Path(out_dir)) if is_main else contextlib.nullcontext():
-        checkpointer.check_folder(resume)  # again, now that no other run can change the folder
-        trainer = Trainer(config, out_dir, resume, train_steps)
-        try:
-            trainer.run(train_steps, resume_hint)
-        finally:
-            trainer.loader.close()
-            distributed.teardown()
+    try:
+        with RunLock(out_dir) if is_main else contextlib.nullcontext():
+            checkpointer.check_folder(resume)  # again, now that no other run can change the folder
+            trainer = Trainer(config, out_dir, resume, train_steps)
+            try:
+                trainer.run(train_steps, resume_hint)
+            finally:
+                trainer.loader.close()
+    except BaseException:
+        # A run that failed before writing anything (a data error, say) leaves no empty folders.
+        if is_main:
+            remove_empty_folders(*new_folders)
+        raise
+    finally:
+        distributed.teardown()

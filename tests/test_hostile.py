@@ -56,7 +56,7 @@ def snapshot(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.name.endswith(".lock")
+        if p.is_file()
     }
 
 
@@ -329,6 +329,13 @@ def test_hand_made_and_malicious_checkpoints(workspace, capsys):
         main_refused(capsys, workspace, ["export", "--checkpoint", name, "--out", "hf"], message)
     argv = [*TRAIN, "--train_steps", "2", "--checkpoint_path", "partial.pt", "--out_dir", "run"]
     train_refused(capsys, workspace, argv, "no optimizer")
+
+
+def test_a_data_error_leaves_no_empty_run_folder(workspace, capsys):
+    (workspace / "chat.jsonl").write_text('{"content": "hello"}\n')
+    argv = [*TRAIN, "--set", "data.path=chat.jsonl", "--train_steps", "2", "--out_dir", "fresh"]
+    train_refused(capsys, workspace, argv, "chat.jsonl:1")
+    assert not (workspace / "fresh").exists()
 
 
 def test_parquet_text_of_numbers(workspace, capsys):

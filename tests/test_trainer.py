@@ -340,3 +340,35 @@ def test_compiled_training_matches_eager_and_saves_plain_names(run_dir):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     names = load_checkpoint(run_dir / "compiled/checkpoints/step_3.pt")["model"].keys()
     assert not [name for name in names if "_orig_mod" in name]  # the compiled wrapper's prefix
+
+
+def test_without_a_terminal_progress_comes_at_an_interval_and_a_summary_is_kept(run_dir, capsys, monkeypatch):
+    import smollm2.metrics
+
+    monkeypatch.setattr(smollm2.metrics, "PROGRESS_SECONDS", 0.0)  # a line after every step
+    train(load_config("config/tiny.yaml", ["train.eval_every=100"]), 4, None, "run")
+    out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ") and " loss " in line] == [
+        "1/4",
+        "2/4",
+        "3/4",
+        "4/4",
+    ]
+    assert len([line for line in out.splitlines() if line.startswith("speed: ")]) == 1
+    summary = json.loads((run_dir / "run/logs/summary.json").read_text())
+    assert (summary["first_step"], summary["last_step"], summary["stopped_early"]) == (0, 4, False)
+    assert summary["tokens"] == summary["tokens_seen"] == 4 * 4 * 2 * 32  # steps x batch x accum x seq_len
+    windows = (35_260 - 1) // 32  # the training split's windows of 33 tokens
+    assert summary["epochs"] == pytest.approx(4 * 2 * 4 / windows)
+    assert summary["final_loss"] == metrics(run_dir / "run")[-1]["loss"]
+
+
+def test_a_resume_cuts_back_what_was_logged_after_its_checkpoint(run_dir):
+    """A run killed at step 6 after predicting, whose last checkpoint is step 4."""
+    config = load_config("config/tiny.yaml", ["train.predict_every=2", "train.save_every=4"])
+    train(config, 6, None, "run")
+    (run_dir / "run/checkpoints/step_6.pt").unlink()  # as if killed before its last save
+    train(config, 2, "run/checkpoints/step_4.pt", "run")
+    samples = (run_dir / "run/logs/samples.md").read_text()
+    assert [int(line.split()[2]) for line in samples.splitlines() if line.startswith("## step")] == [2, 4, 6]
+    assert [r["step"] for r in metrics(run_dir / "run")] == list(range(1, 7))
