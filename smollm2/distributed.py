@@ -177,6 +177,17 @@ def main_rank_first(world: World):
         barrier()
 
 
+def from_main_rank(value: float) -> float:
+    """Rank 0's value on every rank (a measurement each rank made, so that they all decide alike)."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.broadcast(tensor, src=0)
+    return tensor.item()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

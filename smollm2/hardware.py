@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -32,24 +34,71 @@ def keep_freed_memory_on_cpu() -> bool:
     )
 
 
-def cpu_has_native_bf16() -> bool:
-    """AMX-BF16 makes bf16 matmul fast on a CPU; without it bf16 is ~100x slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
+BF16_MIN_SPEEDUP = 1.3  # bf16 autocast on a CPU only when its matmuls are clearly faster than fp32's
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None = plain fp32. auto: bf16 on CUDA that supports it, on CPU only with native bf16."""
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype a run uses (None: plain fp32), and why, for the header line."""
+
+    dtype: torch.dtype | None
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "bf16 autocast" if self.dtype == torch.bfloat16 else "fp32"
+
+
+def choose_precision(
+    precision: str, device: torch.device, config: ModelConfig, rows: int, agree=lambda speedup: speedup
+) -> Precision:
+    """fp32 and bf16 are the user's choice; auto is bf16 on CUDA that has it and, on a CPU, bf16
+    when the model's own matmuls measure clearly faster in bf16 than in fp32. CPU features can't
+    tell: AMX and AVX512-BF16 make bf16 2-4x faster, plain AVX2 makes it ~100x slower.
+    `agree` makes every process of a run take the same decision from its own measurement."""
     if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
+        return Precision(None, "chosen")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_native_bf16() else None
+        if precision == "bf16" or torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16, "chosen" if precision == "bf16" else "auto: CUDA with bf16")
+        return Precision(None, "auto: this GPU has no bf16")
+    speedup = agree(cpu_bf16_speedup(config, rows))  # under torchrun every rank takes rank 0's figure
+    measured = f"bf16 matmul {speedup:.2g}x fp32 on this CPU"
+    if precision == "bf16":
+        if speedup < 1:
+            print(f"warning: train.precision=bf16, but {measured}: training will be slower than fp32", file=sys.stderr)
+        return Precision(torch.bfloat16, f"chosen; {measured}")
+    if speedup >= BF16_MIN_SPEEDUP:
+        return Precision(torch.bfloat16, f"auto: {measured}")
+    return Precision(None, f"auto: {measured}")
+
+
+def cpu_bf16_speedup(config: ModelConfig, rows: int, repeats: int = 3) -> float:
+    """fp32 time / bf16 time of the model's own matmul shapes (attention and MLP projections) on
+    `rows` tokens; a second or two. A CPU without bf16 units is found after one bf16 round."""
+    rows = max(1, min(rows, 1024))
+    hidden, inner = config.hidden_size, config.intermediate_size
+    shapes = [(rows, hidden, hidden), (rows, hidden, inner), (rows, inner, hidden)]
+    local = torch.Generator().manual_seed(0)  # leaves the global RNG (checkpointed for exact resume) alone
+    operands = [(torch.randn(m, k, generator=local), torch.randn(k, n, generator=local)) for m, k, n in shapes]
+
+    def seconds(dtype: torch.dtype, rounds: int) -> float:
+        pairs = [(a.to(dtype), b.to(dtype)) for a, b in operands]
+        for a, b in pairs:  # warm up (oneDNN builds its kernels on first use)
+            a[:8] @ b
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for a, b in pairs:
+                a @ b
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    fp32 = seconds(torch.float32, repeats)
+    bf16 = seconds(torch.bfloat16, 1)
+    if bf16 < 2 * fp32:  # worth a closer look; a slow bf16 path is not timed again
+        bf16 = min(bf16, seconds(torch.bfloat16, repeats))
+    return fp32 / bf16
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:

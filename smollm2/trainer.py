@@ -26,8 +26,8 @@ from smollm2.errors import UserError
 from smollm2.files import RunLock, remove_empty_folders
 from smollm2.generation import Sampling, generate, prompt_ids
 from smollm2.hardware import (
-    autocast_dtype,
-    cpu_has_native_bf16,
+    Precision,
+    choose_precision,
     flops_per_token,
     keep_freed_memory_on_cpu,
     peak_flops,
@@ -208,7 +208,8 @@ class Trainer:
         self.config, self.out_dir, settings = config, Path(out_dir), config.train
         self.world = distributed.setup()
         self.device = distributed.device_for(self.world)
-        self.dtype = self.choose_precision()
+        self.precision = self.choose_precision()
+        self.dtype = self.precision.dtype
         torch.manual_seed(settings.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
         self.data = self.prepare_data()
         if resume is not None:
@@ -245,14 +246,14 @@ class Trainer:
         self.guard = DivergenceGuard()
         self.tokens_per_step = settings.batch_size * settings.grad_accum * config.data.seq_len * self.world.size
 
-    def choose_precision(self) -> torch.dtype | None:
+    def choose_precision(self) -> Precision:
         settings = self.config.train
-        dtype = autocast_dtype(settings.precision, self.device)
         if self.device.type == "cpu":
             keep_freed_memory_on_cpu()
-            if dtype == torch.bfloat16 and settings.precision == "bf16" and not cpu_has_native_bf16():
-                print("warning: this CPU has no native bf16; bf16 will be ~100x slower than fp32", file=sys.stderr)
-        return dtype
+        rows = settings.batch_size * self.config.data.seq_len
+        return choose_precision(
+            settings.precision, self.device, self.config.model, rows, agree=distributed.from_main_rank
+        )
 
     def prepare_data(self) -> PreparedData:
         """Rank 0 tokenizes; the others wait, then find its files ready and reuse them."""
@@ -389,10 +390,10 @@ class Trainer:
     def header_lines(self, start: int, end: int) -> list[str]:
         settings = self.config.train
         params = self.model.num_parameters()
-        precision = "bf16 autocast" if self.dtype == torch.bfloat16 else "fp32"
         verb = "resuming at" if start else "training from"
         return [
-            f"model: {params:,} parameters | device: {self.device} x {self.world.size} | {precision} | "
+            f"model: {params:,} parameters | device: {self.device} x {self.world.size} | "
+            f"{self.precision.name} ({self.precision.reason}) | "
             f"global batch {self.tokens_per_step:,} tokens ({settings.batch_size} x {settings.grad_accum} accum x "
             f"{self.config.data.seq_len} seq x {self.world.size} ranks)",
             f"{verb} step {start}, to step {end}; lr schedule spans {self.progress.schedule_steps} steps",

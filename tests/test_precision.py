@@ -1,0 +1,76 @@
+"""CPU precision chosen by measurement, and bf16 training that tracks fp32 and resumes bitwise."""
+
+import math
+
+import pytest
+import torch
+
+import smollm2.hardware
+from smollm2.config import load_config
+from smollm2.hardware import choose_precision, cpu_bf16_speedup
+from smollm2.trainer import train
+from tests.conftest import small_config
+from tests.test_trainer import metrics, run_dir  # noqa: F401 - run_dir is a fixture
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("speedup", "dtype", "reason"),
+    [
+        (2.5, torch.bfloat16, "auto: bf16 matmul 2.5x fp32 on this CPU"),
+        (1.1, None, "auto: bf16 matmul 1.1x fp32 on this CPU"),  # not clearly faster: fp32
+        (0.013, None, "auto: bf16 matmul 0.013x fp32 on this CPU"),  # a CPU without bf16 units
+    ],
+)
+def test_auto_on_a_cpu_follows_the_measurement(monkeypatch, speedup, dtype, reason):
+    monkeypatch.setattr(smollm2.hardware, "cpu_bf16_speedup", lambda config, rows: speedup)
+    chosen = choose_precision("auto", CPU, small_config(), 1024)
+    assert (chosen.dtype, chosen.reason) == (dtype, reason)
+
+
+def test_explicit_choices_are_kept_and_slow_bf16_is_said(monkeypatch, capsys):
+    def never(config, rows):
+        raise AssertionError("fp32 needs no measurement")
+
+    monkeypatch.setattr(smollm2.hardware, "cpu_bf16_speedup", never)
+    assert choose_precision("fp32", CPU, small_config(), 1024).dtype is None
+    monkeypatch.setattr(smollm2.hardware, "cpu_bf16_speedup", lambda config, rows: 0.01)
+    assert choose_precision("bf16", CPU, small_config(), 1024).dtype == torch.bfloat16
+    assert "training will be slower than fp32" in capsys.readouterr().err
+
+
+def test_the_measurement_is_a_ratio_of_real_timings():
+    speedup = cpu_bf16_speedup(small_config(hidden_size=128, intermediate_size=256), rows=256)
+    assert math.isfinite(speedup) and speedup > 0
+
+
+def test_the_header_says_which_precision_and_why(run_dir, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(smollm2.hardware, "cpu_bf16_speedup", lambda config, rows: 3.0)
+    train(load_config("config/tiny.yaml", ["train.precision=auto"]), 1, None, "run")
+    assert "bf16 autocast (auto: bf16 matmul 3x fp32 on this CPU)" in capsys.readouterr().out
+
+
+def test_bf16_training_tracks_fp32(run_dir):  # noqa: F811
+    settings = ["train.eval_every=200", "train.predict_every=200", "train.save_every=200", "train.grad_accum=1"]
+    for precision in ("fp32", "bf16"):
+        train(load_config("config/tiny.yaml", [*settings, f"train.precision={precision}"]), 200, None, precision)
+    fp32, bf16 = metrics(run_dir / "fp32"), metrics(run_dir / "bf16")
+    assert fp32[-1]["val_loss"] < fp32[0]["loss"] - 1  # it learned something
+    assert bf16[-1]["val_loss"] == pytest.approx(fp32[-1]["val_loss"], rel=0.02)
+    assert sum(r["loss"] for r in bf16[-20:]) == pytest.approx(sum(r["loss"] for r in fp32[-20:]), rel=0.02)
+
+
+def test_bf16_resume_is_bitwise_exact(run_dir):  # noqa: F811
+    config = load_config("config/tiny.yaml", ["train.schedule_steps=12", "train.precision=bf16"])
+    train(config, 12, None, "full")
+    train(config, 6, None, "split")
+    train(config, 6, "split/checkpoints/step_6.pt", "split")
+    full, split = metrics(run_dir / "full"), metrics(run_dir / "split")
+    assert [r["loss"] for r in split[6:]] == [r["loss"] for r in full[6:]]
+    a = torch.load(run_dir / "full/checkpoints/step_12.pt", weights_only=True)
+    b = torch.load(run_dir / "split/checkpoints/step_12.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(v.dtype == torch.float32 for v in a["model"].values())  # master weights stay fp32
+    exp_avg = next(iter(a["optimizer"]["state"].values()))["exp_avg"]
+    assert exp_avg.dtype == torch.float32  # and so does the optimizer's state
