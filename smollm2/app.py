@@ -16,11 +16,11 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from smollm2.cli import ArgumentParser
+from smollm2.cli import ArgumentParser, examples
 from smollm2.errors import UserError, error_reason
 from smollm2.generation import Sampling
 from smollm2.inference import load_for_inference, stream_text
-from smollm2.space import DEFAULT_MODEL, RunRecord, logs_beside, read_record
+from smollm2.space import DEFAULT_MODEL, RunRecord, logs_beside, opening_prompt, read_record, short_count
 
 MAX_NEW_TOKENS = 512
 
@@ -40,9 +40,9 @@ def build_app(model_path: Path, logs: Path | None) -> gr.Blocks:
             raise gr.Error(str(exc)) from None
 
     with gr.Blocks(title="SmolLM2") as app:
-        gr.Markdown(f"# SmolLM2, {record.parameters / 1e6:.0f}M parameters\n{describe(record)}")
+        gr.Markdown(f"# SmolLM2, {short_count(record.parameters)} parameters\n{describe(record)}")
         with gr.Tab("Generate"):
-            prompt = gr.Textbox(label="Prompt", value="ROMEO:", lines=3)
+            prompt = gr.Textbox(label="Prompt", value=opening_prompt(model_path), lines=3)
             with gr.Row():
                 longest = min(MAX_NEW_TOKENS, model.config.max_seq_len - 1)
                 max_new = gr.Slider(1, longest, value=min(120, longest), step=1, label="max new tokens")
@@ -100,11 +100,32 @@ def default_model(app_folder: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     app_folder = Path(sys.argv[0]).resolve().parent
-    parser = ArgumentParser(description="SmolLM2: generate, and watch the training")
-    parser.add_argument("--model", type=Path, help="final/ folder, checkpoint .pt or Hugging Face folder")
-    parser.add_argument("--logs", type=Path, help="folder with metrics.jsonl and samples.md")
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    parser = ArgumentParser(
+        description="SmolLM2: generate, and watch the training",
+        epilog=examples(
+            "python app.py --model runs/demo/final", "python app.py --model model --host 0.0.0.0 --port 7861"
+        ),
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="final/ folder, checkpoint .pt or Hugging Face folder (default: $SMOLLM2_MODEL, else model/ "
+        f"beside app.py, else {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--logs", type=Path, help="folder with metrics.jsonl and samples.md (default: $SMOLLM2_LOGS, else the run's)"
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to serve on, or $GRADIO_SERVER_NAME; 0.0.0.0 for every interface",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
+        help="port to serve on, or $GRADIO_SERVER_PORT",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be in 1..65535, got {args.port}")

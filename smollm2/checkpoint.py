@@ -31,7 +31,13 @@ from smollm2.tokenizer import Tokenizer
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "config", "tokenizer_hash", "loader")
 # What a resumed run must share with its checkpoint for the data to come in the same order.
-DATA_ORDER_KEYS = (("data", "seq_len"), ("data", "val_fraction"), ("data", "tokenizer"), ("train", "seed"))
+DATA_ORDER_KEYS = (
+    ("data", "seq_len"),
+    ("data", "val_fraction"),
+    ("data", "tokenizer"),
+    ("data", "text_field"),
+    ("train", "seed"),
+)
 
 
 def new_run_id() -> str:

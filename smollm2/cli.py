@@ -16,15 +16,38 @@ from smollm2.generation import Sampling
 from smollm2.model import SmolLM2
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each flag's default after its help, and descriptions and epilogs kept as written (examples
+    keep their lines). No default is shown where there is none to show: None, False or []."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if default is None or default is False or (isinstance(default, list) and not default):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+Subcommands = argparse._SubParsersAction  # what add_subparsers returns (argparse names no public type)
+
+
+def examples(*commands: str) -> str:
+    return "examples:\n" + "\n".join(f"  {command}" for command in commands)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (exit 2), like every other user error."""
+    """argparse, but a bad flag is one line on stderr (exit 2), like every other user error; help
+    shows the defaults and ends with examples."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"error: {self.prog}: {message}\n")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--config", required=required, help="YAML config file")
+    parser.add_argument("--config", required=required, help="YAML config file, e.g. config/tiny.yaml")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -39,8 +62,16 @@ def add_config_flags(parser: argparse.ArgumentParser, required: bool = True) -> 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser)
     parser.add_argument("--train_steps", type=int, required=True, help="optimizer steps to run (more, when resuming)")
-    parser.add_argument("--checkpoint_path", help="resume from this checkpoint")
-    parser.add_argument("--out_dir", default=".", help="run folder for checkpoints/, logs/, final/ (default: .)")
+    parser.add_argument("--checkpoint_path", help="resume from this checkpoint (checkpoints/step_N.pt), exactly")
+    parser.add_argument("--out_dir", default=".", help="run folder for checkpoints/, logs/, final/")
+
+
+def train_examples(command: str) -> str:
+    return examples(
+        f"{command} --config config/tiny.yaml --train_steps 600 --out_dir runs/mine --set train.lr=1e-3",
+        f"{command} --config config/tiny.yaml --train_steps 50 --out_dir runs/mine "
+        "--checkpoint_path runs/mine/checkpoints/step_600.pt",
+    )
 
 
 def read_config(args: argparse.Namespace) -> Config:
@@ -130,48 +161,120 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="smollm2", description="SmolLM2: train, inspect and run small language models")
+    parser = ArgumentParser(
+        prog="smollm2",
+        description="SmolLM2: train, inspect and run small language models",
+        epilog=examples("python -m smollm2 train --help", "python -m smollm2 info --config config/tiny.yaml"),
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    add_info(commands)
+    add_prepare(commands)
+    add_train(commands)
+    add_generate(commands)
+    add_export(commands)
+    add_export_space(commands)
+    return parser
 
-    info = commands.add_parser("info", help="print the parameter breakdown of a config")
+
+def add_command(commands: Subcommands, name: str, summary: str, epilog: str) -> ArgumentParser:
+    return commands.add_parser(name, help=summary, description=summary, epilog=epilog)
+
+
+def add_info(commands: Subcommands) -> None:
+    info = add_command(
+        commands,
+        "info",
+        "print the parameter breakdown of a config",
+        examples(
+            "python -m smollm2 info --config config/smollm2-135m.yaml",
+            "python -m smollm2 info --config config/tiny.yaml --set model.n_layers=8",
+        ),
+    )
     add_config_flags(info)
     info.set_defaults(run=cmd_info)
 
-    prepare = commands.add_parser("prepare", help="train or load the tokenizer and tokenize the corpus")
+
+def add_prepare(commands: Subcommands) -> None:
+    prepare = add_command(
+        commands,
+        "prepare",
+        "train or load the tokenizer and tokenize the corpus",
+        examples(
+            "python -m smollm2 prepare --config config/tiny.yaml --out_dir runs/mine",
+            "python -m smollm2 prepare --config config/tiny.yaml --set data.path=corpus.jsonl data.text_field=content",
+        ),
+    )
     add_config_flags(prepare)
     prepare.add_argument("--out_dir", default=".", help="run folder (prepared data goes under data/)")
     prepare.set_defaults(run=cmd_prepare)
 
-    train = commands.add_parser("train", help="train (or resume) a model")
+
+def add_train(commands: Subcommands) -> None:
+    train = add_command(commands, "train", "train (or resume) a model", train_examples("python -m smollm2 train"))
     add_train_flags(train)
     train.set_defaults(run=cmd_train)
 
-    generate = commands.add_parser("generate", help="continue a prompt")
+
+def add_generate(commands: Subcommands) -> None:
+    generate = add_command(
+        commands,
+        "generate",
+        "continue a prompt (prints the continuation only)",
+        examples(
+            'python -m smollm2 generate --checkpoint runs/mine/checkpoints/step_600.pt --prompt "ROMEO:"',
+            'python -m smollm2 generate --model runs/mine/final --prompt "ROMEO:" --temperature 0 --max_new_tokens 200',
+        ),
+    )
     source = generate.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a training checkpoint (checkpoints/step_N.pt)")
-    source.add_argument("--model", help="a Hugging Face model folder (ours, or a downloaded SmolLM2)")
-    generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max_new_tokens", type=int, default=100)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    generate.add_argument("--top_k", type=int, default=50, help="0 = off")
-    generate.add_argument("--top_p", type=float, default=1.0)
-    generate.add_argument("--repetition_penalty", type=float, default=1.0)
-    generate.add_argument("--seed", type=int, default=0)
+    source.add_argument("--model", help="a model folder: a run's final/, an export, or a downloaded SmolLM2")
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=100,
+        help="tokens to generate at most; the model's context may cut it shorter",
+    )
+    generate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    generate.add_argument("--top_k", type=int, default=50, help="sample from the k likeliest tokens; 0 = off")
+    generate.add_argument(
+        "--top_p", type=float, default=1.0, help="sample from the likeliest tokens that make up p of the mass; 1 = off"
+    )
+    generate.add_argument(
+        "--repetition_penalty", type=float, default=1.0, help="damp tokens already in the text by this; 1 = off"
+    )
+    generate.add_argument("--seed", type=int, default=0, help="random seed: the same seed, the same text")
     generate.set_defaults(run=cmd_generate)
 
-    export = commands.add_parser("export", help="write a checkpoint as a transformers model folder")
-    export.add_argument("--checkpoint", required=True)
-    export.add_argument("--out", required=True)
+
+def add_export(commands: Subcommands) -> None:
+    export = add_command(
+        commands,
+        "export",
+        "write a checkpoint as a transformers model folder",
+        examples("python -m smollm2 export --checkpoint runs/mine/checkpoints/step_600.pt --out runs/mine/hf"),
+    )
+    export.add_argument("--checkpoint", required=True, help="the training checkpoint (checkpoints/step_N.pt)")
+    export.add_argument("--out", required=True, help="the model folder to write (new, empty, or an earlier export)")
     export.set_defaults(run=cmd_export)
 
-    space = commands.add_parser("export-space", help="write a run as a Hugging Face Space folder (and push it)")
+
+def add_export_space(commands: Subcommands) -> None:
+    space = add_command(
+        commands,
+        "export-space",
+        "write a run as a Hugging Face Space folder (and push it)",
+        examples(
+            "python -m smollm2 export-space --run runs/demo --out runs/demo-space",
+            "python -m smollm2 export-space --run runs/demo --out runs/demo-space --push you/smollm2-demo",
+        ),
+    )
     space.add_argument(
         "--run", dest="run_dir", required=True, type=Path, help="the run folder (with final/ or checkpoints/)"
     )
     space.add_argument("--out", required=True, type=Path, help="the Space folder to write")
     space.add_argument("--push", metavar="REPO_ID", help="upload to this Space (user/name); needs a token")
     space.set_defaults(run=cmd_export_space)
-    return parser
 
 
 class Terminated(BaseException):
@@ -215,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_main(argv: list[str] | None = None) -> int:
     """`python train.py ...`: the seed's entry point, the same as `smollm2 train ...`."""
-    parser = ArgumentParser(prog="train.py", description="Train SmolLM2 (or resume from a checkpoint)")
+    parser = ArgumentParser(
+        prog="train.py",
+        description="Train SmolLM2 (or resume from a checkpoint)",
+        epilog=train_examples("python train.py"),
+    )
     add_train_flags(parser)
     return run(cmd_train, parser.parse_args(argv))

@@ -76,6 +76,7 @@ class ModelConfig:
 class DataConfig:
     path: str = "input.txt"
     tokenizer: str = "train"  # "train" or a path to tokenizer.json / a Hugging Face tokenizer folder
+    text_field: str = "text"  # the field of a .jsonl record, or the column of a .parquet file, that holds the text
     seq_len: int = 512
     val_fraction: float = 0.1
     prepared_dir: str | None = None  # None = data/<corpus name>-<vocab size> under the run folder
@@ -151,6 +152,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif annotation is float:
+        if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads "1e-5" as a string
+            value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise ConfigError(f"{where}: must be a finite number, got {value!r}")
@@ -284,6 +287,8 @@ def validate(config: Config, where: str) -> None:
     _positive("data", "seq_len", data.seq_len, where)
     if data.seq_len > model.max_seq_len:
         raise ConfigError(f"data.seq_len in {where}: {data.seq_len} exceeds model.max_seq_len={model.max_seq_len}")
+    if not data.text_field:
+        raise ConfigError(f"data.text_field in {where}: must name a field, e.g. text")
     if not 0 <= data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction in {where}: must be in [0, 1), got {data.val_fraction}")
     for name in (

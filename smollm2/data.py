@@ -75,14 +75,14 @@ def resolve_sources(spec: str, base: Path = Path(".")) -> list[Path]:
     return files
 
 
-def read_pieces(files: list[Path], piece_bytes: int, bad_bytes: dict[str, int]) -> Iterator[Piece]:
+def read_pieces(files: list[Path], piece_bytes: int, bad_bytes: dict[str, int], text_field: str) -> Iterator[Piece]:
     for file in files:
         if file.suffix == ".txt":
             yield from _text_pieces(file, piece_bytes, bad_bytes)
         elif file.suffix == ".jsonl":
-            yield from _jsonl_pieces(file)
+            yield from _jsonl_pieces(file, text_field)
         else:
-            yield from _parquet_pieces(file)
+            yield from _parquet_pieces(file, text_field)
 
 
 def _safe_cut(block: bytes) -> int:
@@ -125,7 +125,16 @@ def _text_pieces(file: Path, piece_bytes: int, bad_bytes: dict[str, int]) -> Ite
             yield Piece(_decode(data[:cut], file, bad_bytes), ends_document=False)
 
 
-def _jsonl_pieces(file: Path) -> Iterator[Piece]:
+def _missing_field(where: str, kind: str, field: str, found: list[str]) -> UserError:
+    """The text's field is not there: name it, what is there, and how to choose another."""
+    there = f"its string {kind}s: {', '.join(found[:5])}; " if found else ""
+    example = found[0] if found else "NAME"
+    return UserError(
+        f"{where}: no string {kind} {field!r} ({there}choose the {kind} with --set data.text_field={example})"
+    )
+
+
+def _jsonl_pieces(file: Path, text_field: str) -> Iterator[Piece]:
     with open(file, encoding="utf-8", errors="strict") as f:
         try:
             for number, line in enumerate(f, start=1):
@@ -135,29 +144,35 @@ def _jsonl_pieces(file: Path) -> Iterator[Piece]:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
-                text = record.get("text") if isinstance(record, dict) else None
+                text = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
-                    raise UserError(f"{file}:{number}: no string field 'text'")
+                    found = [k for k, v in record.items() if isinstance(v, str)] if isinstance(record, dict) else []
+                    raise _missing_field(f"{file}:{number}", "field", text_field, found)
                 yield Piece(text, ends_document=True)
         except UnicodeDecodeError as exc:
             raise UserError(f"{file}: not UTF-8 at byte {exc.start}") from None
 
 
-def _parquet_pieces(file: Path) -> Iterator[Piece]:
+def _parquet_pieces(file: Path, text_field: str) -> Iterator[Piece]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"{file}: reading parquet needs pyarrow (pip install pyarrow)") from None
     try:
         reader = pq.ParquetFile(file)
-        if "text" not in reader.schema_arrow.names:
-            raise UserError(f"{file}: no 'text' column")
-        for batch in reader.iter_batches(columns=["text"], batch_size=1024):
+        schema = reader.schema_arrow
+        if text_field not in schema.names:
+            strings = [f.name for f in schema if f.type in (pa.string(), pa.large_string(), pa.string_view())]
+            raise _missing_field(str(file), "column", text_field, strings)
+        for batch in reader.iter_batches(columns=[text_field], batch_size=1024):
             for text in batch.column(0).to_pylist():
                 if text is None:
                     continue
                 if not isinstance(text, str):
-                    raise UserError(f"{file}: the 'text' column holds {type(text).__name__} values, not strings")
+                    raise UserError(
+                        f"{file}: the {text_field!r} column holds {type(text).__name__} values, not strings"
+                    )
                 yield Piece(text, ends_document=True)
     except UserError:
         raise
@@ -181,13 +196,16 @@ def fingerprint(config: Config, files: list[Path]) -> dict:
     tokenizer_spec = config.data.tokenizer
     if tokenizer_spec != "train":
         tokenizer_spec = load_tokenizer(tokenizer_spec).hash
-    return {
+    inputs = {
         "format": FORMAT_VERSION,
         "sources": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
         "tokenizer": tokenizer_spec,
         "vocab_size": config.model.vocab_size,
         "val_fraction": config.data.val_fraction,
     }
+    if config.data.text_field != "text":  # only then: data prepared before text_field existed stays reusable
+        inputs["text_field"] = config.data.text_field
+    return inputs
 
 
 def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False) -> PreparedData:
@@ -241,7 +259,7 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
     if config.data.tokenizer == "train":
         if not quiet:
             print(f"data: training a {config.model.vocab_size}-token BPE tokenizer on {total_bytes / 1e6:.1f} MB")
-        texts = (p.text for p in read_pieces(files, piece_bytes, {}))
+        texts = (p.text for p in read_pieces(files, piece_bytes, {}, config.data.text_field))
         tokenizer = train_tokenizer(texts, config.model.vocab_size)
     else:
         tokenizer = load_tokenizer(config.data.tokenizer, config.model.vocab_size)
@@ -256,7 +274,7 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
     )
     with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
         outputs = {"train": train_file, "val": val_file}
-        pieces = read_pieces(files, piece_bytes, bad_bytes)
+        pieces = read_pieces(files, piece_bytes, bad_bytes, config.data.text_field)
         for index, (piece, ids) in enumerate(_encode_pieces(pieces, tokenizer, progress)):
             split = "val" if _is_val_piece(index, config.data.val_fraction) else "train"
             outputs[split].write(np.asarray(ids, dtype=dtype).tobytes())

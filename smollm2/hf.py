@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from smollm2.config import ModelConfig, model_config_from_dict
 from smollm2.errors import UserError, error_reason
@@ -129,7 +129,9 @@ def save_pretrained(model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | N
     """Write the model (and tokenizer) to `folder`; 'llama' when transformers loads it, else 'native'."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # Not save_file: since safetensors 0.8 it writes through a tempfile created 0600 (safetensors#782).
+    # Bytes through write_atomic get the umask's mode (0644), like every other file of the folder.
+    write_atomic(folder / "model.safetensors", save(to_hf_state_dict(model), metadata={"format": "pt"}))
     if llama_incompatibility(model.config) is None:
         _write_json(folder / "config.json", to_llama_config(model.config, tokenizer))
         generation = {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id} if tokenizer else {}
@@ -139,7 +141,7 @@ def save_pretrained(model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | N
         _write_json(folder / NATIVE_CONFIG, dataclasses.asdict(model.config))
         kind = "native"
     if tokenizer is not None:
-        tokenizer.save_hf(folder)
+        tokenizer.save_hf(folder, model.config.max_seq_len)
     return kind
 
 

@@ -17,6 +17,7 @@ was made from, and state_dict() is refused, since the linear weights are no long
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,6 +161,12 @@ def stream_text(
     device = model.embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     max_new = min(max_new_tokens, model.config.max_seq_len - len(ids))
+    if max_new < max_new_tokens:
+        print(
+            f"note: the continuation is cut to {max_new} tokens by the model's context "
+            f"({model.config.max_seq_len} tokens, {len(ids)} of them the prompt's)",
+            file=sys.stderr,
+        )
     produced: list[int] = []
     printed = ""
     for step in stream(model, [ids], max_new, sampling, eos_id=tokenizer.eos_id, generator=generator):

@@ -6,17 +6,23 @@ The Space folder:
     smollm2/           # this package, what app.py imports
     requirements.txt   # for a CPU Space (gradio itself comes with the Space's SDK)
     README.md          # the Space's YAML front matter, then the model card
+    run.json           # the run's name, corpus and prompts (the app starts with the first prompt)
     model/             # weights (safetensors), config, tokenizer
     logs/              # metrics.jsonl, samples.md, loss.png
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import shlex
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from smollm2.checkpoint import list_checkpoints, load_model_from_checkpoint
 from smollm2.config import ModelConfig
@@ -27,6 +33,12 @@ from smollm2.metrics import Predictions, read_metrics, read_samples
 
 PACKAGE = Path(__file__).resolve().parent
 DEFAULT_MODEL = Path("runs/demo/final")
+RUN_FILE = "run.json"
+NEUTRAL_PROMPT = "Once upon a time"  # the app's first prompt when the run's prompts are unknown
+LICENSE = "apache-2.0"  # the project's (pyproject.toml)
+TAGS = ["smollm2", "text-generation", "pytorch", "causal-lm"]
+# Corpora the card can name, recognised by their bytes (size, sha256); any other goes by its path.
+KNOWN_CORPORA = {(1_115_394, "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"): "tiny Shakespeare"}
 APP_PY = PACKAGE.parent / "app.py"  # the repository's own, copied as it is
 # torch from PyTorch's CPU index: the CUDA build from PyPI is gigabytes a CPU Space never uses.
 SPACE_REQUIREMENTS = f"""--extra-index-url https://download.pytorch.org/whl/cpu
@@ -75,6 +87,15 @@ class RunRecord:
         return "| the run | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in self.summary_rows())
 
 
+def short_count(n: int) -> str:
+    """3.7M, 135M, 1.7B: one decimal below 10 of a unit, none above (3.67M is not "4M")."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.1f}{unit}" if value < 9.95 else f"{value:.0f}{unit}"
+    return str(n)
+
+
 def read_record(config: ModelConfig, parameters: int, logs: Path | None) -> RunRecord:
     if logs is None:
         return RunRecord(config, parameters, [], [])
@@ -91,10 +112,118 @@ def logs_beside(model: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The run behind a model: its name, its corpus, its prompts
+
+
+@dataclass
+class RunFacts:
+    """What a Space says of its run beyond the model; unknown facts stay None or empty, never guessed."""
+
+    name: str
+    data_path: str | None = None  # the config's data.path
+    corpus: str | None = None  # its name, when its bytes are a known corpus's: "tiny Shakespeare"
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def first_prompt(self) -> str:
+        return self.prompts[0] if self.prompts else NEUTRAL_PROMPT
+
+    def training_data(self) -> str | None:
+        """Markdown: "tiny Shakespeare (`input.txt`)", or "`input.txt`" alone; None when unknown."""
+        if self.data_path is None:
+            return None
+        return f"{self.corpus} (`{self.data_path}`)" if self.corpus else f"`{self.data_path}`"
+
+
+def run_facts(run: Path) -> RunFacts:
+    config = last_config(run)
+    data_path = (config.get("data") or {}).get("path")
+    if not isinstance(data_path, str):
+        return RunFacts(Path(run).resolve().name, prompts=config_prompts(config))
+    corpus = known_corpus(prepared_sources(run, config))
+    return RunFacts(Path(run).resolve().name, data_path, corpus, config_prompts(config))
+
+
+def last_config(run: Path) -> dict:
+    """The config of the run's latest checkpoint; {} when there is none to read."""
+    checkpoints = list_checkpoints(Path(run) / "checkpoints")
+    return checkpoint_config(checkpoints[-1]) if checkpoints else {}
+
+
+def checkpoint_config(path: Path) -> dict:
+    try:
+        # mmap: the config alone, without reading the weights and optimizer state into memory.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a damaged checkpoint: the facts it holds are unknown, and nothing else breaks
+        return {}
+    config = state.get("config") if isinstance(state, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def config_prompts(config: dict) -> list[str]:
+    prompts = (config.get("train") or {}).get("prompts")
+    return [p for p in prompts if isinstance(p, str)] if isinstance(prompts, list) else []
+
+
+def prepared_sources(run: Path, config: dict) -> list:
+    """[path, size, mtime_ns] of each file the run's prepared data was made from ([] if not found)."""
+    from smollm2.config import config_from_dict
+    from smollm2.data import prepared_folder, read_meta
+
+    try:
+        meta = read_meta(prepared_folder(config_from_dict(config, "the run's checkpoint"), run))
+    except UserError:
+        return []
+    fingerprint = (meta or {}).get("fingerprint")
+    sources = fingerprint.get("sources") if isinstance(fingerprint, dict) else None
+    return sources if isinstance(sources, list) else []
+
+
+def known_corpus(sources: list) -> str | None:
+    """The name of the one corpus file, if it is still what the run read and its bytes are known."""
+    if len(sources) != 1 or not isinstance(sources[0], list) or len(sources[0]) != 3:
+        return None
+    path, size, mtime_ns = sources[0]
+    if size not in {known_size for known_size, _ in KNOWN_CORPORA}:
+        return None
+    try:
+        stat = Path(path).stat()
+        if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
+            return None  # changed since the run read it
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return KNOWN_CORPORA.get((size, digest))
+
+
+def read_run_file(path: Path) -> RunFacts | None:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+        return None
+    data_path, corpus = (raw.get(key) if isinstance(raw.get(key), str) else None for key in ("data_path", "corpus"))
+    return RunFacts(raw["name"], data_path, corpus, config_prompts({"train": raw}))
+
+
+def opening_prompt(model: Path) -> str:
+    """The first prompt of the run a model comes from (a Space's run.json, a checkpoint's config,
+    the latest checkpoint beside a run's final/), or a neutral one when that is unknown."""
+    model = Path(model)
+    if model.is_file():
+        prompts = config_prompts(checkpoint_config(model))
+    else:
+        facts = read_run_file(model.parent / RUN_FILE)
+        prompts = facts.prompts if facts else config_prompts(last_config(model.parent))
+    return prompts[0] if prompts else NEUTRAL_PROMPT
+
+
+# ---------------------------------------------------------------------------------------------
 # export-space
 
 
-SPACE_FILES = frozenset({"app.py", "smollm2", "requirements.txt", "README.md", "model", "logs"})
+SPACE_FILES = frozenset({"app.py", "smollm2", "requirements.txt", "README.md", RUN_FILE, "model", "logs"})
 
 
 def export_space(run: Path, out: Path) -> Path:
@@ -112,6 +241,7 @@ def export_space(run: Path, out: Path) -> Path:
     if not APP_PY.is_file():
         raise UserError(f"{APP_PY} not found: export-space works from a clone of the repository")
     model, tokenizer = load_run_model(run)
+    facts = run_facts(run)
     logs = run / "logs"
     with build_folder(out, "space") as staging:
         save_pretrained(model, staging / "model", tokenizer)
@@ -123,8 +253,9 @@ def export_space(run: Path, out: Path) -> Path:
         shutil.copytree(PACKAGE, staging / "smollm2", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copy2(APP_PY, staging / "app.py")
         write_atomic(staging / "requirements.txt", SPACE_REQUIREMENTS)
+        write_atomic(staging / RUN_FILE, json.dumps(dataclasses.asdict(facts), indent=2) + "\n")
         record = read_record(model.config, model.num_parameters(), staging / "logs" if logs.is_dir() else None)
-        write_atomic(staging / "README.md", space_readme(record, run))
+        write_atomic(staging / "README.md", space_readme(record, facts))
     return out
 
 
@@ -138,35 +269,74 @@ def load_run_model(run: Path):
     return load_model_from_checkpoint(checkpoints[-1])
 
 
-def space_readme(record: RunRecord, run: Path) -> str:
+def front_matter(record: RunRecord) -> str:
+    """The Space's settings and the card's metadata: no base_model (trained from scratch), and
+    datasets only by a Hub id (a corpus read from local files has none)."""
     import gradio
 
-    title = f"SmolLM2 {record.parameters / 1e6:.0f}M"
-    front_matter = (
-        "---\n"
-        f"title: {title}\n"
-        "emoji: 📜\n"
-        "colorFrom: indigo\n"
-        "colorTo: yellow\n"
-        "sdk: gradio\n"
-        f"sdk_version: {gradio.__version__}\n"
-        "app_file: app.py\n"
-        "pinned: false\n"
-        f"short_description: A {record.parameters / 1e6:.0f}M-parameter SmolLM2 trained from scratch\n"
-        "---\n"
-    )
+    count = short_count(record.parameters)
+    meta = {
+        "title": f"SmolLM2 {count}",
+        "emoji": "📜",
+        "colorFrom": "indigo",
+        "colorTo": "yellow",
+        "sdk": "gradio",
+        "sdk_version": gradio.__version__,
+        "app_file": "app.py",
+        "pinned": False,
+        "short_description": f"A {count}-parameter SmolLM2 trained from scratch",
+        "license": LICENSE,
+        "tags": TAGS,
+        "pipeline_tag": "text-generation",
+    }
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def usage(record: RunRecord, facts: RunFacts) -> str:
+    """How to run the model outside the Space: transformers when it is llama-shaped, else smollm2."""
+    if llama_incompatibility(record.config) is None:
+        return f"""## Use it with transformers
+
+`model/` is a transformers Llama folder; from this Space's folder:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("model")
+model = AutoModelForCausalLM.from_pretrained("model")
+inputs = tokenizer({facts.first_prompt!r}, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=100, do_sample=True, temperature=0.8, top_k=50)
+print(tokenizer.decode(output[0]))
+```
+"""
+    return f"""## Use it with smollm2
+
+Its architecture ({llama_incompatibility(record.config)}) has no transformers equivalent; the
+smollm2 package in this folder runs it:
+
+```bash
+pip install -r requirements.txt
+python -m smollm2 generate --model model --prompt {shlex.quote(facts.first_prompt)} --max_new_tokens 100
+```
+"""
+
+
+def space_readme(record: RunRecord, facts: RunFacts) -> str:
+    title = f"SmolLM2 {short_count(record.parameters)}"
+    data = facts.training_data()
+    data = f" on {data}" if data else "; its training data is not recorded with the run"
     llama = " with a transformers Llama config.json" if llama_incompatibility(record.config) is None else ""
     sample = ""
     if record.predictions:
         last = record.predictions[-1]
         sample = f"\n## A sample (step {last.step}, {last.losses})\n\n```text\n{last.texts[0]}\n```\n"
     return (
-        front_matter
+        front_matter(record)
         + f"""
 # {title}
 
 A decoder-only transformer of the SmolLM2 family ({record.config.describe()}),
-trained from scratch with smollm2 (the run `{run.name}`). The **Generate** tab continues a
+trained from scratch with smollm2 (the run `{facts.name}`){data}. The **Generate** tab continues a
 prompt, token by token; the **Training** tab shows the loss curves and the predictions the model made
 as it learned.
 
@@ -176,6 +346,7 @@ as it learned.
 
 The weights are in `model/` as safetensors{llama}.
 {sample}
+{usage(record, facts)}
 ## Run it yourself
 
 ```bash

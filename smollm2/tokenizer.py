@@ -49,13 +49,14 @@ class Tokenizer:
     def save(self, path: Path) -> None:
         write_atomic(path, self.backend.to_str(pretty=True))
 
-    def save_hf(self, folder: Path) -> None:
-        """tokenizer.json plus the config files that `AutoTokenizer.from_pretrained` reads."""
+    def save_hf(self, folder: Path, max_length: int) -> None:
+        """tokenizer.json plus the config files that `AutoTokenizer.from_pretrained` reads;
+        `max_length` is the model's context (transformers warns past it, and truncates to it)."""
         folder.mkdir(parents=True, exist_ok=True)
         self.save(folder / "tokenizer.json")
         tokenizer_config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": 1_000_000,
+            "model_max_length": max_length,
             "clean_up_tokenization_spaces": False,
             "add_prefix_space": False,
         }

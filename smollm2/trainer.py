@@ -401,13 +401,13 @@ class Trainer:
 
     def finish(self, reporter, path: Path | None, start: int, end: int, stopped_early: bool, resume_hint: str) -> None:
         seconds = reporter.close()
+        if not self.world.is_main:
+            return
         summary = self.summary(start, seconds, stopped_early)
         reporter.summary(summary)
         if stopped_early:
             reporter.say(f"stopped at step {self.progress.step}; checkpoint: {path}")
             reporter.say(f"resume with: {resume_hint.format(steps=end - self.progress.step, path=path)}")
-            return
-        if not self.world.is_main:
             return
         model = self.model
         if distributed.is_sharded(model):  # the shards were gathered by the last save()

@@ -1,9 +1,15 @@
+import argparse
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from smollm2.cli import build_parser
 from smollm2.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BASE = """\
 model:
@@ -95,3 +101,60 @@ def test_info_with_set_override():
     result = run_cli("info", "--config", "config/smollm2-135m.yaml", "--set", "model.n_layers=2")
     expected = 28_311_552 + 2 * 3_540_096 + 576
     assert result.stdout.strip().splitlines()[-1] == f"total parameters: {expected:,}"
+
+
+def help_text(*command: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADIO_SERVER_")}  # they set app.py's defaults
+    result = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())  # the same whatever width argparse wrapped to
+
+
+@pytest.mark.parametrize("command", [("-m", "smollm2", "train"), ("train.py",)])
+def test_train_help_shows_the_defaults_and_ends_with_examples(command):
+    text = help_text(*command)
+    assert "--out_dir OUT_DIR run folder for checkpoints/, logs/, final/ (default: .)" in one_line(text)
+    assert "default: None" not in text and "default: []" not in text
+    prefix = "python -m smollm2 train" if command[0] == "-m" else "python train.py"
+    assert text.rstrip().splitlines()[-3:] == [
+        "examples:",
+        f"  {prefix} --config config/tiny.yaml --train_steps 600 --out_dir runs/mine --set train.lr=1e-3",
+        f"  {prefix} --config config/tiny.yaml --train_steps 50 --out_dir runs/mine "
+        "--checkpoint_path runs/mine/checkpoints/step_600.pt",
+    ]
+
+
+def test_generate_help_shows_the_defaults_and_ends_with_examples():
+    text = help_text("-m", "smollm2", "generate")
+    flat = one_line(text)
+    assert "--temperature TEMPERATURE sampling temperature; 0 = greedy (default: 0.8)" in flat
+    assert "--top_k TOP_K sample from the k likeliest tokens; 0 = off (default: 50)" in flat
+    assert "shorter (default: 100)" in flat and "(default: 1.0)" in flat and "(default: 0)" in flat
+    assert "default: None" not in text
+    assert text.rstrip().splitlines()[-3:] == [
+        "examples:",
+        '  python -m smollm2 generate --checkpoint runs/mine/checkpoints/step_600.pt --prompt "ROMEO:"',
+        '  python -m smollm2 generate --model runs/mine/final --prompt "ROMEO:" --temperature 0 --max_new_tokens 200',
+    ]
+
+
+def test_every_flag_has_help_and_every_command_examples():
+    (commands,) = [a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(commands) == {"info", "prepare", "train", "generate", "export", "export-space"}
+    for name, parser in commands.items():
+        assert parser.epilog.startswith("examples:\n  python -m smollm2 " + name), name
+        for action in parser._actions:
+            assert action.help, f"{name} {action.option_strings}"
+
+
+def test_app_help_has_every_flag_explained_and_examples():
+    flat = one_line(help_text("app.py"))
+    assert "--host HOST address to serve on, or $GRADIO_SERVER_NAME; 0.0.0.0 for every interface" in flat
+    assert "--port PORT port to serve on, or $GRADIO_SERVER_PORT (default: 7860)" in flat
+    assert flat.endswith(
+        "examples: python app.py --model runs/demo/final python app.py --model model --host 0.0.0.0 --port 7861"
+    )

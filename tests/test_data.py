@@ -1,7 +1,10 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -90,6 +93,56 @@ def test_folder_of_jsonl_and_text(tmp_path):
     assert int((all_tokens == eos).sum()) == 1 + 50  # one per document
 
 
+def test_jsonl_with_another_text_field_through_set(tmp_path):
+    texts = [PLAY[i * 500 : (i + 1) * 500] for i in range(20)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"id": i, "content": t}) + "\n" for i, t in enumerate(texts)))
+    raw = config_for(tmp_path / "c.jsonl", val_fraction=0.0).to_dict()
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    result = subprocess.run(
+        [sys.executable, "-m", "smollm2", "prepare", "--config", "c.yaml", "--set", "data.text_field=content"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    (folder,) = (tmp_path / "data").iterdir()
+    tokenizer = load_tokenizer(folder / "tokenizer.json")
+    expected = [token for t in texts for token in tokenizer.encode(t) + [tokenizer.eos_id]]
+    assert np.fromfile(folder / "train.bin", dtype=np.uint16).tolist() == expected
+    assert json.loads((folder / "meta.json").read_text())["fingerprint"]["text_field"] == "content"
+
+
+def test_a_missing_text_field_names_it_and_how_to_set_it(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"content": PLAY}) + "\n")
+    config = config_for(tmp_path / "c.jsonl", text_field="body", prepared_dir=str(tmp_path / "prepared"))
+    message = (
+        f"{tmp_path / 'c.jsonl'}:1: no string field 'body' "
+        "(its string fields: content; choose the field with --set data.text_field=content)"
+    )
+    with pytest.raises(UserError) as raised:
+        prepare(config, tmp_path, quiet=True)
+    assert str(raised.value) == message
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_parquet_with_another_text_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [1, 2], "body": [PLAY[:3000], PLAY[3000:6000]]}), tmp_path / "c.parquet")
+    data = prepare(config_for(tmp_path / "c.parquet", text_field="body", val_fraction=0.0), tmp_path, quiet=True)
+    eos = data.tokenizer.eos_id
+    assert data.train.tolist() == data.tokenizer.encode(PLAY[:3000]) + [eos] + data.tokenizer.encode(
+        PLAY[3000:6000]
+    ) + [eos]
+    with pytest.raises(UserError) as raised:
+        prepare(config_for(tmp_path / "c.parquet"), tmp_path / "other", quiet=True)
+    assert str(raised.value) == (
+        f"{tmp_path / 'c.parquet'}: no string column 'text' (its string columns: body; "
+        "choose the column with --set data.text_field=body)"
+    )
+
+
 def test_parquet_source(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -108,7 +161,11 @@ def test_parquet_source(tmp_path):
         (lambda d: _write(d / "blank.txt", b"  \n\n \t\n"), "empty or only whitespace"),
         (lambda d: _write(d / "short.txt", b"ROMEO: hi\n"), "fewer than one window"),
         (lambda d: _write(d / "bad.jsonl", b'{"text": "ok"}\n{"text": broken\n'), r"bad.jsonl:2: not valid JSON"),
-        (lambda d: _write(d / "notext.jsonl", b'{"body": "ok"}\n'), r"notext.jsonl:1: no string field 'text'"),
+        (
+            lambda d: _write(d / "notext.jsonl", b'{"body": "ok", "n": 1}\n'),
+            r"notext.jsonl:1: no string field 'text' \(its string fields: body; choose the field with --set "
+            r"data.text_field=body\)$",
+        ),
         (lambda d: _write(d / "bad.parquet", b"PAR1 this is not parquet"), "not a readable parquet"),
     ],
 )

@@ -1,5 +1,6 @@
-"""The Space: export-space's folder, the push's failures, the app through gradio_client and a browser."""
+"""The Space: export-space's folder and card, the push's failures, the app through gradio_client and a browser."""
 
+import json
 import os
 import shutil
 import socket
@@ -12,16 +13,29 @@ import gradio
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard, SpaceCard
 
-from smollm2.config import load_config
+from smollm2.config import ModelConfig, load_config
 from smollm2.generation import Sampling
 from smollm2.hf import load_pretrained
 from smollm2.inference import load_for_inference, stream_text
 from smollm2.metrics import read_samples
+from smollm2.space import (
+    NEUTRAL_PROMPT,
+    RunFacts,
+    RunRecord,
+    known_corpus,
+    opening_prompt,
+    run_facts,
+    short_count,
+    space_readme,
+)
 from smollm2.trainer import train
 from tests.test_trainer import CORPUS, ROOT, tiny_config
 
 CHROMIUM = Path("/usr/bin/chromium")
+PROMPTS = ["KING HENRY VI:", "ROMEO:"]  # the first is what the app starts with
+TINY_SHAKESPEARE = ROOT / "input.txt"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +43,7 @@ def space(tmp_path_factory):
     """A 10-step run with predictions at steps 5 and 10, exported as a Space folder."""
     folder = tmp_path_factory.mktemp("space")
     (folder / "input.txt").write_text(CORPUS)
-    (folder / "tiny.yaml").write_text(yaml.safe_dump(tiny_config()))
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(prompts=PROMPTS)))
     cwd = Path.cwd()
     os.chdir(folder)
     try:
@@ -41,9 +55,9 @@ def space(tmp_path_factory):
     return folder
 
 
-def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "smollm2", *args], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+        [sys.executable, "-m", "smollm2", *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd
     )
 
 
@@ -54,7 +68,7 @@ def front_matter(readme: str) -> dict:
 
 def test_exported_space_has_every_file_and_valid_front_matter(space):
     out = space / "out"
-    for name in ["app.py", "requirements.txt", "README.md", "model/model.safetensors", "model/config.json",
+    for name in ["app.py", "requirements.txt", "README.md", "run.json", "model/model.safetensors", "model/config.json",
                  "model/tokenizer.json", "logs/metrics.jsonl", "logs/samples.md", "logs/loss.png"]:  # fmt: skip
         assert (out / name).is_file(), name
     package = sorted(p.name for p in (ROOT / "smollm2").glob("*.py"))
@@ -69,6 +83,136 @@ def test_exported_space_has_every_file_and_valid_front_matter(space):
     assert f"| parameters | {model.num_parameters():,} |" in card
     assert "| steps | 10 |" in card and "final val loss" in card
     assert read_samples(out / "logs" / "samples.md")[-1].texts[0] in card  # the latest sample
+
+
+def test_card_metadata_parses_with_huggingface_hubs_card_tools(space):
+    readme = (space / "out" / "README.md").read_text()
+    model, _ = load_pretrained(space / "out" / "model")
+    space_card = SpaceCard(readme).data
+    assert space_card.title == f"SmolLM2 {short_count(model.num_parameters())}"
+    assert (space_card.sdk, space_card.app_file, space_card.license) == ("gradio", "app.py", "apache-2.0")
+    assert space_card.tags == ["smollm2", "text-generation", "pytorch", "causal-lm"]
+    model_card = ModelCard(readme).data
+    assert (model_card.license, model_card.pipeline_tag) == ("apache-2.0", "text-generation")
+    assert model_card.datasets is None and model_card.base_model is None  # no Hub dataset known; from scratch
+
+
+def test_card_names_the_run_and_its_corpus_without_guessing(space):
+    card = (space / "out" / "README.md").read_text()
+    # The run read a 60 KB piece of input.txt, not tiny Shakespeare's bytes: named by its path alone.
+    assert "trained from scratch with smollm2 (the run `run`) on `input.txt`. The **Generate**" in card
+    assert "Shakespeare" not in card
+    assert json.loads((space / "out" / "run.json").read_text()) == {
+        "name": "run",
+        "data_path": "input.txt",
+        "corpus": None,
+        "prompts": PROMPTS,
+    }
+    unknown = space_readme(RunRecord(ModelConfig(), 1000, [], []), RunFacts("r"))
+    assert "(the run `r`); its training data is not recorded with the run." in unknown
+    known = space_readme(RunRecord(ModelConfig(), 1000, [], []), RunFacts("r", "input.txt", "tiny Shakespeare"))
+    assert "(the run `r`) on tiny Shakespeare (`input.txt`). The **Generate**" in known
+
+
+def test_a_corpus_is_named_only_when_its_bytes_are_known(tmp_path):
+    stat = TINY_SHAKESPEARE.stat()
+    assert known_corpus([[str(TINY_SHAKESPEARE), stat.st_size, stat.st_mtime_ns]]) == "tiny Shakespeare"
+    assert known_corpus([[str(TINY_SHAKESPEARE), stat.st_size, stat.st_mtime_ns + 1]]) is None  # changed since
+    edited = tmp_path / "input.txt"
+    edited.write_bytes(TINY_SHAKESPEARE.read_bytes().replace(b"ROMEO", b"ROMEA", 1))
+    edited_stat = edited.stat()
+    assert known_corpus([[str(edited), edited_stat.st_size, edited_stat.st_mtime_ns]]) is None
+    assert known_corpus([]) is None
+
+
+def test_a_run_on_tiny_shakespeare_names_it(tmp_path, monkeypatch):
+    shutil.copy(TINY_SHAKESPEARE, tmp_path / "input.txt")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(save_every=1)))
+    monkeypatch.chdir(tmp_path)
+    train(load_config("tiny.yaml"), 1, None, "run")
+    assert run_facts(tmp_path / "run") == RunFacts("run", "input.txt", "tiny Shakespeare", ["ROMEO:"])
+    (tmp_path / "input.txt").write_text(CORPUS)  # no longer what the run read: named by its path alone
+    assert run_facts(tmp_path / "run") == RunFacts("run", "input.txt", None, ["ROMEO:"])
+
+
+@pytest.mark.parametrize(
+    ("count", "label"),
+    [(999, "999"), (25_154, "25K"), (3_670_016, "3.7M"), (9_960_000, "10M"), (134_515_008, "135M"),
+     (1_711_376_384, "1.7B")],
+)  # fmt: skip
+def test_parameter_counts_keep_a_decimal_below_ten(count, label):
+    assert short_count(count) == label
+    card = space_readme(RunRecord(ModelConfig(), count, [], []), RunFacts("r"))
+    assert SpaceCard(card).data.title == f"SmolLM2 {label}"
+
+
+def test_card_shows_transformers_code_that_runs(space):
+    card = (space / "out" / "README.md").read_text()
+    code = card.split("## Use it with transformers")[1].split("```python\n")[1].split("```")[0]
+    assert 'AutoModelForCausalLM.from_pretrained("model")' in code and "inputs = tokenizer('KING HENRY VI:'" in code
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=space / "out"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("KING HENRY VI:") and len(result.stdout) > len("KING HENRY VI:\n")
+
+
+def test_card_of_a_model_transformers_cannot_load_shows_the_smollm2_way():
+    config = ModelConfig(norm="layernorm", mlp="gelu")
+    card = space_readme(RunRecord(config, 1000, [], []), RunFacts("r", prompts=["First Citizen:"]))
+    assert "AutoModelForCausalLM" not in card and "## Use it with transformers" not in card
+    assert "Its architecture (model.norm=layernorm) has no transformers equivalent" in card
+    assert "python -m smollm2 generate --model model --prompt 'First Citizen:' --max_new_tokens 100\n" in card
+
+
+def test_export_space_of_dot_names_the_run_by_its_folder(space, tmp_path):
+    result = cli("export-space", "--run", ".", "--out", str(tmp_path / "out"), cwd=space / "run")
+    assert result.returncode == 0, result.stderr
+    assert "(the run `run`)" in (tmp_path / "out" / "README.md").read_text()
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["name"] == "run"
+
+
+def test_the_app_starts_with_the_runs_first_prompt(space, tmp_path):
+    from smollm2.app import build_app
+
+    run = space / "run"
+    assert opening_prompt(space / "out" / "model") == PROMPTS[0]  # the Space's run.json
+    assert opening_prompt(run / "final") == PROMPTS[0]  # the run's latest checkpoint
+    assert opening_prompt(run / "checkpoints" / "step_10.pt") == PROMPTS[0]
+    shutil.copytree(run / "final", tmp_path / "downloaded")
+    assert opening_prompt(tmp_path / "downloaded") == NEUTRAL_PROMPT == "Once upon a time"
+    app = build_app(space / "out" / "model", None)
+    (prompt,) = [block for block in app.blocks.values() if getattr(block, "label", None) == "Prompt"]
+    assert prompt.value == "KING HENRY VI:"
+
+
+def test_weights_get_the_umask_mode_like_every_other_file(space):
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder in (space / "out" / "model", space / "run" / "final"):
+        for name in ("model.safetensors", "config.json", "tokenizer.json"):
+            assert (folder / name).stat().st_mode & 0o777 == 0o666 & ~umask, folder / name
+
+
+def test_tokenizer_config_carries_the_models_context(space):
+    for folder in (space / "out" / "model", space / "run" / "final"):
+        assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 64
+
+
+def test_generate_says_when_the_context_cuts_the_continuation(space):
+    model = str(space / "out" / "model")
+    ours, tokenizer = load_for_inference(model)
+    prompt_tokens = len(tokenizer.encode("ROMEO:"))
+    longest = "".join(stream_text(ours, tokenizer, "ROMEO:", 64 - prompt_tokens, Sampling(temperature=0)))
+    result = cli("generate", "--model", model, "--prompt", "ROMEO:", "--max_new_tokens", "700", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"note: the continuation is cut to {64 - prompt_tokens} tokens by the model's context "
+        f"(64 tokens, {prompt_tokens} of them the prompt's)"
+    ]
+    assert result.stdout == longest + "\n"
+    within = cli("generate", "--model", model, "--prompt", "ROMEO:", "--max_new_tokens", "5", "--temperature", "0")
+    assert within.returncode == 0 and within.stderr == ""
 
 
 def test_exported_weights_are_the_runs(space):
