@@ -2,7 +2,10 @@
 
 import sys
 
-from smollm2.cli import train_main
-
 if __name__ == "__main__":
+    try:
+        from smollm2.cli import train_main  # torch takes seconds to import: Ctrl-C may come first
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+    sys.exit(130)
     sys.exit(train_main())

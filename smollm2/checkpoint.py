@@ -40,6 +40,10 @@ DATA_ORDER_KEYS = (
 )
 
 
+LOG_FILES = ("metrics.jsonl", "samples.md", "loss.png", "summary.json", "wandb")  # what a run writes in logs/
+RUN_PARTS = ("checkpoints", "logs", "final", "data")
+
+
 def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -165,7 +169,10 @@ def load_checkpoint(path: str | Path) -> dict:
     """The raw dictionary of a checkpoint file, or one line saying why it is not one."""
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{path} is a folder: pass a checkpoint file such as {path / 'step_N.pt'}")
+        inside = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        newest = list_checkpoints(inside)
+        example = newest[-1] if newest else inside / "step_N.pt"
+        raise UserError(f"{path} is a folder: pass a checkpoint file such as {example}")
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
@@ -227,10 +234,11 @@ class Checkpointer:
         for folder in (self.out_dir, self.folder):
             if folder.exists() and not folder.is_dir():
                 raise UserError(f"{folder} is a file, not a folder: choose another --out_dir")
+        self.check_not_inside_another_folder()
         existing = list_checkpoints(self.folder)
+        logged = [p for p in (self.out_dir / "logs" / name for name in LOG_FILES) if p.exists()]
         if resume is None:
-            metrics = self.out_dir / "logs" / "metrics.jsonl"
-            held = existing[-1:] or [p for p in (self.final, metrics) if p.exists() and not _is_empty(p)]
+            held = existing[-1:] or [p for p in (self.final, *logged) if p.exists() and not _is_empty(p)]
             if held:
                 resume_with = f"--checkpoint_path {existing[-1]}" if existing else "--checkpoint_path CHECKPOINT"
                 raise UserError(
@@ -247,7 +255,20 @@ class Checkpointer:
             owner = read_marker(self.out_dir).get("run_id")
             if owner and resume.progress.run_id and owner != resume.progress.run_id:
                 raise UserError(f"{self.out_dir} holds another run: continue this one into a new --out_dir")
+            if logged and not owner and not existing:  # logs that no run of ours can be shown to have written
+                raise UserError(
+                    f"{self.out_dir} holds logs of an unknown run ({logged[0]}): continue into a new --out_dir"
+                )
         check_replaceable(self.final, "model", "the run's final/", MODEL_FILES)
+
+    def check_not_inside_another_folder(self) -> None:
+        """A run folder is never a folder smollm2 wrote for something else, nor a part of a run."""
+        kind = read_marker(self.out_dir).get("kind")
+        if kind not in (None, "run"):
+            raise UserError(f"{self.out_dir} is a {kind} folder smollm2 wrote: choose another --out_dir")
+        parent = self.out_dir.resolve().parent
+        if self.out_dir.resolve().name in RUN_PARTS and read_marker(parent).get("kind") == "run":
+            raise UserError(f"{self.out_dir} is part of the run in {parent}: choose another --out_dir")
 
     def claim(self, run_id: str | None) -> None:
         """Mark the run folder as this run's and clear what killed runs left behind."""

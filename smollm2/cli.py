@@ -8,12 +8,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from smollm2.config import Config, load_config
 from smollm2.errors import UserError, os_error_line
 from smollm2.generation import Sampling
-from smollm2.model import SmolLM2
+from smollm2.model import parameter_breakdown
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -89,28 +87,19 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def parameter_report(config: Config, source: str) -> str:
     model_config = config.model
-    with torch.device("meta"):
-        model = SmolLM2(model_config)
-    block = model.layers[0]
-
-    def count(module: torch.nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
-    attention, mlp = count(block.self_attn), count(block.mlp)
-    norms = count(block.input_layernorm) + count(block.post_attention_layernorm)
-    head = 0 if model_config.tie_embeddings else count(model.lm_head)
+    parts = parameter_breakdown(model_config)
     rows = [
-        ("embeddings", count(model.embed_tokens)),
-        ("per layer: attention", attention),
-        ("per layer: mlp", mlp),
-        ("per layer: norms", norms),
-        ("per layer: total", attention + mlp + norms),
-        (f"layers (x{model_config.n_layers})", count(model.layers)),
-        ("final norm", count(model.norm)),
-        ("lm head" + (" (tied to embeddings)" if model_config.tie_embeddings else ""), head),
+        ("embeddings", parts["embeddings"]),
+        ("per layer: attention", parts["attention"]),
+        ("per layer: mlp", parts["mlp"]),
+        ("per layer: norms", parts["norms"]),
+        ("per layer: total", parts["layer"]),
+        (f"layers (x{model_config.n_layers})", model_config.n_layers * parts["layer"]),
+        ("final norm", parts["final norm"]),
+        ("lm head" + (" (tied to embeddings)" if model_config.tie_embeddings else ""), parts["head"]),
     ]
     lines = [f"{source}: {model_config.describe()}"] + [f"  {name:<38}{value:>14,}" for name, value in rows]
-    lines.append(f"total parameters: {model.num_parameters():,}")
+    lines.append(f"total parameters: {parts['total']:,}")
     return "\n".join(lines)
 
 
@@ -135,8 +124,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_export_space(args: argparse.Namespace) -> None:
-    from smollm2.space import export_space, push_space
+    from smollm2.space import check_repo_id, export_space, push_space
 
+    if args.push:
+        check_repo_id(args.push)  # before anything is written
     folder = export_space(args.run_dir, args.out)
     print(f"wrote {folder} (try it: python {folder / 'app.py'})")
     if args.push:

@@ -68,7 +68,8 @@ def resolve_sources(spec: str, base: Path = Path(".")) -> list[Path]:
     elif path.is_file():
         files = [path]
     else:
-        raise UserError(f"data.path: {spec!r} does not exist")
+        what = "is not a regular file or folder" if path.exists() else "does not exist"
+        raise UserError(f"data.path: {spec!r} {what}")
     unsupported = [f for f in files if f.suffix not in SUFFIXES]
     if unsupported:
         raise UserError(f"data.path: {unsupported[0]} is not a .txt, .jsonl or .parquet file")

@@ -90,7 +90,9 @@ def check_replaceable(folder: Path, kind: str, what: str, known_names: frozenset
     """
     if not folder.exists() and not folder.is_symlink():
         return
-    if not folder.is_dir() or folder.is_symlink():
+    if folder.is_symlink():
+        raise UserError(f"{what} {folder} is a symlink: refusing to replace it (give the real folder)")
+    if not folder.is_dir():
         raise UserError(f"{what} {folder} exists and is not a folder: refusing to replace it")
     names = {p.name for p in folder.iterdir()}
     kind_found = owner_kind(folder) if MARKER in names else kind

@@ -104,7 +104,9 @@ def sample(
         logits = torch.where(seen, penalised, logits)
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
+    # The largest logit moved to 0 first: a tiny temperature then sends the others to -inf, not
+    # the largest to +inf (inf - inf = nan in the softmax).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature
     if sampling.top_k > 0:
         kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

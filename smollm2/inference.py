@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smollm2.checkpoint import load_model_from_checkpoint
-from smollm2.config import ModelConfig
+from smollm2.config import SEED_LIMIT, ModelConfig
 from smollm2.errors import UserError
 from smollm2.generation import Sampling, prompt_ids, stream
 from smollm2.hf import load_pretrained
@@ -159,6 +159,8 @@ def stream_text(
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ids = prompt_ids(tokenizer, prompt, model.config.max_seq_len)
     device = model.embed_tokens.weight.device
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"seed must be in [0, 2**63), got {seed}")
     generator = torch.Generator(device=device).manual_seed(seed)
     max_new = min(max_new_tokens, model.config.max_seq_len - len(ids))
     if max_new < max_new_tokens:

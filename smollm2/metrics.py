@@ -212,11 +212,13 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a crash: skip it
             continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):  # anything else is not a row of ours
+            rows.append(row)
     return rows
 
 

@@ -319,7 +319,28 @@ class SmolLM2(nn.Module):
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
 
+def parameter_breakdown(config: ModelConfig) -> dict[str, int]:
+    """The parameters of each part of a model with this config, counted on one block without
+    allocating anything: as fast for 300,000 layers as for 3. The head is 0 when tied."""
+
+    def count(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        block = Block(config, 0)
+        parts = {
+            "embeddings": count(nn.Embedding(config.vocab_size, config.hidden_size)),
+            "attention": count(block.self_attn),
+            "mlp": count(block.mlp),
+            "norms": count(block.input_layernorm) + count(block.post_attention_layernorm),
+            "final norm": count(make_norm(config)),
+            "head": 0 if config.tie_embeddings else config.vocab_size * config.hidden_size,
+        }
+    parts["layer"] = parts["attention"] + parts["mlp"] + parts["norms"]
+    parts["total"] = parts["embeddings"] + config.n_layers * parts["layer"] + parts["final norm"] + parts["head"]
+    return parts
+
+
 def parameter_count(config: ModelConfig) -> int:
     """The parameters of a model with this config, counted without allocating it."""
-    with torch.device("meta"):
-        return SmolLM2(config).num_parameters()
+    return parameter_breakdown(config)["total"]

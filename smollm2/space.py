@@ -361,6 +361,18 @@ python app.py            # then open http://127.0.0.1:7860
 # Push
 
 
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"--push {repo_id!r} is not a Space id: expected user/name") from None
+    if "/" not in repo_id:
+        raise UserError(f"--push {repo_id!r} is not a Space id: expected user/name")
+
+
 def push_space(folder: Path, repo_id: str) -> str:
     """Upload `folder` as the Space `repo_id`; one clear UserError when it can't (no token, no network)."""
     import httpx

@@ -405,3 +405,75 @@ def test_a_prompt_that_is_not_utf8(workspace):
 
 def test_app_with_a_port_out_of_range(workspace):
     one_line(run_python(str(ROOT / "app.py"), "--model", "run/final", "--port", "99999", cwd=workspace), b"--port")
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by trying to break it
+
+
+def test_a_fresh_run_never_overwrites_log_files_it_did_not_write(workspace, capsys):
+    (workspace / "project" / "logs").mkdir(parents=True)
+    (workspace / "project" / "logs" / "samples.md").write_text("my precious notes\n")
+    argv = [*TRAIN, "--train_steps", "2", "--out_dir", "project"]
+    train_refused(capsys, workspace, argv, "already holds a run (project/logs/samples.md)")
+
+
+def test_a_resume_never_rewrites_logs_of_an_unknown_run(workspace, capsys):
+    (workspace / "other" / "logs").mkdir(parents=True)
+    (workspace / "other" / "logs" / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+    argv = [*TRAIN, "--train_steps", "2", "--checkpoint_path", "run/checkpoints/step_4.pt", "--out_dir", "other"]
+    train_refused(capsys, workspace, argv, "holds logs of an unknown run")
+
+
+@pytest.mark.parametrize(
+    ("out_dir", "message"),
+    [("run/final", "is a model folder"), ("run/checkpoints", "is part of the run"), ("run/logs", "part of the run")],
+)
+def test_a_run_folder_is_never_a_part_of_another(workspace, capsys, out_dir, message):
+    resume = ["--checkpoint_path", "run/checkpoints/step_4.pt"]
+    train_refused(capsys, workspace, [*TRAIN, "--train_steps", "2", *resume, "--out_dir", out_dir], message)
+
+
+def test_rows_that_are_not_ours_in_metrics_are_skipped(workspace):
+    with open(workspace / "run" / "logs" / "metrics.jsonl", "a") as f:
+        f.write('5\n{"loss": 1}\n{"step": "x"}\n')
+    assert cli.main(["export-space", "--run", "run", "--out", "space"]) == 0
+    argv = [*TRAIN, "--train_steps", "1", "--checkpoint_path", "run/checkpoints/step_4.pt", "--out_dir", "run"]
+    assert cli.train_main(argv) == 0
+    rows = [json.loads(line) for line in (workspace / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_generate_seeds_out_of_range(workspace, capsys, seed):
+    argv = ["generate", "--checkpoint", "run/checkpoints/step_4.pt", "--prompt", "a", "--seed", seed]
+    main_refused(capsys, workspace, argv, "seed must be in [0, 2**63)")
+
+
+def test_a_tiny_temperature_is_nearly_greedy_not_a_crash(workspace, capsys):
+    argv = ["generate", "--checkpoint", "run/checkpoints/step_4.pt", "--prompt", "ROMEO:", "--max_new_tokens", "5"]
+    assert cli.main([*argv, "--temperature", "1e-40"]) == 0
+    tiny = capsys.readouterr().out
+    assert cli.main([*argv, "--temperature", "0"]) == 0
+    assert tiny == capsys.readouterr().out
+
+
+def test_misleading_messages(workspace, capsys):
+    main_refused(capsys, workspace, ["prepare", *TRAIN, "--set", "data.path=/dev/null"], "is not a regular file")
+    line = main_refused(capsys, workspace, ["export", "--checkpoint", "run", "--out", "hf"], "is a folder")
+    assert "run/checkpoints/step_4.pt" in line
+    (workspace / "link").symlink_to(workspace / "mine")
+    main_refused(capsys, workspace, ["export-space", "--run", "run", "--out", "link"], "is a symlink")
+    argv = ["export-space", "--run", "run", "--out", "space", "--push", "not a repo id"]
+    main_refused(capsys, workspace, argv, "is not a Space id")
+    assert not (workspace / "space").exists()
+
+
+def test_info_of_a_huge_model_counts_without_building_it(capsys):
+    assert cli.main(["info", "--config", str(ROOT / "config/smollm2-135m.yaml"), "--set", "model.n_layers=10**9"]) == 2
+    capsys.readouterr()
+    assert (
+        cli.main(["info", "--config", str(ROOT / "config/smollm2-135m.yaml"), "--set", "model.n_layers=1000000000"])
+        == 0
+    )
+    assert capsys.readouterr().out.splitlines()[-1] == f"total parameters: {28_311_552 + 10**9 * 3_540_096 + 576:,}"
