@@ -25,8 +25,8 @@ from smollm2.space import DEFAULT_MODEL, RunRecord, logs_beside, opening_prompt,
 MAX_NEW_TOKENS = 512
 
 
-def build_app(model_path: Path, logs: Path | None) -> gr.Blocks:
-    model, tokenizer = load_for_inference(model_path)
+def build_app(model_path: Path, logs: Path | None, precision: str = "fp32") -> gr.Blocks:
+    model, tokenizer = load_for_inference(model_path, precision=precision)
     record = read_record(model.config, model.num_parameters(), logs)
 
     def generate(prompt: str, max_new_tokens: float, temperature: float, top_k: float, top_p: float, seed: float):
@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("GRADIO_SERVER_PORT", "7860"),
         help="port to serve on, or $GRADIO_SERVER_PORT",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="weights for decoding; auto: bf16 where it measures faster on this machine",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port must be in 1..65535, got {args.port}")
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {model_path}: no model there (run `make demo` first, or pass --model)", file=sys.stderr)
         raise SystemExit(2)
     try:
-        app = build_app(model_path, logs)
+        app = build_app(model_path, logs, args.precision)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

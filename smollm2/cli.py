@@ -106,7 +106,7 @@ def parameter_report(config: Config, source: str) -> str:
 def cmd_generate(args: argparse.Namespace) -> None:
     from smollm2.inference import load_for_inference, stream_text
 
-    model, tokenizer = load_for_inference(args.checkpoint or args.model)
+    model, tokenizer = load_for_inference(args.checkpoint or args.model, precision=args.precision)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, sampling, args.seed):
         sys.stdout.write(piece)
@@ -235,6 +235,12 @@ def add_generate(commands: Subcommands) -> None:
         "--repetition_penalty", type=float, default=1.0, help="damp tokens already in the text by this; 1 = off"
     )
     generate.add_argument("--seed", type=int, default=0, help="random seed: the same seed, the same text")
+    generate.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="weights for decoding; auto: bf16 where it measures faster on this machine",
+    )
     generate.set_defaults(run=cmd_generate)
 
 

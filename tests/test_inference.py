@@ -62,7 +62,42 @@ def test_packing_replaces_every_linear_and_fuses_projections():
     assert model.layers[0].mlp.gate_up_proj.packed.shape == (2 * 128, 64)
 
 
-def test_packing_leaves_non_fp32_models_alone():
-    model = SmolLM2(small_config()).to(torch.bfloat16)
+def test_packing_leaves_models_other_than_fp32_and_bf16_alone():
+    model = SmolLM2(small_config()).to(torch.float16)
     assert pack_for_cpu_inference(model) is model
     assert isinstance(model.lm_head, torch.nn.Linear)
+
+
+def test_bf16_packed_decoding_follows_fp32():
+    model = SmolLM2(small_config()).eval()
+    bf16_reference = SmolLM2(small_config()).eval()
+    bf16_reference.load_state_dict(model.state_dict())
+    bf16 = pack_for_cpu_inference(bf16_reference.to(torch.bfloat16))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        fp32_logits, bf16_logits = model(ids), bf16(ids)
+    assert bf16_logits.dtype == torch.bfloat16
+    assert (bf16_logits.float() - fp32_logits).abs().max() < 0.05 * fp32_logits.abs().max()
+    out = generate(bf16, [[1, 2, 3]], 12, sampling=Sampling(temperature=0))[0]
+    assert len(out) == 12 and all(0 <= t < model.config.vocab_size for t in out)
+
+
+@pytest.mark.parametrize(
+    ("precision", "speedup", "dtype"),
+    [("auto", 1.8, torch.bfloat16), ("auto", 1.0, None), ("fp32", 9.0, None), ("bf16", 0.1, torch.bfloat16)],
+)
+def test_decoding_precision_follows_the_choice_or_the_measurement(monkeypatch, precision, speedup, dtype):
+    import smollm2.inference
+
+    monkeypatch.setattr(smollm2.inference, "decode_bf16_speedup", lambda config: speedup)
+    chosen = smollm2.inference.choose_decode_precision(precision, small_config(), torch.device("cpu"))
+    assert chosen.dtype == dtype
+    if precision == "auto":
+        assert chosen.reason == f"auto: bf16 decoding {speedup:.2g}x fp32 on this CPU"
+
+
+def test_the_decoding_measurement_is_a_ratio_of_real_timings():
+    from smollm2.inference import decode_bf16_speedup
+
+    speedup = decode_bf16_speedup(small_config(hidden_size=128, intermediate_size=256), repeats=1)
+    assert speedup > 0

@@ -284,7 +284,7 @@ def app_url(space):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMOLLM2_")} | {"GRADIO_ANALYTICS_ENABLED": "False"}
     process = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port)],
+        [sys.executable, "app.py", "--port", str(port), "--precision", "fp32"],
         cwd=space / "out",
         env=env,
         stdout=subprocess.PIPE,

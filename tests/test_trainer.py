@@ -310,6 +310,8 @@ def test_generate_and_export_commands(run_dir):
             "12",
             "--temperature",
             "0",
+            "--precision",
+            "fp32",
         ],
         cwd=run_dir,
         capture_output=True,
