@@ -7,5 +7,5 @@ if __name__ == "__main__":
         from smollm2.cli import train_main  # torch takes seconds to import: Ctrl-C may come first
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-    sys.exit(130)
+        sys.exit(130)
     sys.exit(train_main())
