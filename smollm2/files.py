@@ -111,7 +111,8 @@ def build_folder(target: Path, kind: str) -> Iterator[Path]:
     """Yield a staging folder beside `target`; on success mark it and swap it in place of `target`.
 
     The caller checks `check_replaceable` first. On failure (or a signal) the staging folder is
-    removed and `target` is untouched; at no moment is there neither the old nor the new folder.
+    removed and `target` is untouched. The swap is two renames: a crash between them leaves the old
+    folder as `.NAME.old-PID`, which the next run puts back (`clean_leftovers`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
