@@ -157,7 +157,7 @@ def choose_decode_precision(precision: str, config: ModelConfig, device: torch.d
     if precision == "bf16" or device.type == "cuda":
         return Precision(torch.bfloat16, "chosen" if precision == "bf16" else "auto: CUDA")
     speedup = decode_bf16_speedup(config)
-    reason = f"auto: bf16 decoding {speedup:.2g}x fp32 on this CPU"
+    reason = f"auto: bf16 decoding {speedup:.2f}x fp32 on this CPU"
     return Precision(torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else None, reason)
 
 

@@ -93,7 +93,7 @@ def test_decoding_precision_follows_the_choice_or_the_measurement(monkeypatch, p
     chosen = smollm2.inference.choose_decode_precision(precision, small_config(), torch.device("cpu"))
     assert chosen.dtype == dtype
     if precision == "auto":
-        assert chosen.reason == f"auto: bf16 decoding {speedup:.2g}x fp32 on this CPU"
+        assert chosen.reason == f"auto: bf16 decoding {speedup:.2f}x fp32 on this CPU"
 
 
 def test_the_decoding_measurement_is_a_ratio_of_real_timings():
