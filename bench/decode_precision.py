@@ -106,7 +106,7 @@ def main() -> None:
             f"| {name} | {speed:.1f} | {speed / base:.2f}x | {prefix:.0%} / {same:.0%} | "
             f"{perplexity(model, corpus):.3f} |"
         )
-    print(f"\n`--precision auto` here: {chosen.name} ({chosen.reason}).")
+    print(f"\n`--precision auto` here: {'bf16' if chosen.dtype else 'fp32'} ({chosen.reason}).")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from smollm2.checkpoint import load_model_from_checkpoint
 from smollm2.config import SEED_LIMIT, ModelConfig
 from smollm2.errors import UserError
 from smollm2.generation import Sampling, prompt_ids, stream
-from smollm2.hardware import BF16_MIN_SPEEDUP, Precision
+from smollm2.hardware import Precision
 from smollm2.hf import load_pretrained
 from smollm2.model import MLP, Attention, SmolLM2
 from smollm2.tokenizer import Tokenizer
@@ -150,42 +149,14 @@ def load_for_inference(source: str | Path, device: str = "cpu", precision: str =
 
 
 def choose_decode_precision(precision: str, config: ModelConfig, device: torch.device) -> Precision:
-    """fp32 or bf16 weights for decoding; auto: bf16 on CUDA, and on a CPU when one decoding
-    step's matrix-vector products (packed, as decoding runs them) measure clearly faster in bf16."""
-    if precision == "fp32":
-        return Precision(None, "chosen")
-    if precision == "bf16" or device.type == "cuda":
-        return Precision(torch.bfloat16, "chosen" if precision == "bf16" else "auto: CUDA")
-    speedup = decode_bf16_speedup(config)
-    reason = f"auto: bf16 decoding {speedup:.2f}x fp32 on this CPU"
-    return Precision(torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else None, reason)
-
-
-def decode_bf16_speedup(config: ModelConfig, repeats: int = 5) -> float:
-    """fp32 time / bf16 time of one layer's packed matrix-vector products (a decoding step's work)."""
-    local = torch.Generator().manual_seed(0)
-    hidden, inner = config.hidden_size, config.intermediate_size
-    shapes = [(hidden + 2 * config.n_kv_heads * config.head_dim, hidden), (hidden, hidden), (2 * inner, hidden)]
-    shapes.append((hidden, inner))
-    weights = [torch.randn(n, k, generator=local) for n, k in shapes]
-
-    def seconds(dtype: torch.dtype) -> float:
-        linears = []
-        for weight in weights:
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=dtype)
-            linear.weight.data.copy_(weight)
-            linears.append(PackedLinear(linear))
-        inputs = [torch.randn(1, w.shape[1], generator=local).to(dtype) for w in weights]
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first round warms oneDNN up
-            start = time.perf_counter()
-            for _ in range(8):
-                for linear, x in zip(linears, inputs, strict=True):
-                    linear(x)
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    return seconds(torch.float32) / seconds(torch.bfloat16)
+    """fp32 or bf16 weights for decoding. auto: bf16 on CUDA; fp32 on a CPU, by measurement
+    (bench/decode_precision.py, BENCHMARKS.md): with the published SmolLM2-135M-Instruct, bf16
+    decoding was only 1.04-1.11x faster here, its perplexity +0.06%, and greedy text parts from
+    fp32's after a third of the tokens. A per-load microbenchmark was tried and dropped: one layer's
+    matrix-vector products fit in cache and measured 1.27x to 1.85x from one run to the next."""
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return Precision(None, "chosen" if precision == "fp32" else "auto: fp32 decodes about as fast on a CPU")
+    return Precision(torch.bfloat16, "chosen" if precision == "bf16" else "auto: CUDA")
 
 
 def stream_text(
