@@ -78,10 +78,6 @@ def read_marker(folder: Path) -> dict:
     return marker if isinstance(marker, dict) else {}
 
 
-def owner_kind(folder: Path) -> str | None:
-    return read_marker(folder).get("kind")
-
-
 def check_replaceable(folder: Path, kind: str, what: str, known_names: frozenset[str]) -> None:
     """Refuse, in one line, to replace `folder` unless it is absent, empty, or provably ours.
 
@@ -95,7 +91,7 @@ def check_replaceable(folder: Path, kind: str, what: str, known_names: frozenset
     if not folder.is_dir():
         raise UserError(f"{what} {folder} exists and is not a folder: refusing to replace it")
     names = {p.name for p in folder.iterdir()}
-    kind_found = owner_kind(folder) if MARKER in names else kind
+    kind_found = read_marker(folder).get("kind") if MARKER in names else kind
     foreign = sorted(names - known_names - {MARKER})
     if kind_found == kind and not foreign:
         return

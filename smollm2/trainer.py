@@ -209,7 +209,6 @@ class Trainer:
         self.world = distributed.setup()
         self.device = distributed.device_for(self.world)
         self.precision = self.choose_precision()
-        self.dtype = self.precision.dtype
         torch.manual_seed(settings.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
         self.data = self.prepare_data()
         if resume is not None:
@@ -261,9 +260,9 @@ class Trainer:
             return prepare(self.config, self.out_dir, quiet=not self.world.is_main)
 
     def autocast(self):
-        if self.dtype is None:
+        if self.precision.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        return torch.autocast(self.device.type, dtype=self.precision.dtype)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -382,7 +381,7 @@ class Trainer:
         settings = self.config.train
         log = RunLog(self.out_dir, start, self.config.to_dict(), settings.wandb, settings.wandb_project)
         flops = flops_per_token(self.config.model, self.config.data.seq_len)
-        speed = SpeedModel(self.device.type, self.tokens_per_step, flops, peak_flops(self.device, self.dtype))
+        speed = SpeedModel(self.device.type, self.tokens_per_step, flops, peak_flops(self.device, self.precision.dtype))
         reporter = Reporter(log, end, self.progress.last_val_loss, speed)
         reporter.header(self.header_lines(start, end))
         return reporter
