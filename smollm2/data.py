@@ -34,6 +34,10 @@ PREPARED_FILES = frozenset({"meta.json", "tokenizer.json", "train.bin", "val.bin
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 ENCODE_BATCH_BYTES = 4 << 20  # text handed to the (parallel) batch encoder at once
 
+# A batch is the model's keyword arguments: input_ids and targets (B, T), and optionally
+# document_ids (B, T) where a window packs several documents. Every loader yields these.
+Batch = dict[str, torch.Tensor]
+
 
 @dataclass
 class Piece:
@@ -408,25 +412,24 @@ class BatchLoader:
         first = (within * self.world_size + self.rank) * self.batch_size
         return order[first : first + self.batch_size] * self.seq_len
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int) -> Batch:
         windows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in self.window_starts(step)])
         windows = torch.from_numpy(windows.astype(np.int64))
         if self.device.type == "cuda":
             windows = windows.pin_memory()
-        return windows[:, :-1], windows[:, 1:]
+        return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
 
     def __iter__(self) -> BatchLoader:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> Batch:
         if self._queue is None:
             self._start()
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
         self.step += 1
-        inputs, targets = item
-        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        return to_device(item, self.device)
 
     def _start(self) -> None:
         self._stop.clear()
@@ -455,7 +458,11 @@ class BatchLoader:
         self._queue, self._thread = None, None
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> list[tuple]:
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
+def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> list[Batch]:
     """The first windows of the validation split, in order: the same every evaluation."""
     seq_len = min(seq_len, len(tokens) - 1)
     if seq_len < 1:
@@ -465,5 +472,5 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
     for first in range(0, min(n_windows, batch_size * max_batches), batch_size):
         starts = range(first * seq_len, min(first + batch_size, n_windows) * seq_len, seq_len)
         windows = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
-        batches.append((windows[:, :-1], windows[:, 1:]))
+        batches.append({"input_ids": windows[:, :-1], "targets": windows[:, 1:]})
     return batches

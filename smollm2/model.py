@@ -257,6 +257,24 @@ def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
 
 
 # ---------------------------------------------------------------------------------------------
+# Windows that pack several documents
+
+
+def document_layout(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """document_ids (B, T), equal along each document's run of tokens -> positions (B, T) that
+    restart at 0 with each document, and the boolean mask (B, 1, T, T) that lets a token see the
+    earlier tokens of its own document only: each document is computed as if it were alone."""
+    length = document_ids.shape[1]
+    index = torch.arange(length, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first_of_document = torch.where(starts, index, 0).cummax(dim=1).values
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    return index - first_of_document, (same_document & causal).unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
 # The model
 
 
@@ -293,12 +311,16 @@ class SmolLM2(nn.Module):
         positions: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab); with `targets`, the mean cross-entropy instead (ignore_index -100).
 
         positions (B, T) and a boolean mask (B, 1, T, keys) are needed only for padded batches and
-        cached decoding; plain training passes neither and gets the causal fast path.
+        cached decoding; plain training passes neither and gets the causal fast path. document_ids
+        (B, T) stand for both in windows that pack several documents: see `document_layout`.
         """
+        if document_ids is not None:
+            positions, mask = document_layout(document_ids)
         if mask is None and cache is not None and cache.length > 0 and input_ids.shape[1] > 1:
             raise ValueError("several new tokens after cached ones need an explicit mask")
         x = self.embed_tokens(input_ids)

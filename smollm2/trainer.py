@@ -21,7 +21,7 @@ import torch
 from smollm2 import distributed
 from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rng, restore_rng
 from smollm2.config import Config, TrainConfig
-from smollm2.data import BatchLoader, PreparedData, eval_batches, prepare
+from smollm2.data import BatchLoader, PreparedData, eval_batches, prepare, to_device
 from smollm2.errors import UserError
 from smollm2.files import RunLock, remove_empty_folders
 from smollm2.generation import Sampling, generate, prompt_ids
@@ -130,9 +130,9 @@ class Validator:
         model.eval()
         device = model.embed_tokens.weight.device
         losses = []
-        for inputs, targets in self.batches:
+        for batch in self.batches:
             with autocast():
-                losses.append(model(inputs.to(device), targets.to(device)).item())
+                losses.append(model(**to_device(batch, device)).item())
         loss = sum(losses) / len(losses)
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
 
@@ -326,9 +326,9 @@ class Trainer:
         self.train_model.train()
         total = torch.zeros((), device=self.device)
         for micro in range(settings.grad_accum):
-            inputs, targets = next(self.loader)
+            batch = next(self.loader)
             with distributed.no_sync(self.train_model, micro == settings.grad_accum - 1), self.autocast():
-                loss = self.train_model(inputs, targets) / settings.grad_accum
+                loss = self.train_model(**batch) / settings.grad_accum
                 loss.backward()
             total += loss.detach()
         loss_value = distributed.mean_across_ranks(total.item(), self.device)

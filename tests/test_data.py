@@ -220,12 +220,14 @@ def test_loader_resumes_exactly():
     resumed = BatchLoader(TOKENS, batch_size=4, seq_len=32, seed=3)
     resumed.load_state_dict(state)
     got += [next(resumed) for _ in range(123)]
-    for (x, y), (ex, ey) in zip(got, expected, strict=True):
-        assert np.array_equal(x, ex) and np.array_equal(y, ey)
+    for batch, wanted in zip(got, expected, strict=True):
+        assert batch.keys() == wanted.keys() == {"input_ids", "targets"}
+        assert all(np.array_equal(batch[name], wanted[name]) for name in batch)
 
 
 def test_targets_are_inputs_shifted_by_one():
-    x, y = next(BatchLoader(TOKENS, batch_size=2, seq_len=16, seed=0))
+    batch = next(BatchLoader(TOKENS, batch_size=2, seq_len=16, seed=0))
+    x, y = batch["input_ids"], batch["targets"]
     assert np.array_equal(x[:, 1:], y[:, :-1]) and x.shape == (2, 16)
 
 
@@ -252,6 +254,6 @@ def test_too_little_data_for_a_batch():
 
 def test_eval_batches_are_fixed_and_cover_short_splits():
     batches = eval_batches(TOKENS[:50], batch_size=4, seq_len=32, max_batches=3)
-    assert len(batches) == 1 and batches[0][0].shape == (1, 32)
+    assert len(batches) == 1 and batches[0]["input_ids"].shape == (1, 32)
     short = eval_batches(TOKENS[:10], batch_size=4, seq_len=32, max_batches=3)
-    assert short[0][0].shape == (1, 9)
+    assert short[0]["input_ids"].shape == (1, 9)

@@ -197,3 +197,20 @@ def test_repetition_penalty_discourages_seen_tokens():
     valid = torch.tensor([[True, False]])  # token 2 is padding: not penalised
     chosen = sample(logits, context, valid, Sampling(temperature=0, repetition_penalty=2.0), None)
     assert int(chosen) == 1
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_documents_are_computed_as_if_each_were_alone(attention):
+    torch.manual_seed(0)
+    model = SmolLM2(small_config(attention=attention)).eval()
+    lengths = [5, 1, 10]
+    documents = [torch.randint(0, model.config.vocab_size, (1, n)) for n in lengths]
+    packed = torch.cat(documents, dim=1)
+    document_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        together = model(packed, document_ids=document_ids)
+        alone = torch.cat([model(document) for document in documents], dim=1)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    positions, mask = smollm2.model.document_layout(document_ids)
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 0, *range(10)]]
+    assert mask.shape == (1, 1, 16, 16) and mask[0, 0, 5].tolist() == [False] * 5 + [True] + [False] * 10
