@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$(test -x .venv/bin/python && echo .venv/bin/python || echo python)}
+# The repository root on the path: works after the seed's plain `pip install -r requirements.txt` too.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PY" bench/gpu_check.py "$@"

@@ -71,7 +71,7 @@ class RunLog:
 
 
 PROGRESS_SECONDS = 60.0  # without a terminal, a progress line at least this often
-SPEED_AFTER_SECONDS = 30.0  # the speed line comes after 2 steps, or this long, whichever is first
+SPEED_AFTER_SECONDS = 30.0  # the speed line comes after 3 steps, or 2 when they took this long
 SMOOTHING_STEPS = 20  # throughput and MFU over the last this many steps: one step's time swings
 
 
@@ -82,6 +82,7 @@ class Reporter:
         self.log, self.end, self.speed = log, end, speed
         self.latest_val = last_val_loss
         self.began = self.last_line = time.perf_counter()
+        self.first_step_done: float | None = None  # the first step warms up (allocations, cuDNN, compile)
         self.speed_said = False
         self.bar = tqdm(total=end, initial=log.start_step, desc="train", unit="step", disable=None, dynamic_ncols=True)
 
@@ -101,9 +102,12 @@ class Reporter:
         self.bar.set_postfix(fields, refresh=False)
         self.bar.update(1)
         now = time.perf_counter()
+        if self.first_step_done is None:
+            self.first_step_done = now
         if "val_loss" in row:
             self.log.plot()
-        if not self.speed_said and (row["step"] - self.log.start_step >= 2 or now - self.began >= SPEED_AFTER_SECONDS):
+        done = row["step"] - self.log.start_step
+        if not self.speed_said and (done >= 3 or (done == 2 and now - self.began >= SPEED_AFTER_SECONDS)):
             self.speed_said = True
             self.bar.write(self.speed_line(row["step"]))
         # No terminal (a pipe, a log file, a cluster job): a line per evaluation and per PROGRESS_SECONDS.
@@ -112,15 +116,21 @@ class Reporter:
             print(f"step {row['step']}/{self.end} " + " ".join(f"{k} {v}" for k, v in fields.items()), flush=True)
 
     def seconds_per_step(self, step: int) -> float:
-        return (time.perf_counter() - self.began) / max(1, step - self.log.start_step)
+        """Measured over the steps after the first: the first one's warm-up (on a GPU, seconds of
+        kernel tuning or compiling) would make every estimate of the rest too long."""
+        done = step - self.log.start_step
+        if done >= 2 and self.first_step_done is not None:
+            return (time.perf_counter() - self.first_step_done) / (done - 1)
+        return (time.perf_counter() - self.began) / max(1, done)
 
     def eta(self, step: int) -> str:
         return duration(self.seconds_per_step(step) * (self.end - step))
 
     def speed_line(self, step: int) -> str:
         per_step = self.seconds_per_step(step)
+        tokens_per_sec = self.speed.tokens_per_step / per_step
         line = (
-            f"speed: {per_step:.2f} s/step, {self.speed.tokens_per_sec():,.0f} tokens/s on {self.speed.device}; "
+            f"speed: {per_step:.2f} s/step, {tokens_per_sec:,.0f} tokens/s on {self.speed.device}; "
             f"the {self.end - self.log.start_step} steps take ~{duration(per_step * (self.end - self.log.start_step))} "
             "at this speed"
         )

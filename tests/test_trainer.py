@@ -374,3 +374,20 @@ def test_a_resume_cuts_back_what_was_logged_after_its_checkpoint(run_dir):
     samples = (run_dir / "run/logs/samples.md").read_text()
     assert [int(line.split()[2]) for line in samples.splitlines() if line.startswith("## step")] == [2, 4, 6]
     assert [r["step"] for r in metrics(run_dir / "run")] == list(range(1, 7))
+
+
+def test_the_speed_line_leaves_the_first_steps_warm_up_out(tmp_path, capsys, monkeypatch):
+    import smollm2.metrics as metrics
+
+    clock = [0.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    log = metrics.RunLog(tmp_path, 0, {}, False, "test")
+    reporter = metrics.Reporter(log, 1000, None, metrics.SpeedModel("cpu", 4096, 1.0, None))
+    for step, seconds in [(1, 100.0), (2, 101.0), (3, 102.0)]:  # a first step of 100 s, then 1 s each
+        clock[0] = seconds
+        reporter.step({"step": step, "loss": 5.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 4096.0})
+    reporter.close()
+    speed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("speed: ")]
+    assert speed == [
+        f"speed: 1.00 s/step, 4,096 tokens/s on cpu; the 1000 steps take ~{metrics.duration(1000)} at this speed"
+    ]
