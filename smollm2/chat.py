@@ -298,3 +298,36 @@ def single_reply(
         raise UserError(f"the prompt is {len(ids)} tokens with the chat template, the model's context is {context}")
     generator = seeded_generator(model, seed)
     return stream_reply(model, tokenizer, ids, min(max_new_tokens, context - len(ids)), sampling, generator)
+
+
+def message_text(content: object) -> str:
+    """A chat UI message's text: gradio sends a string, or content blocks ({"type": "text", "text": ...})."""
+    if isinstance(content, str):
+        return content
+    blocks = content if isinstance(content, list) else [content]
+    return "".join(b.get("text", "") for b in blocks if isinstance(b, dict))
+
+
+def reply_after(
+    model: SmolLM2,
+    tokenizer: Tokenizer,
+    history: list[dict],
+    message: str,
+    max_new_tokens: int,
+    sampling: Sampling,
+    seed: int = 0,
+) -> Iterator[str]:
+    """The Space's chat: the reply to `message` after `history` (a chat UI's messages), the whole text
+    so far at each step; the oldest exchanges are dropped when the context is full."""
+    conversation = Conversation(model, tokenizer, system=None, reply_tokens=max_new_tokens)
+    conversation.turns = [
+        {"role": m["role"], "content": message_text(m.get("content"))}
+        for m in history
+        if isinstance(m, dict) and m.get("role") in ("user", "assistant")
+    ]
+    ids, _ = conversation.prompt(message)
+    budget = min(max_new_tokens, model.config.max_seq_len - len(ids))
+    text = ""
+    for piece in stream_reply(model, tokenizer, ids, budget, sampling, seeded_generator(model, seed)):
+        text += piece
+        yield text
