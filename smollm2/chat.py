@@ -22,9 +22,9 @@ import jinja2.ext
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from smollm2.config import SEED_LIMIT
 from smollm2.errors import UserError
-from smollm2.generation import Sampling, stream
+from smollm2.generation import Sampling
+from smollm2.inference import seeded_generator, stream_pieces
 from smollm2.model import SmolLM2
 from smollm2.tokenizer import Tokenizer
 
@@ -177,29 +177,8 @@ def stream_reply(
     sampling: Sampling,
     generator: torch.Generator | None = None,
 ) -> Iterator[str]:
-    """The reply to a prompt (from `prompt_ids`), piece by piece, up to its end-of-turn token (not shown);
-    a piece never splits a multi-byte character."""
-    stop = end_of_turn_id(tokenizer)
-    produced: list[int] = []
-    shown = ""
-    for step in stream(model, [ids], max_new_tokens, sampling, eos_id=stop, generator=generator):
-        token = int(step[0])
-        if token == stop:
-            break
-        produced.append(token)
-        text = tokenizer.decode(produced)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            yield text[len(shown) :]
-            shown = text
-    rest = tokenizer.decode(produced)[len(shown) :]
-    if rest:
-        yield rest
-
-
-def seeded_generator(model: SmolLM2, seed: int) -> torch.Generator:
-    if not 0 <= seed < SEED_LIMIT:
-        raise UserError(f"seed must be in [0, 2**63), got {seed}")
-    return torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    """The reply to a prompt (from `prompt_ids`), piece by piece, up to its end-of-turn token (not shown)."""
+    return stream_pieces(model, tokenizer, ids, max_new_tokens, sampling, end_of_turn_id(tokenizer), generator)
 
 
 class Conversation:

@@ -3,31 +3,19 @@ our greedy reply is transformers', and a short SFT from it lowers the held-out l
 folder that transformers chats with."""
 
 import json
-import sys
-from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from smollm2 import chat, sft
+from smollm2.config import load_config
+from smollm2.generation import Sampling
+from smollm2.hf import load_pretrained
+from smollm2.inference import load_for_inference
+from smollm2.pretrained import resolve_init_from
+from smollm2.trainer import train
+from tests.test_real_weights import FOLDER, ROOT, pytestmark  # noqa: F401 (the skip without the weights)
 
-from fetch_instruct import cache_folder  # noqa: E402
-
-from smollm2 import chat, sft  # noqa: E402
-from smollm2.config import load_config  # noqa: E402
-from smollm2.generation import Sampling  # noqa: E402
-from smollm2.hf import load_pretrained  # noqa: E402
-from smollm2.inference import load_for_inference  # noqa: E402
-from smollm2.pretrained import resolve_init_from  # noqa: E402
-from smollm2.trainer import train  # noqa: E402
-
-FOLDER = cache_folder()
-pytestmark = pytest.mark.skipif(
-    not (FOLDER / "model.safetensors").is_file(),
-    reason=f"the published SmolLM2-135M-Instruct is not cached in {FOLDER}: python scripts/fetch_instruct.py",
-)
 MESSAGES = [
     {"role": "user", "content": "What is the capital of France?"},
     {"role": "assistant", "content": "The capital of France is Paris."},
