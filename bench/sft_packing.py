@@ -14,6 +14,7 @@ take turns step by step, so that a busy machine slows both alike. Prints Markdow
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -100,6 +101,8 @@ def main() -> None:
             contender.step(index, dtype, record=index >= 2)  # two steps warm up the allocator and kernels
     mean_length = np.mean([len(c.ids) for c in encoded])
     parameters = contenders["packed"].model.num_parameters()
+    print("## Fine-tuning on conversations: packed vs padded\n")
+    print(f"Load average while it ran: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work shares them).\n")
     print(
         f"Command: `python bench/sft_packing.py --steps {args.steps} --precision {args.precision}`. Model: "
         f"`config/sft-tiny.yaml` ({parameters:,} parameters), {len(encoded):,} conversations of "

@@ -34,9 +34,9 @@ def source_architecture(path: Path) -> ModelConfig:
 def resolve_init_from(config: Config) -> Config:
     """The config with the architecture and tokenizer of model.init_from; a config that says otherwise
     (a model key set to another value, another tokenizer) is refused in one line."""
-    spec = config.model.init_from
-    if not spec:
+    if not config.model.init_from:
         return config
+    spec = str(Path(config.model.init_from).expanduser())  # a config file may say ~/...
     source = source_architecture(Path(spec))
     for key in sorted(config.model_keys_set - set(FREE_KEYS)):
         ours, theirs = getattr(config.model, key), getattr(source, key)
