@@ -6,9 +6,11 @@ the next tokens where those are the assistant's, -100 (ignored by the loss) ever
 
 Conversations are packed, in order, into rows of data.seq_len tokens, each tagged with its
 conversation's document id, so the model restarts positions and attends within a conversation
-only (smollm2.model.document_layout); the rest of a row is padding with ignored targets. Packing
-beat padding each conversation to its own row by 3.2x in tokens/s here (bench/sft_packing.py,
-BENCHMARKS.md). The rows are few and made in seconds, so they are built in memory at start-up;
+only (smollm2.model.document_layout); the rest of a row is padding with ignored targets. Packed
+rows trained 1.20x (fp32) and 1.03x (bf16) the conversation tokens/s of padding each conversation
+to the longest of its batch on a 2-core CPU, with the shipped set's short, even conversations,
+padding's best case (bench/sft_packing.py, BENCHMARKS.md); and they have one shape. The rows are
+made in seconds, so they are built in memory at start-up;
 `ChatBatchLoader` draws them in BatchLoader's order (a pure function of seed, step, rank, world),
 so a resumed run sees the same batches, bitwise.
 """
