@@ -161,6 +161,20 @@ def test_sft_resume_is_bitwise_and_predictions_are_chat_replies(chat_dir):
     assert tokenizer.chat_template == CHATML_TEMPLATE
 
 
+def test_parquet_conversations_pack_as_the_same_jsonl_lines(chat_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = (chat_dir / "chats.jsonl").read_text().splitlines()
+    pq.write_table(pa.table({"messages": [json.loads(line)["messages"] for line in lines]}), chat_dir / "chats.parquet")
+    from_jsonl = sft.prepare(load_config("chat.yaml"), quiet=True)
+    from_parquet = sft.prepare(load_config("chat.yaml", ["data.path=chats.parquet"]), quiet=True)
+    assert from_parquet.tokenizer.hash == from_jsonl.tokenizer.hash
+    for split in ("train", "val"):
+        a, b = getattr(from_jsonl, split), getattr(from_parquet, split)
+        assert (a.input_ids == b.input_ids).all() and (a.targets == b.targets).all() and len(a) > 0
+
+
 def test_init_from_takes_weights_architecture_and_tokenizer_only(chat_dir):
     train(load_config("chat.yaml"), 3, None, "base")
     source, _ = load_pretrained(chat_dir / "base" / "final")
