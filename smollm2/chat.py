@@ -76,18 +76,11 @@ def compile_template(template: str) -> jinja2.Template:
         raise UserError(f"the chat template is not valid jinja (line {exc.lineno}: {exc.message})") from None
 
 
-def special_tokens(tokenizer: Tokenizer) -> dict[str, str]:
-    """What transformers hands a template besides the messages: the tokenizer's special tokens."""
-    if not tokenizer.eos_token:
-        return {}
-    return {"bos_token": tokenizer.eos_token, "eos_token": tokenizer.eos_token, "unk_token": tokenizer.eos_token}
-
-
 def render(tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool = False) -> str:
     """The conversation as text, exactly as transformers' apply_chat_template(tokenize=False) gives it."""
     if not tokenizer.chat_template:
         raise UserError("this model's tokenizer has no chat template (and no <|im_start|>, <|im_end|> tokens)")
-    return render_template(tokenizer.chat_template, messages, add_generation_prompt, **special_tokens(tokenizer))
+    return render_template(tokenizer.chat_template, messages, add_generation_prompt, **tokenizer.special_tokens)
 
 
 def render_template(template: str, messages: list[Message], add_generation_prompt: bool = False, **tokens: str) -> str:

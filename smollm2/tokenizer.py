@@ -30,11 +30,20 @@ CHATML_TEMPLATE = (
 class Tokenizer:
     """A thin wrapper: encode, decode, the end-of-text id, a content hash, and export."""
 
-    def __init__(self, backend: HFTokenizer, eos_token: str | None = None, chat_template: str | None = None) -> None:
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        eos_token: str | None = None,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ) -> None:
         self.backend = backend
         vocab = backend.get_vocab()
         self.eos_token = eos_token or next((t for t in EOS_CANDIDATES if t in vocab), None)
         self.eos_id = vocab.get(self.eos_token) if self.eos_token else None
+        # transformers' special_tokens_map (what a chat template sees); ours name end-of-text for each.
+        ours = dict.fromkeys(("bos_token", "eos_token", "unk_token"), self.eos_token) if self.eos_token else {}
+        self.special_tokens = special_tokens or ours
         speaks_chatml = "<|im_start|>" in vocab and "<|im_end|>" in vocab
         self.chat_template = chat_template or (CHATML_TEMPLATE if speaks_chatml else None)
 
@@ -70,8 +79,7 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "add_prefix_space": False,
         }
-        if self.eos_token:
-            tokenizer_config |= {"bos_token": self.eos_token, "eos_token": self.eos_token, "unk_token": self.eos_token}
+        tokenizer_config |= self.special_tokens
         if self.chat_template:
             tokenizer_config["chat_template"] = self.chat_template
         write_atomic(folder / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
@@ -122,7 +130,8 @@ def load_tokenizer_file(file: Path) -> Tokenizer:
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
         raise UserError(f"{file}: not a valid tokenizer.json ({error_reason(exc, 120)})") from None
     folder = file.parent
-    return Tokenizer(backend, read_eos_token(folder / "tokenizer_config.json"), read_chat_template(folder))
+    special_tokens = read_special_tokens(folder / "tokenizer_config.json")
+    return Tokenizer(backend, special_tokens.get("eos_token"), read_chat_template(folder), special_tokens)
 
 
 def read_tokenizer_config(config_file: Path) -> dict:
@@ -138,13 +147,18 @@ def read_tokenizer_config(config_file: Path) -> dict:
     return config
 
 
-def read_eos_token(config_file: Path) -> str | None:
-    """The eos_token of a transformers tokenizer_config.json (a string or an AddedToken dict)."""
-    eos = read_tokenizer_config(config_file).get("eos_token")
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    if eos is not None and not isinstance(eos, str):
-        raise UserError(f"{config_file}: eos_token must be a string, got {eos!r}")
-    return eos
+def read_special_tokens(config_file: Path) -> dict[str, str]:
+    """The bos, eos, unk and pad tokens of a transformers tokenizer_config.json (strings or AddedToken dicts)."""
+    config = read_tokenizer_config(config_file)
+    tokens = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and not isinstance(token, str):
+            raise UserError(f"{config_file}: {name} must be a string, got {token!r}")
+        if token is not None:
+            tokens[name] = token
+    return tokens
 
 
 def read_chat_template(folder: Path) -> str | None:

@@ -82,6 +82,10 @@ def test_the_published_instruct_template_renders_as_in_transformers(generation_p
         ids, _ = chat.encode_conversation(ours, messages)
         assert ids == theirs.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     assert "You are a helpful AI assistant named SmolLM" in chat.render(ours, CONVERSATIONS[0])
+    tokens = "{{ bos_token }}|{{ eos_token }}|{{ unk_token }}|{{ pad_token }}"  # what transformers hands a template
+    ours.chat_template = tokens
+    expected = theirs.apply_chat_template(CONVERSATIONS[0], chat_template=tokens, tokenize=False)
+    assert chat.render(ours, CONVERSATIONS[0]) == expected == "<|im_start|>|<|im_end|>|<|endoftext|>|<|im_end|>"
 
 
 def test_templates_get_transformers_globals_and_filters(tokenizer):
