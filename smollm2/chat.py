@@ -96,8 +96,8 @@ def render_template(template: str, messages: list[Message], add_generation_promp
 # Conversations as tokens
 
 
-def check_messages(messages: object, where: str, needs_assistant: bool = True) -> list[Message]:
-    """A list of {"role", "content"} with known roles and string contents; for training, with a reply."""
+def check_messages(messages: object, where: str) -> list[Message]:
+    """A conversation to train on: {"role", "content"} messages, known roles, string contents, a reply."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f'{where}: \'messages\' must be a non-empty list of {{"role", "content"}} objects')
     for number, message in enumerate(messages, start=1):
@@ -107,7 +107,7 @@ def check_messages(messages: object, where: str, needs_assistant: bool = True) -
             raise UserError(
                 f"{where}: message {number} has the unknown role {message.get('role')!r} ({', '.join(ROLES)})"
             )
-    if needs_assistant and not any(m["role"] == "assistant" for m in messages):
+    if not any(m["role"] == "assistant" for m in messages):
         raise UserError(f"{where}: the conversation has no assistant turn, so nothing to learn from")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
