@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench app clean
+.PHONY: demo sft-demo test lint format bench app clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 demo: $(STAMP)
 	$(PY) -m smollm2 info --config config/tiny.yaml
 	bash scripts/demo.sh
+
+sft-demo: $(STAMP)
+	bash scripts/sft_demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q

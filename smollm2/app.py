@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from smollm2.chat import reply_after
 from smollm2.cli import ArgumentParser, examples
 from smollm2.errors import UserError, error_reason
 from smollm2.generation import Sampling
@@ -53,9 +54,33 @@ def build_app(model_path: Path, logs: Path | None, precision: str = "fp32") -> g
             button = gr.Button("Generate", variant="primary")
             output = gr.Textbox(label="Prompt and continuation", lines=14)
             button.click(generate, [prompt, max_new, temperature, top_k, top_p, seed], output, api_name="generate")
+        if tokenizer.chat_template:
+            with gr.Tab("Chat"):
+                chat_tab(model, tokenizer)
         with gr.Tab("Training"):
             training_tab(record)
     return app
+
+
+def chat_tab(model, tokenizer) -> None:
+    """A conversation through the model's chat template (smollm2.chat), replies streamed."""
+
+    def respond(message: str, history: list[dict], max_new_tokens: float, temperature: float):
+        try:
+            sampling = Sampling(temperature=temperature, top_k=50)
+            yield from reply_after(model, tokenizer, history, message, int(max_new_tokens), sampling)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+
+    longest = min(MAX_NEW_TOKENS, model.config.max_seq_len - 1)
+    gr.ChatInterface(
+        respond,
+        additional_inputs=[
+            gr.Slider(1, longest, value=min(128, longest), step=1, label="max new tokens", render=False),
+            gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)", render=False),
+        ],
+        api_name="chat",
+    )
 
 
 def describe(record: RunRecord) -> str:

@@ -36,6 +36,7 @@ DATA_ORDER_KEYS = (
     ("data", "val_fraction"),
     ("data", "tokenizer"),
     ("data", "text_field"),
+    ("data", "format"),
     ("train", "seed"),
 )
 
@@ -72,6 +73,7 @@ class Checkpoint:
     config: dict
     tokenizer_hash: str
     tokenizer: str | None = None  # the tokenizer.json text (absent from the oldest checkpoints)
+    chat_template: str | None = None  # the tokenizer's chat template (absent from older checkpoints)
 
     def to_dict(self) -> dict:
         """The file's layout: the progress fields at the top level, beside the states."""
@@ -98,6 +100,7 @@ class Checkpoint:
                 config=state["config"],
                 tokenizer_hash=state["tokenizer_hash"],
                 tokenizer=state.get("tokenizer"),
+                chat_template=state.get("chat_template"),
             )
         except KeyError as exc:
             raise UserError(f"{source}: not a smollm2 training checkpoint (no {exc.args[0]})") from None
@@ -356,13 +359,26 @@ def load_model_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[S
     state = load_checkpoint(path)
     model = SmolLM2(checkpoint_model_config(state, path))
     load_weights(model, state["model"], path)
-    tokenizer = None
-    if "tokenizer" in state:
-        try:
-            tokenizer = Tokenizer(HFTokenizer.from_str(state["tokenizer"]))
-        except Exception:  # tokenizers raises a bare Exception for malformed text
-            raise UserError(f"{path}: the checkpoint's tokenizer is not a valid tokenizer.json") from None
-    return model.to(device), tokenizer
+    return model.to(device), state_tokenizer(state, path)
+
+
+def state_tokenizer(state: dict, path: str | Path) -> Tokenizer | None:
+    """The tokenizer a checkpoint holds, with its chat template; None in the oldest checkpoints."""
+    if "tokenizer" not in state:
+        return None
+    try:
+        backend = HFTokenizer.from_str(state["tokenizer"])
+    except Exception:  # tokenizers raises a bare Exception for malformed text
+        raise UserError(f"{path}: the checkpoint's tokenizer is not a valid tokenizer.json") from None
+    return Tokenizer(backend, chat_template=state.get("chat_template"))
+
+
+def checkpoint_tokenizer(path: str | Path) -> Tokenizer:
+    """A checkpoint's tokenizer, for data.tokenizer (and model.init_from) naming a .pt file."""
+    tokenizer = state_tokenizer(load_checkpoint(path), path)
+    if tokenizer is None:
+        raise UserError(f"{path}: the checkpoint holds no tokenizer (it is older than tokenizers in checkpoints)")
+    return tokenizer
 
 
 def checkpoint_model_config(state: dict, path: str | Path) -> ModelConfig:

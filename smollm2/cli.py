@@ -73,7 +73,9 @@ def train_examples(command: str) -> str:
 
 
 def read_config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    from smollm2.pretrained import resolve_init_from
+
+    return resolve_init_from(load_config(args.config, args.overrides))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,14 +106,25 @@ def parameter_report(config: Config, source: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from smollm2.chat import single_reply
     from smollm2.inference import load_for_inference, stream_text
 
     model, tokenizer = load_for_inference(args.checkpoint or args.model, precision=args.precision)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    for piece in stream_text(model, tokenizer, args.prompt, args.max_new_tokens, sampling, args.seed):
+    produce = single_reply if args.chat else stream_text
+    for piece in produce(model, tokenizer, args.prompt, args.max_new_tokens, sampling, args.seed):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from smollm2.chat import chat_loop
+    from smollm2.inference import load_for_inference
+
+    model, tokenizer = load_for_inference(args.checkpoint or args.model, precision=args.precision)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    chat_loop(model, tokenizer, args.system, args.max_new_tokens, sampling, args.seed)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -135,9 +148,10 @@ def cmd_export_space(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from smollm2.data import prepare
+    from smollm2.trainer import data_pipeline
 
-    prepare(read_config(args), args.out_dir)
+    config = read_config(args)
+    data_pipeline(config).prepare(config, args.out_dir)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -162,6 +176,7 @@ def build_parser() -> ArgumentParser:
     add_prepare(commands)
     add_train(commands)
     add_generate(commands)
+    add_chat(commands)
     add_export(commands)
     add_export_space(commands)
     return parser
@@ -216,32 +231,59 @@ def add_generate(commands: Subcommands) -> None:
             'python -m smollm2 generate --model runs/mine/final --prompt "ROMEO:" --temperature 0 --max_new_tokens 200',
         ),
     )
-    source = generate.add_mutually_exclusive_group(required=True)
+    add_model_flags(generate)
+    generate.add_argument("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
+    generate.add_argument(
+        "--chat", action="store_true", help="render the prompt as a user message with the model's chat template"
+    )
+    add_sampling_flags(generate, temperature=0.8)
+    generate.set_defaults(run=cmd_generate)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a training checkpoint (checkpoints/step_N.pt)")
     source.add_argument("--model", help="a model folder: a run's final/, an export, or a downloaded SmolLM2")
-    generate.add_argument("--prompt", required=True, help="the text to continue")
-    generate.add_argument(
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, temperature: float) -> None:
+    parser.add_argument(
         "--max_new_tokens",
         type=int,
         default=100,
         help="tokens to generate at most; the model's context may cut it shorter",
     )
-    generate.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
-    generate.add_argument("--top_k", type=int, default=50, help="sample from the k likeliest tokens; 0 = off")
-    generate.add_argument(
+    parser.add_argument("--temperature", type=float, default=temperature, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top_k", type=int, default=50, help="sample from the k likeliest tokens; 0 = off")
+    parser.add_argument(
         "--top_p", type=float, default=1.0, help="sample from the likeliest tokens that make up p of the mass; 1 = off"
     )
-    generate.add_argument(
+    parser.add_argument(
         "--repetition_penalty", type=float, default=1.0, help="damp tokens already in the text by this; 1 = off"
     )
-    generate.add_argument("--seed", type=int, default=0, help="random seed: the same seed, the same text")
-    generate.add_argument(
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed, the same text")
+    parser.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
         help="weights for decoding; auto: bf16 where it measures faster on this machine",
     )
-    generate.set_defaults(run=cmd_generate)
+
+
+def add_chat(commands: Subcommands) -> None:
+    chat = add_command(
+        commands,
+        "chat",
+        "talk to a model in the terminal (its chat template; /reset, /quit; Ctrl-C stops a reply)",
+        examples(
+            "python -m smollm2 chat --model ~/.cache/smollm2/SmolLM2-135M-Instruct",
+            'python -m smollm2 chat --checkpoint runs/sft/checkpoints/step_300.pt --system "You are terse."',
+        ),
+    )
+    add_model_flags(chat)
+    chat.add_argument("--system", help="a system message that starts the conversation")
+    add_sampling_flags(chat, temperature=0.7)
+    chat.set_defaults(run=cmd_chat)
 
 
 def add_export(commands: Subcommands) -> None:

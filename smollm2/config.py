@@ -45,6 +45,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     attention: Literal["sdpa", "eager", "flash_attn2"] = "sdpa"
     init_std: float = 0.02
+    # Start from these weights (a transformers Llama folder, a final/ folder or a checkpoint .pt): the
+    # architecture and tokenizer come from there (smollm2.pretrained).
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -80,6 +83,7 @@ class DataConfig:
     seq_len: int = 512
     val_fraction: float = 0.1
     prepared_dir: str | None = None  # None = data/<corpus name>-<vocab size> under the run folder
+    format: Literal["text", "chat"] = "text"  # chat: {"messages": [...]} per line, loss on the assistant's tokens
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     source: str = "<defaults>"  # where the config came from, for error messages
+    model_keys_set: frozenset[str] = frozenset()  # the model keys the file or --set gave (init_from checks them)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -221,6 +226,7 @@ def config_from_dict(raw: dict[str, Any], source: str, overrides: list[str] = ()
     config = Config(
         **{name: _build_section(cls, sections.get(name, {}), name, where) for name, cls in SECTIONS.items()},
         source=source,
+        model_keys_set=frozenset(sections.get("model", {})),
     )
     validate(config, where)
     return config

@@ -135,6 +135,9 @@ def save_pretrained(model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | N
     if llama_incompatibility(model.config) is None:
         _write_json(folder / "config.json", to_llama_config(model.config, tokenizer))
         generation = {"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id} if tokenizer else {}
+        end_of_turn = tokenizer.backend.token_to_id("<|im_end|>") if tokenizer and tokenizer.chat_template else None
+        if end_of_turn is not None and end_of_turn != tokenizer.eos_id:  # a chat reply ends there too
+            generation["eos_token_id"] = [tokenizer.eos_id, end_of_turn]
         _write_json(folder / "generation_config.json", generation)
         kind = "llama"
     else:
@@ -164,17 +167,7 @@ def export_llama(model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | None
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SmolLM2, Tokenizer | None]:
     """Load a transformers Llama folder (e.g. a downloaded SmolLM2-135M) or one of our own."""
     folder = Path(folder)
-    if (folder / NATIVE_CONFIG).is_file():
-        config = model_config_from_dict(_read_json(folder / NATIVE_CONFIG), str(folder / NATIVE_CONFIG))
-    elif (folder / "config.json").is_file():
-        path = folder / "config.json"
-        try:
-            config = from_llama_config(_read_json(path), str(path))
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise UserError(f"{path}: not a complete Llama config ({error_reason(exc)} missing or malformed)") from None
-        config = model_config_from_dict(dataclasses.asdict(config), str(path))
-    else:
-        raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    config = read_model_config(folder)
     model = SmolLM2(config)
     state = from_hf_state_dict(_read_safetensors(folder), config)
     try:
@@ -187,6 +180,23 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> t
         )
     tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
     return model.to(device), tokenizer
+
+
+def read_model_config(folder: Path) -> ModelConfig:
+    """The architecture of a model folder: our smollm2_config.json, or transformers' Llama config.json."""
+    folder = Path(folder)
+    if (folder / NATIVE_CONFIG).is_file():
+        config = model_config_from_dict(_read_json(folder / NATIVE_CONFIG), str(folder / NATIVE_CONFIG))
+    elif (folder / "config.json").is_file():
+        path = folder / "config.json"
+        try:
+            config = from_llama_config(_read_json(path), str(path))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise UserError(f"{path}: not a complete Llama config ({error_reason(exc)} missing or malformed)") from None
+        config = model_config_from_dict(dataclasses.asdict(config), str(path))
+    else:
+        raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    return config
 
 
 def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -171,10 +171,7 @@ def stream_text(
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ids = prompt_ids(tokenizer, prompt, model.config.max_seq_len)
-    device = model.embed_tokens.weight.device
-    if not 0 <= seed < SEED_LIMIT:
-        raise UserError(f"seed must be in [0, 2**63), got {seed}")
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = seeded_generator(model, seed)
     max_new = min(max_new_tokens, model.config.max_seq_len - len(ids))
     if max_new < max_new_tokens:
         print(
@@ -182,11 +179,31 @@ def stream_text(
             f"({model.config.max_seq_len} tokens, {len(ids)} of them the prompt's)",
             file=sys.stderr,
         )
+    yield from stream_pieces(model, tokenizer, ids, max_new, sampling, tokenizer.eos_id, generator)
+
+
+def seeded_generator(model: SmolLM2, seed: int) -> torch.Generator:
+    if not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"seed must be in [0, 2**63), got {seed}")
+    return torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+
+
+def stream_pieces(
+    model: SmolLM2,
+    tokenizer: Tokenizer,
+    ids: list[int],
+    max_new_tokens: int,
+    sampling: Sampling,
+    stop_id: int | None,
+    generator: torch.Generator | None = None,
+) -> Iterator[str]:
+    """The text that follows `ids`, piece by piece, up to `stop_id` (not shown); a piece never splits a
+    multi-byte character."""
     produced: list[int] = []
     printed = ""
-    for step in stream(model, [ids], max_new, sampling, eos_id=tokenizer.eos_id, generator=generator):
+    for step in stream(model, [ids], max_new_tokens, sampling, eos_id=stop_id, generator=generator):
         token = int(step[0])
-        if token == tokenizer.eos_id:
+        if token == stop_id:
             break
         produced.append(token)
         text = tokenizer.decode(produced)

@@ -17,16 +17,35 @@ from smollm2.files import write_atomic
 END_OF_TEXT = "<|endoftext|>"
 SPECIAL_TOKENS = [END_OF_TEXT, "<|im_start|>", "<|im_end|>"]  # the ones SmolLM2 itself starts with
 EOS_CANDIDATES = [END_OF_TEXT, "</s>", "<eos>"]
+# ChatML, the format of SmolLM2-Instruct: what a tokenizer with <|im_start|> and <|im_end|> but no
+# template of its own gets (smollm2.chat renders it).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 class Tokenizer:
     """A thin wrapper: encode, decode, the end-of-text id, a content hash, and export."""
 
-    def __init__(self, backend: HFTokenizer, eos_token: str | None = None) -> None:
+    def __init__(
+        self,
+        backend: HFTokenizer,
+        eos_token: str | None = None,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ) -> None:
         self.backend = backend
         vocab = backend.get_vocab()
         self.eos_token = eos_token or next((t for t in EOS_CANDIDATES if t in vocab), None)
         self.eos_id = vocab.get(self.eos_token) if self.eos_token else None
+        # transformers' special_tokens_map (what a chat template sees); ours name end-of-text for each.
+        ours = dict.fromkeys(("bos_token", "eos_token", "unk_token"), self.eos_token) if self.eos_token else {}
+        self.special_tokens = special_tokens or ours
+        speaks_chatml = "<|im_start|>" in vocab and "<|im_end|>" in vocab
+        self.chat_template = chat_template or (CHATML_TEMPLATE if speaks_chatml else None)
 
     @property
     def vocab_size(self) -> int:
@@ -60,8 +79,9 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "add_prefix_space": False,
         }
-        if self.eos_token:
-            tokenizer_config |= {"bos_token": self.eos_token, "eos_token": self.eos_token, "unk_token": self.eos_token}
+        tokenizer_config |= self.special_tokens
+        if self.chat_template:
+            tokenizer_config["chat_template"] = self.chat_template
         write_atomic(folder / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
 
 
@@ -88,30 +108,71 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer:
-    """Load tokenizer.json, or a Hugging Face folder holding one (e.g. a downloaded SmolLM2)."""
+    """Load tokenizer.json, a Hugging Face folder holding one (e.g. a downloaded SmolLM2), or a checkpoint's."""
     path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
+    if path.suffix == ".pt" and path.is_file():  # a training checkpoint carries its tokenizer
+        from smollm2.checkpoint import checkpoint_tokenizer  # checkpoint imports this module
+
+        tokenizer = checkpoint_tokenizer(path)
+    else:
+        tokenizer = load_tokenizer_file(path / "tokenizer.json" if path.is_dir() else path)
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise UserError(f"tokenizer {path} has {tokenizer.vocab_size} tokens, more than model.vocab_size={vocab_size}")
+    return tokenizer
+
+
+def load_tokenizer_file(file: Path) -> Tokenizer:
+    """tokenizer.json, with the eos token and chat template of the transformers files beside it."""
     if not file.is_file():
         raise UserError(f"tokenizer not found: {file}")
     try:
         backend = HFTokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
         raise UserError(f"{file}: not a valid tokenizer.json ({error_reason(exc, 120)})") from None
-    tokenizer = Tokenizer(backend, read_eos_token(file.parent / "tokenizer_config.json"))
-    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
-        raise UserError(f"tokenizer {file} has {tokenizer.vocab_size} tokens, more than model.vocab_size={vocab_size}")
-    return tokenizer
+    folder = file.parent
+    special_tokens = read_special_tokens(folder / "tokenizer_config.json")
+    return Tokenizer(backend, special_tokens.get("eos_token"), read_chat_template(folder), special_tokens)
 
 
-def read_eos_token(config_file: Path) -> str | None:
-    """The eos_token of a transformers tokenizer_config.json (a string or an AddedToken dict)."""
+def read_tokenizer_config(config_file: Path) -> dict:
+    """A transformers tokenizer_config.json ({} when there is none)."""
     if not config_file.is_file():
-        return None
+        return {}
     try:
-        eos = json.loads(config_file.read_text(encoding="utf-8")).get("eos_token")
-    except (ValueError, AttributeError):
-        raise UserError(f"{config_file}: not a valid tokenizer_config.json (expected a JSON object)") from None
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    if eos is not None and not isinstance(eos, str):
-        raise UserError(f"{config_file}: eos_token must be a string, got {eos!r}")
-    return eos
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file}: not a valid tokenizer_config.json (expected a JSON object)")
+    return config
+
+
+def read_special_tokens(config_file: Path) -> dict[str, str]:
+    """The bos, eos, unk and pad tokens of a transformers tokenizer_config.json (strings or AddedToken dicts)."""
+    config = read_tokenizer_config(config_file)
+    tokens = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and not isinstance(token, str):
+            raise UserError(f"{config_file}: {name} must be a string, got {token!r}")
+        if token is not None:
+            tokens[name] = token
+    return tokens
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """A transformers folder's chat template, where transformers looks: chat_template.jinja first,
+    then tokenizer_config.json's chat_template (a string, or named templates: the "default" one)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config_file = folder / "tokenizer_config.json"
+    template = read_tokenizer_config(config_file).get("chat_template")
+    if isinstance(template, list):
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{config_file}: chat_template must be a string")
+    return template

@@ -14,11 +14,13 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from smollm2 import distributed
+from smollm2 import chat, distributed, sft
 from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rng, restore_rng
 from smollm2.config import Config, TrainConfig
 from smollm2.data import BatchLoader, PreparedData, eval_batches, prepare, to_device
@@ -34,6 +36,7 @@ from smollm2.hardware import (
 )
 from smollm2.metrics import Reporter, RunLog, Silent, SpeedModel, duration
 from smollm2.model import SmolLM2
+from smollm2.pretrained import initial_weights, resolve_init_from
 
 MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops
 PREDICTION_SAMPLING = Sampling(temperature=0.8, top_k=50, top_p=0.95)
@@ -85,6 +88,19 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gra
     return grad_norm
 
 
+class DataPipeline(NamedTuple):
+    prepare: Callable
+    loader: type[BatchLoader]
+    eval_batches: Callable
+
+
+def data_pipeline(config: Config) -> DataPipeline:
+    """The one place the trainer picks its data by data.format: token windows of text, or packed conversations."""
+    if config.data.format == "chat":
+        return DataPipeline(sft.prepare, sft.ChatBatchLoader, sft.eval_batches)
+    return DataPipeline(prepare, BatchLoader, eval_batches)
+
+
 class StopRequest:
     """SIGINT / SIGTERM: finish the current step, save, exit. A second SIGINT interrupts at once."""
 
@@ -118,7 +134,8 @@ class Validator:
     def __init__(self, data: PreparedData, config: Config) -> None:
         settings = config.train
         self.every = settings.eval_every
-        self.batches = eval_batches(data.val, settings.batch_size, config.data.seq_len, settings.eval_batches)
+        batches_of = data_pipeline(config).eval_batches
+        self.batches = batches_of(data.val, settings.batch_size, config.data.seq_len, settings.eval_batches)
 
     def due(self, step: int, end: int) -> bool:
         return step % self.every == 0 or step == end
@@ -147,10 +164,18 @@ class Predictor:
         self.every, self.tokens, self.seed = config.train.predict_every, config.train.predict_tokens, config.train.seed
         self.tokenizer = data.tokenizer
         self.max_seq_len = config.model.max_seq_len
+        self.chat = config.data.format == "chat"  # then a prompt is a user's message, the sample its reply
+        self.stop_id = chat.end_of_turn_id(self.tokenizer) if self.chat else self.tokenizer.eos_id
         # Checked now, not at the first prediction hours in: a prompt that does not fit is refused.
-        self.prompts = [
-            (prompt, prompt_ids(self.tokenizer, prompt, self.max_seq_len)) for prompt in config.train.prompts
-        ]
+        self.prompts = [(prompt, self.encode(prompt)) for prompt in config.train.prompts]
+
+    def encode(self, prompt: str) -> list[int]:
+        if not self.chat:
+            return prompt_ids(self.tokenizer, prompt, self.max_seq_len)
+        ids = chat.prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
+        if len(ids) >= self.max_seq_len:
+            raise UserError(f"train.prompts: {prompt[:40]!r} is {len(ids)} tokens with the chat template, too long")
+        return ids
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -167,10 +192,12 @@ class Predictor:
                     [ids],
                     min(self.tokens, self.max_seq_len - len(ids)),
                     sampling=self.SAMPLING,
-                    eos_id=self.tokenizer.eos_id,
+                    eos_id=self.stop_id,
                     generator=generator,
                 )[0]
-            samples.append((prompt, self.tokenizer.decode(out)))
+            ended = self.chat and len(out) < min(self.tokens, self.max_seq_len - len(ids))
+            # A reply shows its end-of-turn token when it produced one: the sign that the format is learnt.
+            samples.append((prompt, self.tokenizer.decode(out) + (chat.END_OF_TURN if ended else "")))
         return samples
 
 
@@ -222,11 +249,13 @@ class Trainer:
         self.model = SmolLM2(config.model).to(self.device)
         if resume is not None:
             self.model.load_state_dict(resume.model)  # whole weights, before any sharding
+        elif config.model.init_from:
+            self.model.load_state_dict(initial_weights(config.model.init_from))  # weights only: step 0
         torch.manual_seed(settings.seed + self.world.rank)  # from here on each rank draws its own numbers
         # FSDP replaces the parameters with shards, so the optimizer is made after parallelizing.
         self.train_model = distributed.parallelize(self.model, self.world, settings)
         self.optimizer = make_optimizer(self.model, settings, self.device)
-        self.loader = BatchLoader(
+        self.loader = data_pipeline(config).loader(
             self.data.train,
             settings.batch_size,
             config.data.seq_len,
@@ -257,7 +286,7 @@ class Trainer:
     def prepare_data(self) -> PreparedData:
         """Rank 0 tokenizes; the others wait, then find its files ready and reuse them."""
         with distributed.main_rank_first(self.world):
-            return prepare(self.config, self.out_dir, quiet=not self.world.is_main)
+            return data_pipeline(self.config).prepare(self.config, self.out_dir, quiet=not self.world.is_main)
 
     def autocast(self):
         if self.precision.dtype is None:
@@ -357,6 +386,7 @@ class Trainer:
             config=self.config.to_dict(),
             tokenizer_hash=self.data.tokenizer.hash,
             tokenizer=self.data.tokenizer.backend.to_str(),
+            chat_template=self.data.tokenizer.chat_template,
         )
 
     def save(self, prune: bool = True) -> Path | None:
@@ -463,6 +493,7 @@ def train(
     """
     if train_steps <= 0:
         raise UserError(f"--train_steps must be a positive number of steps, got {train_steps}")
+    config = resolve_init_from(config)
     resume = Checkpoint.load(checkpoint) if checkpoint else None
     if resume is not None:
         resume.check_resumable(config)

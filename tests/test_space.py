@@ -1,5 +1,6 @@
 """The Space: export-space's folder and card, the push's failures, the app through gradio_client and a browser."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -319,7 +320,9 @@ def test_app_answers_a_generate_call_through_gradio_client(app_url, space):
     assert len(expected) > 0
 
 
-def test_in_a_browser_generate_streams_text_and_training_shows_predictions(app_url, space):
+@contextlib.contextmanager
+def chromium():
+    """Debian's chromium through playwright (the test skips without it): no browser download."""
     if not CHROMIUM.is_file():
         pytest.skip(f"no browser: {CHROMIUM} is missing (apt-get install chromium)")
     playwright = pytest.importorskip("playwright.sync_api")
@@ -327,6 +330,12 @@ def test_in_a_browser_generate_streams_text_and_training_shows_predictions(app_u
              "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=flags)
+        yield browser
+        browser.close()
+
+
+def test_in_a_browser_generate_streams_text_and_training_shows_predictions(app_url, space):
+    with chromium() as browser:
         page = browser.new_page()
         page.goto(app_url)
         page.get_by_label("Prompt", exact=True).fill("JULIET:")
@@ -345,7 +354,6 @@ def test_in_a_browser_generate_streams_text_and_training_shows_predictions(app_u
         assert first.texts[0].splitlines()[-1].strip() in body
         model, _ = load_pretrained(space / "out" / "model")
         assert f"{model.num_parameters():,}" in body  # the summary counts the weights packing replaced
-        browser.close()
 
 
 def test_app_without_a_model_says_so_in_one_line(tmp_path):
@@ -360,3 +368,29 @@ def test_app_without_a_model_says_so_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nope'}: no model there (run `make demo` first, or pass --model)"
     ]
+
+
+def test_app_answers_a_chat_call_through_gradio_client(app_url, space):
+    from gradio_client import Client
+
+    from smollm2.chat import reply_after
+
+    client = Client(app_url, verbose=False)
+    reply = client.predict("Who are you?", 10, 0.0, api_name="/chat")
+    model, tokenizer = load_for_inference(space / "run" / "final")
+    expected = list(reply_after(model, tokenizer, [], "Who are you?", 10, Sampling(temperature=0)))[-1]
+    assert reply == expected and len(expected) > 0
+
+
+def test_in_a_browser_the_chat_tab_answers(app_url):
+    with chromium() as browser:
+        page = browser.new_page()
+        page.goto(app_url)
+        page.get_by_role("tab", name="Chat").click()
+        box = page.get_by_role("textbox").filter(visible=True).last
+        box.fill("Who are you?")
+        box.press("Enter")
+        bot = page.locator(".message.bot, [data-testid='bot']").filter(visible=True).first
+        bot.wait_for(timeout=60_000)
+        page.wait_for_function("el => el.innerText.trim().length > 0", arg=bot.element_handle(), timeout=60_000)
+        assert page.get_by_text("Who are you?").first.is_visible()

@@ -1,0 +1,71 @@
+"""model.init_from: a run that starts from published or earlier weights.
+
+The source (a transformers Llama folder such as a downloaded SmolLM2, a run's final/, or a
+checkpoint .pt) gives the architecture, the tokenizer and the weights; nothing else of it is
+taken (a fresh optimizer and schedule, step 0). `--checkpoint_path` is another thing: the whole
+state of a run, continued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from smollm2.checkpoint import checkpoint_model_config, load_checkpoint, load_model_from_checkpoint
+from smollm2.config import Config, ConfigError, ModelConfig, validate
+from smollm2.errors import UserError
+from smollm2.hf import load_pretrained, read_model_config
+from smollm2.tokenizer import load_tokenizer
+
+FREE_KEYS = ("init_from", "attention", "init_std")  # the kernel is the machine's choice; init_std is unused
+
+
+def source_architecture(path: Path) -> ModelConfig:
+    """The architecture the weights at `path` were made with, or one line saying it is not a model."""
+    if path.is_dir():
+        return read_model_config(path)
+    if path.is_file():
+        return checkpoint_model_config(load_checkpoint(path), path)
+    raise UserError(f"model.init_from: {path} does not exist (a model folder or a checkpoint .pt)")
+
+
+def resolve_init_from(config: Config) -> Config:
+    """The config with the architecture and tokenizer of model.init_from; a config that says otherwise
+    (a model key set to another value, another tokenizer) is refused in one line."""
+    if not config.model.init_from:
+        return config
+    spec = str(Path(config.model.init_from).expanduser())  # a config file may say ~/...
+    source = source_architecture(Path(spec))
+    for key in sorted(config.model_keys_set - set(FREE_KEYS)):
+        ours, theirs = getattr(config.model, key), getattr(source, key)
+        if ours != theirs:
+            raise ConfigError(
+                f"model.{key}={ours!r} in {config.source} contradicts model.init_from {spec} ({key}={theirs!r}): "
+                f"the architecture comes from the weights; leave model.{key} out"
+            )
+    model = dataclasses.replace(source, init_from=spec, attention=config.model.attention)
+    data = dataclasses.replace(config.data, tokenizer=resolve_tokenizer(config, spec))
+    resolved = dataclasses.replace(config, model=model, data=data)
+    validate(resolved, f"{config.source} (with model.init_from {spec})")
+    return resolved
+
+
+def resolve_tokenizer(config: Config, spec: str) -> str:
+    """data.tokenizer becomes the source's; one given that is another tokenizer is refused."""
+    ours = config.data.tokenizer
+    theirs = load_tokenizer(spec)
+    if ours != "train" and ours != spec and load_tokenizer(ours).hash != theirs.hash:
+        raise ConfigError(
+            f"data.tokenizer {ours} in {config.source} is not the tokenizer of model.init_from {spec}: "
+            "leave data.tokenizer out (or train) to use the weights' own"
+        )
+    return spec
+
+
+def initial_weights(spec: str) -> dict[str, torch.Tensor]:
+    """The state dict of SmolLM2 at model.init_from (only the weights)."""
+    path = Path(spec)
+    model, _ = load_pretrained(path) if path.is_dir() else load_model_from_checkpoint(path)
+    return model.state_dict()

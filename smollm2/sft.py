@@ -1,0 +1,239 @@
+"""Supervised fine-tuning data (data.format: chat): conversations -> packed rows -> batches.
+
+Each line of a .jsonl file (or row of a .parquet file) holds {"messages": [{"role", "content"}, ...]}.
+A conversation is rendered with the tokenizer's chat template and encoded whole; its targets are
+the next tokens where those are the assistant's, -100 (ignored by the loss) everywhere else.
+
+Conversations are packed, in order, into rows of data.seq_len tokens, each tagged with its
+conversation's document id, so the model restarts positions and attends within a conversation
+only (smollm2.model.document_layout); the rest of a row is padding with ignored targets. Packed
+rows trained 1.20x (fp32) and 1.03x (bf16) the conversation tokens/s of padding each conversation
+to the longest of its batch on a 2-core CPU, with the shipped set's short, even conversations,
+padding's best case (bench/sft_packing.py, BENCHMARKS.md); and they have one shape. The rows are
+made in seconds, so they are built in memory at start-up;
+`ChatBatchLoader` draws them in BatchLoader's order (a pure function of seed, step, rank, world),
+so a resumed run sees the same batches, bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smollm2.chat import IGNORE, Message, check_messages, encode_conversation, render_template, training_targets
+from smollm2.config import Config
+from smollm2.data import Batch, BatchLoader, _is_val_piece, resolve_sources
+from smollm2.errors import UserError, error_reason
+from smollm2.tokenizer import CHATML_TEMPLATE, Tokenizer, load_tokenizer, train_tokenizer
+
+MESSAGES_FIELD = "messages"
+
+
+@dataclass
+class Conversation:
+    ids: list[int]
+    targets: list[int]
+
+
+@dataclass
+class PackedRows:
+    """Rows of seq_len tokens: input ids, targets (-100 where ignored) and document ids, each (rows, seq_len)."""
+
+    input_ids: np.ndarray
+    targets: np.ndarray
+    document_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, rows: np.ndarray | range) -> Batch:
+        rows = np.asarray(rows)
+        return {
+            "input_ids": torch.from_numpy(self.input_ids[rows].astype(np.int64)),
+            "targets": torch.from_numpy(self.targets[rows].astype(np.int64)),
+            "document_ids": torch.from_numpy(self.document_ids[rows].astype(np.int64)),
+        }
+
+    @property
+    def trained_tokens(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+@dataclass
+class ChatData:
+    """What the trainer needs of its data, as data.PreparedData gives it for text."""
+
+    tokenizer: Tokenizer
+    train: PackedRows
+    val: PackedRows
+    meta: dict
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_conversations(files: list[Path]) -> Iterator[tuple[str, list[Message]]]:
+    """(where, messages) for every conversation, checked: known roles, string contents, a reply."""
+    for file in files:
+        if file.suffix == ".jsonl":
+            yield from _jsonl_conversations(file)
+        elif file.suffix == ".parquet":
+            yield from _parquet_conversations(file)
+        else:
+            raise UserError(f"data.path: {file} is not .jsonl or .parquet (data.format: chat reads conversations)")
+
+
+def _jsonl_conversations(file: Path) -> Iterator[tuple[str, list[Message]]]:
+    try:
+        with open(file, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{file}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict) or MESSAGES_FIELD not in record:
+                    raise UserError(f"{where}: no {MESSAGES_FIELD!r} field (data.format: chat)")
+                yield where, check_messages(record[MESSAGES_FIELD], where)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{file}: not UTF-8 at byte {exc.start}") from None
+
+
+def _parquet_conversations(file: Path) -> Iterator[tuple[str, list[Message]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(file)
+        if MESSAGES_FIELD not in reader.schema_arrow.names:
+            raise UserError(f"{file}: no {MESSAGES_FIELD!r} column (data.format: chat)")
+        number = 0
+        for batch in reader.iter_batches(columns=[MESSAGES_FIELD], batch_size=1024):
+            for messages in batch.column(0).to_pylist():
+                number += 1
+                yield f"{file} row {number}", check_messages(messages, f"{file} row {number}")
+    except UserError:
+        raise
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise UserError(f"{file}: not a readable parquet file ({error_reason(exc, 100)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens and rows
+
+
+def chat_tokenizer(config: Config, conversations: list[list[Message]]) -> Tokenizer:
+    """data.tokenizer, or with `train` a byte-level BPE trained on the conversations as ChatML renders them."""
+    if config.data.tokenizer != "train":
+        return load_tokenizer(config.data.tokenizer, config.model.vocab_size)
+    texts = (render_template(CHATML_TEMPLATE, messages) for messages in conversations)
+    return train_tokenizer(texts, config.model.vocab_size)
+
+
+def encode_all(
+    tokenizer: Tokenizer, conversations: list[tuple[str, list[Message]]], seq_len: int
+) -> list[Conversation]:
+    encoded = []
+    for where, messages in conversations:
+        ids, is_assistant = encode_conversation(tokenizer, messages)
+        if len(ids) > seq_len:
+            raise UserError(
+                f"{where}: the conversation is {len(ids)} tokens, longer than data.seq_len={seq_len}: "
+                "shorten it, or raise data.seq_len (up to model.max_seq_len)"
+            )
+        encoded.append(Conversation(ids, training_targets(ids, is_assistant)))
+    return encoded
+
+
+def pack(conversations: list[Conversation], seq_len: int, pad_id: int) -> PackedRows:
+    """Next-fit, in order: a conversation goes into the current row if it fits, else starts the next."""
+    rows: list[list[Conversation]] = []
+    used = seq_len
+    for conversation in conversations:
+        if used + len(conversation.ids) > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(conversation)
+        used += len(conversation.ids)
+    shape = (len(rows), seq_len)
+    input_ids = np.full(shape, pad_id, dtype=np.int32)
+    targets = np.full(shape, IGNORE, dtype=np.int32)
+    document_ids = np.zeros(shape, dtype=np.int32)
+    for row, members in enumerate(rows):
+        at = 0
+        for document, conversation in enumerate(members):
+            end = at + len(conversation.ids)
+            input_ids[row, at:end] = conversation.ids
+            targets[row, at:end] = conversation.targets
+            document_ids[row, at:end] = document
+            at = end
+        document_ids[row, at:] = len(members)  # the padding is a document of its own
+    return PackedRows(input_ids, targets, document_ids)
+
+
+def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False) -> ChatData:
+    """Read, check, tokenize and pack the conversations; a held-out share (data.val_fraction) for validation."""
+    files = resolve_sources(config.data.path)
+    conversations = list(read_conversations(files))
+    if not conversations:
+        raise UserError(f"data.path: {config.data.path!r} holds no conversation")
+    tokenizer = chat_tokenizer(config, [messages for _, messages in conversations])
+    if tokenizer.eos_id is None:
+        raise UserError(f"tokenizer {config.data.tokenizer}: no end-of-text token to pad with")
+    encoded = encode_all(tokenizer, conversations, config.data.seq_len)
+    held_out = [_is_val_piece(index, config.data.val_fraction) for index in range(len(encoded))]
+    train_conversations = [c for c, out in zip(encoded, held_out, strict=True) if not out]
+    val_conversations = [c for c, out in zip(encoded, held_out, strict=True) if out]
+    train = pack(train_conversations, config.data.seq_len, tokenizer.eos_id)
+    val = pack(val_conversations, config.data.seq_len, tokenizer.eos_id)
+    if len(train) == 0:
+        raise UserError("data.path: every conversation went to validation; lower data.val_fraction")
+    meta = {
+        "conversations": len(encoded),
+        "train_rows": len(train),
+        "val_rows": len(val),
+        "train_tokens": sum(len(c.ids) for c in train_conversations),
+        "trained_tokens": train.trained_tokens,
+    }
+    if not quiet:
+        fill = meta["train_tokens"] / (len(train) * config.data.seq_len)
+        print(
+            f"data: {len(encoded):,} conversations packed into {len(train):,} train / {len(val):,} val rows of "
+            f"{config.data.seq_len} tokens ({fill:.0%} filled); {meta['trained_tokens']:,} assistant tokens to learn"
+        )
+    return ChatData(tokenizer, train, val, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+class ChatBatchLoader(BatchLoader):
+    """BatchLoader's order, prefetching and state over packed rows: row i plays window i."""
+
+    def __init__(self, rows: PackedRows, batch_size: int, seq_len: int, seed: int, rank: int = 0,
+                 world_size: int = 1, device: torch.device | str = "cpu") -> None:  # fmt: skip
+        self.rows = rows
+        # BatchLoader counts windows of seq_len tokens in a token array: a stand-in of the length that
+        # makes one window per row, without memory (a broadcast view).
+        stand_in = np.broadcast_to(np.zeros(1, dtype=np.uint8), (len(rows) * seq_len + 1,))
+        super().__init__(stand_in, batch_size, seq_len, seed, rank, world_size, device)
+
+    def batch(self, step: int) -> Batch:
+        batch = self.rows.batch(self.window_starts(step) // self.seq_len)
+        if self.device.type == "cuda":
+            batch = {name: tensor.pin_memory() for name, tensor in batch.items()}
+        return batch
+
+
+def eval_batches(rows: PackedRows, batch_size: int, seq_len: int, max_batches: int) -> list[Batch]:
+    """The first held-out rows, in order: the same every evaluation."""
+    count = min(len(rows), batch_size * max_batches)
+    return [rows.batch(range(first, min(first + batch_size, count))) for first in range(0, count, batch_size)]
