@@ -122,6 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         tasks=args.tasks,
         text=args.text,
         stride=args.stride,
+        window=args.window,
         limit=args.limit,
         batch_size=args.batch_size,
         num_fewshot=args.num_fewshot,
@@ -279,9 +280,8 @@ def add_eval(commands: Subcommands) -> None:
     source.add_argument("--model", help="a model folder: a run's final/, an export, or a downloaded SmolLM2")
     evaluate.add_argument("--tasks", help="lm-eval task names or task .yaml files, comma-separated")
     evaluate.add_argument("--text", help="a UTF-8 text file: loss per token, perplexity and bits per byte")
-    evaluate.add_argument(
-        "--stride", type=int, help="--text: tokens each window moves on (default: half the model's context)"
-    )
+    evaluate.add_argument("--window", type=int, help="--text: tokens a window holds (default: the model's context)")
+    evaluate.add_argument("--stride", type=int, help="--text: tokens each window moves on (default: half the window)")
     evaluate.add_argument("--limit", type=int, help="examples per task at most (default: all)")
     evaluate.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     evaluate.add_argument("--num_fewshot", type=int, help="examples in each prompt (default: the task's, mostly 0)")

@@ -128,15 +128,23 @@ def read_text(path: str | Path) -> str:
 
 
 def text_metrics(
-    model: SmolLM2, tokenizer: Tokenizer, text: str, stride: int | None = None, batch_size: int = 4
+    model: SmolLM2,
+    tokenizer: Tokenizer,
+    text: str,
+    stride: int | None = None,
+    batch_size: int = 4,
+    window: int | None = None,
 ) -> dict[str, float]:
-    """Loss per token, perplexity and bits per byte of `text`, every token scored once in windows
-    of the model's context moved by `stride` tokens (default half the context); the first token is
-    scored after the tokenizer's end-of-text token."""
-    window = model.config.max_seq_len
-    stride = stride or max(1, window // 2)
+    """Loss per token, perplexity and bits per byte of `text`, every token scored once, in windows
+    of `window` tokens (default: the model's context) moved by `stride` tokens (default: half the
+    window); the first token is scored after the tokenizer's end-of-text token."""
+    context = model.config.max_seq_len
+    window = window or context
+    if not 2 <= window <= context:
+        raise UserError(f"--window must be between 2 and the model's context ({context}), got {window}")
+    stride = stride or window // 2
     if not 1 <= stride <= window:
-        raise UserError(f"--stride must be between 1 and the model's context ({window}), got {stride}")
+        raise UserError(f"--stride must be between 1 and the window ({window} tokens), got {stride}")
     if tokenizer.eos_id is None:
         raise UserError("the tokenizer has no end-of-text token to score the text's first token after")
     tokens = tokenizer.encode(text)
@@ -187,7 +195,7 @@ class SmolLM2Harness(TemplateLM):
         device = str(settings.get("device") or "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's CLI asks for cuda by default
             device = "cpu"
-        model, tokenizer = load_for_inference(sources[0], device, str(settings.get("precision", "auto")))
+        model, tokenizer = load_for_inference(sources[0], device, str(settings.get("precision", "auto")), pack=False)
         return cls(model, tokenizer, batch_size_from(settings.get("batch_size", 8)))
 
     # -- what TemplateLM asks of a model ------------------------------------------------------
@@ -230,7 +238,7 @@ class SmolLM2Harness(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations with our KV cache, batched by generation settings, cut at the stop strings."""
-        eos = self.tok.decode([self.eot_token_id])
+        eos = self.tok.decode([self.eot_token_id])  # a stop string too, as lm-eval's backends have it
         collator = Collator(
             [request.args for request in requests],
             sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
@@ -249,18 +257,27 @@ class SmolLM2Harness(TemplateLM):
         return collator.get_original(results)
 
     def continue_texts(self, contexts: list[str], until: list[str], settings: dict) -> list[str]:
-        """Each context (cut from the left to leave room) continued until every row holds a stop
-        string, or max_gen_toks new tokens."""
+        """Each context (cut from the left to leave room) continued until its end-of-text token, or
+        until every row holds a stop string, or max_gen_toks new tokens. Special tokens are left out
+        of the text, as lm-eval's hf backend leaves them out."""
         new_tokens = max(1, min(int(settings["max_gen_toks"]), self.max_length - 1))
         prompts = [self.tok_encode(c)[-(self.max_length - new_tokens) :] or [self.prefix_token_id] for c in contexts]
         produced: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
         generator = torch.Generator(device=self._device).manual_seed(int(settings.get("seed", 1234)))
-        for step in stream(self.network, prompts, new_tokens, sampling_of(settings), generator=generator):
+        sampling, eos = sampling_of(settings), self.eot_token_id
+        for step in stream(self.network, prompts, new_tokens, sampling, eos_id=eos, generator=generator):
             for row, token in enumerate(step.tolist()):
-                produced[row].append(token)
-            if all(any(stop in self.tok.decode(tokens) for stop in until) for tokens in produced):
+                finished[row] = finished[row] or token == eos
+                if not finished[row]:
+                    produced[row].append(token)
+            texts = [self.tok_decode(tokens) for tokens in produced]
+            if all(done or any(stop in text for stop in until) for done, text in zip(finished, texts, strict=True)):
                 break
-        return [self.tok.decode(tokens) for tokens in produced]
+        return [self.tok_decode(tokens) for tokens in produced]
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tok.backend.decode(tokens, skip_special_tokens=True)
 
 
 def batch_size_from(value) -> int:
@@ -415,6 +432,7 @@ def evaluate(
     tasks: str | None = None,
     text: str | None = None,
     stride: int | None = None,
+    window: int | None = None,
     limit: int | None = None,
     batch_size: int = 8,
     num_fewshot: int | None = None,
@@ -437,14 +455,14 @@ def evaluate(
         raise UserError(f"--out {out} is a folder: give a file name, e.g. results.json")
     chosen = load_tasks(tasks.split(","), include_path) if tasks else None
     held_out = read_text(text) if text else None
-    model, tokenizer = load_for_inference(source, precision=precision)
+    model, tokenizer = load_for_inference(source, precision=precision, pack=False)
     report: dict = {"model": str(source)}
     if chosen is not None:
         results = run_tasks(SmolLM2Harness(model, tokenizer, batch_size), chosen, limit, num_fewshot)
         print(format_table(metric_rows(results)))
         report |= {key: value for key, value in results.items() if key != "samples"}
     if held_out is not None:
-        metrics = text_metrics(model, tokenizer, held_out, stride, batch_size)
+        metrics = text_metrics(model, tokenizer, held_out, stride, batch_size, window)
         print(describe_text_metrics(text, metrics))
         report["text"] = {"file": str(text)} | metrics
     if out is not None:
