@@ -234,3 +234,15 @@ def test_the_published_model_scores_the_same_through_both_backends():
     ours, theirs = evaluate_both(folder, tasks, limit=6)
     assert_same_evaluation(ours, theirs)
     assert responses(ours)["local_generation"][0] == [[" Paris"]]  # the real model, really loaded
+
+
+def test_lm_evals_own_command_line_runs_our_model(model_folder, monkeypatch, capsys):
+    """smollm2-lm-eval: lm-eval's CLI, which finds `--model smollm2` in its registry."""
+    task = str(TASKS / "multiple_choice.yaml")
+    argv = ["smollm2-lm-eval", "run", "--model", "smollm2", "--model_args", f"model={model_folder}"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--tasks", task, "--limit", "2", "--batch_size", "2"])
+    # lm-eval's index of its own tasks takes seconds to build: the one this session built already.
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", lambda include_path=None, **_: evaluation.task_manager(None, True))
+    assert evaluation.lm_eval_main() == 0
+    table = capsys.readouterr().out
+    assert "local_multiple_choice" in table and "acc_norm" in table
