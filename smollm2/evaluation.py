@@ -67,9 +67,9 @@ def stay_offline(download: bool = False) -> None:
 
 
 @torch.inference_mode()
-def score(model: SmolLM2, sequences: list[list[int]], scored: list[int]) -> list[tuple[float, bool]]:
-    """The summed log-probability of the last `scored[i]` tokens of each sequence given the tokens
-    before them, and whether each of those tokens was the model's greedy choice.
+def continuation_logprobs(model: SmolLM2, sequences: list[list[int]], scored: list[int]) -> list[torch.Tensor]:
+    """The log-probabilities (scored[i], vocab) over the positions that predict the last
+    `scored[i]` tokens of each sequence, given the tokens before them.
 
     Sequences (at most max_seq_len + 1 tokens) are right-padded into one batch: with causal
     attention, padding after a sequence changes nothing before it, so no mask is needed."""
@@ -79,14 +79,27 @@ def score(model: SmolLM2, sequences: list[list[int]], scored: list[int]) -> list
     for row, tokens in enumerate(inputs):
         batch[row, : len(tokens)] = torch.tensor(tokens)
     logits = model(batch.to(device))
-    results = []
-    for row, (sequence, count) in enumerate(zip(sequences, scored, strict=True)):
-        end = len(sequence) - 1
-        logprobs = logits[row, end - count : end].float().log_softmax(dim=-1)
-        targets = torch.tensor(sequence[-count:], device=device)
-        picked = logprobs.gather(1, targets[:, None]).squeeze(1)
-        results.append((float(picked.sum()), bool((logprobs.argmax(dim=-1) == targets).all())))
-    return results
+    return [
+        logits[row, len(tokens) - count : len(tokens)].float().log_softmax(dim=-1)
+        for row, (tokens, count) in enumerate(zip(inputs, scored, strict=True))
+    ]
+
+
+def total_and_greedy(logprobs: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
+    """The summed log-probability of `targets` under (len(targets), vocab) log-probabilities, and
+    whether every target was the likeliest token."""
+    targets = torch.tensor(targets, device=logprobs.device)
+    picked = logprobs.gather(1, targets[:, None]).squeeze(1)
+    return float(picked.sum()), bool((logprobs.argmax(dim=-1) == targets).all())
+
+
+def score(model: SmolLM2, sequences: list[list[int]], scored: list[int]) -> list[tuple[float, bool]]:
+    """(summed log-probability, all greedy?) of the last `scored[i]` tokens of each sequence."""
+    logprobs = continuation_logprobs(model, sequences, scored)
+    return [
+        total_and_greedy(rows, sequence[-count:])
+        for rows, sequence, count in zip(logprobs, sequences, scored, strict=True)
+    ]
 
 
 def batched(items: list, size: int) -> Iterator[list]:
@@ -213,16 +226,27 @@ class SmolLM2Harness(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(strings, context tokens, continuation tokens) -> (log-probability, greedy?) each; the
-        context is cut from the left to fit the model's context; longest first, in batches."""
+        context is cut from the left to fit the model's context; longest first, in batches.
+        Requests that differ only in a one-token continuation (the choices of many multiple-choice
+        tasks) share one forward pass, as in lm-eval's hf backend."""
         limit = self.max_length + 1
-        collator = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
+        collator = Collator(
+            requests,
+            sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
+            group_by="contexts",
+            group_fn=lambda r: r[1] + r[2][:-1],
+        )
         results = []
         for chunk in collator.get_batched(n=self.batch_size):
             sequences = [(context + continuation)[-limit:] for _, context, continuation in chunk]
-            scored = [len(continuation) for _, _, continuation in chunk]
-            for request, result in zip(chunk, score(self.network, sequences, scored), strict=True):
-                self.cache_hook.add_partial("loglikelihood", request[0], result)
-                results.append(result)
+            logprobs = continuation_logprobs(self.network, sequences, [len(c) for _, _, c in chunk])
+            for (strings, context, continuation), rows in zip(chunk, logprobs, strict=True):
+                for shared_strings, shared_continuation, shared_rows in collator.get_cache(
+                    strings, context, continuation, rows[None]
+                ):
+                    result = total_and_greedy(shared_rows[0], shared_continuation)
+                    self.cache_hook.add_partial("loglikelihood", shared_strings, result)
+                    results.append(result)
         return collator.get_original(results)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
