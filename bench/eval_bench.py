@@ -10,7 +10,7 @@
 
     python scripts/fetch_instruct.py          # once: the published weights, converted and cached
     make demo                                 # once: runs/demo/final
-    python bench/eval_bench.py [--rounds 3] [--bytes 100000]
+    python bench/eval_bench.py --rounds 3 --bytes 50000 > bench/eval_results.md   # make bench includes it
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def bits_per_byte(models: dict[str, Path], text: str) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--bytes", type=int, default=100_000, help="bits per byte over this many bytes of input.txt")
+    parser.add_argument("--bytes", type=int, default=50_000, help="bits per byte over this many bytes of input.txt")
     parser.add_argument("--demo", type=Path, default=ROOT / "runs" / "demo" / "final")
     args = parser.parse_args()
     evaluation.stay_offline()
