@@ -30,6 +30,8 @@ def main() -> None:
         print(f"running bench/{name} ...", file=sys.stderr)
         out = subprocess.run([sys.executable, str(ROOT / "bench" / name)], capture_output=True, text=True, check=True)
         sections.append(out.stdout.strip())
+    # bench/eval_bench.py takes minutes (the published model on CPU): its output is kept in a file.
+    sections.append((ROOT / "bench" / "eval_results.md").read_text().strip())
     # GPU figures come from bench/gpu_check.sh on a lent card, recorded by hand in this file.
     sections.append((ROOT / "bench" / "gpu_results.md").read_text().strip())
     header = (

@@ -21,6 +21,7 @@ from smollm2.cli import ArgumentParser, examples
 from smollm2.errors import UserError, error_reason
 from smollm2.generation import Sampling
 from smollm2.inference import load_for_inference, stream_text
+from smollm2.metrics import benchmark_points
 from smollm2.space import DEFAULT_MODEL, RunRecord, logs_beside, opening_prompt, read_record, short_count
 
 MAX_NEW_TOKENS = 512
@@ -94,6 +95,10 @@ def training_tab(record: RunRecord) -> None:
         gr.Markdown("No training logs were found beside this model (logs/metrics.jsonl).")
     else:
         gr.LinePlot(curves, x="step", y="loss", color="split", title="Loss", height=320)
+    benchmarks = benchmark_frame(record.metrics)
+    if not benchmarks.empty:
+        title = "Benchmarks (train.eval_tasks, train.eval_limit examples each)"
+        gr.LinePlot(benchmarks, x="step", y="value", color="metric", title=title, height=320)
     if not record.predictions:
         gr.Markdown("No predictions were logged (logs/samples.md).")
         return
@@ -113,6 +118,15 @@ def loss_frame(metrics: list[dict]) -> pd.DataFrame:
     rows = [{"step": r["step"], "loss": r["loss"], "split": "train"} for r in metrics if "loss" in r]
     rows += [{"step": r["step"], "loss": r["val_loss"], "split": "val"} for r in metrics if "val_loss" in r]
     return pd.DataFrame(rows, columns=["step", "loss", "split"])
+
+
+def benchmark_frame(metrics: list[dict]) -> pd.DataFrame:
+    rows = [
+        {"step": step, "value": value, "metric": name}
+        for name, points in benchmark_points(metrics).items()
+        for step, value in points
+    ]
+    return pd.DataFrame(rows, columns=["step", "value", "metric"])
 
 
 def default_model(app_folder: Path) -> Path:

@@ -1,4 +1,4 @@
-"""One CLI: info, prepare, train, generate, export. It parses and calls; the work lives elsewhere."""
+"""One CLI: info, prepare, train, generate, eval, export. It parses and calls; the work lives elsewhere."""
 
 from __future__ import annotations
 
@@ -127,6 +127,25 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(model, tokenizer, args.system, args.max_new_tokens, sampling, args.seed)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from smollm2.evaluation import evaluate
+
+    evaluate(
+        args.checkpoint or args.model,
+        tasks=args.tasks,
+        text=args.text,
+        stride=args.stride,
+        window=args.window,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        num_fewshot=args.num_fewshot,
+        include_path=args.include_path,
+        out=args.out,
+        download=args.download,
+        precision=args.precision,
+    )
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from smollm2.checkpoint import load_model_from_checkpoint
     from smollm2.hf import export_llama
@@ -177,6 +196,7 @@ def build_parser() -> ArgumentParser:
     add_train(commands)
     add_generate(commands)
     add_chat(commands)
+    add_eval(commands)
     add_export(commands)
     add_export_space(commands)
     return parser
@@ -284,6 +304,41 @@ def add_chat(commands: Subcommands) -> None:
     chat.add_argument("--system", help="a system message that starts the conversation")
     add_sampling_flags(chat, temperature=0.7)
     chat.set_defaults(run=cmd_chat)
+
+
+def add_eval(commands: Subcommands) -> None:
+    evaluate = add_command(
+        commands,
+        "eval",
+        "score a model on lm-evaluation-harness tasks and/or held-out text (bits per byte)",
+        examples(
+            "python -m smollm2 eval --model runs/mine/final --tasks hellaswag,arc_easy --limit 200 --out results.json",
+            "python -m smollm2 eval --checkpoint runs/mine/checkpoints/step_600.pt --text held_out.txt",
+            "python -m smollm2 eval --model runs/mine/final --tasks tests/eval_tasks/multiple_choice.yaml",
+        ),
+    )
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a training checkpoint (checkpoints/step_N.pt)")
+    source.add_argument("--model", help="a model folder: a run's final/, an export, or a downloaded SmolLM2")
+    evaluate.add_argument("--tasks", help="lm-eval task names or task .yaml files, comma-separated")
+    evaluate.add_argument("--text", help="a UTF-8 text file: loss per token, perplexity and bits per byte")
+    evaluate.add_argument("--window", type=int, help="--text: tokens a window holds (default: the model's context)")
+    evaluate.add_argument("--stride", type=int, help="--text: tokens each window moves on (default: half the window)")
+    evaluate.add_argument("--limit", type=int, help="examples per task at most (default: all)")
+    evaluate.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
+    evaluate.add_argument("--num_fewshot", type=int, help="examples in each prompt (default: the task's, mostly 0)")
+    evaluate.add_argument("--include_path", help="a folder of your own lm-eval task .yaml files")
+    evaluate.add_argument("--out", help="write the results as JSON to this file")
+    evaluate.add_argument(
+        "--download", action="store_true", help="fetch data sets missing from the Hugging Face cache (needs network)"
+    )
+    evaluate.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="weights; auto: bf16 on CUDA, fp32 on a CPU",
+    )
+    evaluate.set_defaults(run=cmd_eval)
 
 
 def add_export(commands: Subcommands) -> None:

@@ -106,6 +106,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     eval_every: int = 500
     eval_batches: int = 20
+    eval_tasks: list[str] = field(default_factory=list)  # lm-eval tasks (names or .yaml files) at each evaluation
+    eval_limit: int = 50  # examples of each eval task per evaluation: a sample, the same one every time
     predict_every: int = 500
     predict_tokens: int = 64
     save_every: int = 1000
@@ -303,6 +305,7 @@ def validate(config: Config, where: str) -> None:
         "lr",
         "eval_every",
         "eval_batches",
+        "eval_limit",
         "predict_every",
         "predict_tokens",
         "save_every",

@@ -275,10 +275,28 @@ def read_samples(path: Path) -> list[Predictions]:
     return found
 
 
+EVAL_PREFIX = "eval/"  # metrics.jsonl keys of benchmark figures (train.eval_tasks): eval/<task>/<metric>
+
+
+def benchmark_points(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Each "task/metric" of the train.eval_tasks evaluations, with its (step, value) points."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith(EVAL_PREFIX):
+                series.setdefault(key.removeprefix(EVAL_PREFIX), []).append((row["step"], value))
+    return series
+
+
 def plot_losses(rows: list[dict], path: Path) -> None:
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    benchmarks = benchmark_points(rows)
+    if benchmarks:  # a second panel below the losses, on the same steps
+        fig, (ax, bench_ax) = plt.subplots(2, 1, figsize=(8, 8), dpi=100, sharex=True)
+        plot_benchmarks(bench_ax, benchmarks)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     if train:
         ax.plot(*zip(*train, strict=True), label="train", linewidth=1, alpha=0.8)
     if val:
@@ -290,6 +308,15 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
+
+
+def plot_benchmarks(ax, benchmarks: dict[str, list[tuple[int, float]]]) -> None:
+    for name, points in benchmarks.items():
+        ax.plot(*zip(*points, strict=True), label=name, marker="o", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("benchmark (train.eval_limit examples)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def start_wandb(folder: Path, config: dict, project: str):

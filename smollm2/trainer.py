@@ -129,19 +129,31 @@ class StopRequest:
 
 
 class Validator:
-    """The validation loss over the same first windows of the validation split, every eval_every steps."""
+    """The validation loss over the same first windows of the validation split, every eval_every steps;
+    and the figures of train.eval_tasks (smollm2.evaluation.TaskScores), when there are any."""
 
     def __init__(self, data: PreparedData, config: Config) -> None:
         settings = config.train
         self.every = settings.eval_every
         batches_of = data_pipeline(config).eval_batches
         self.batches = batches_of(data.val, settings.batch_size, config.data.seq_len, settings.eval_batches)
+        self.tasks = None
+        if settings.eval_tasks:
+            from smollm2.evaluation import TaskScores  # lm-eval is a heavy import: only when asked for
+
+            self.tasks = TaskScores(settings.eval_tasks, settings.eval_limit, data.tokenizer, settings.batch_size)
 
     def due(self, step: int, end: int) -> bool:
         return step % self.every == 0 or step == end
 
-    @torch.no_grad()
     def run(self, model: SmolLM2, autocast) -> dict:
+        row = self.validation_loss(model, autocast)
+        if self.tasks is not None:
+            row |= self.tasks.run(model, autocast)
+        return row
+
+    @torch.no_grad()
+    def validation_loss(self, model: SmolLM2, autocast) -> dict:
         if not self.batches:
             return {}
         model.eval()
@@ -497,6 +509,10 @@ def train(
     resume = Checkpoint.load(checkpoint) if checkpoint else None
     if resume is not None:
         resume.check_resumable(config)
+    if config.train.eval_tasks:  # an unknown task is refused before anything is written
+        from smollm2.evaluation import load_tasks
+
+        load_tasks(config.train.eval_tasks)
     resume_hint = resume_hint or resume_command(config.source, out_dir=out_dir)
     out_dir = Path(out_dir)
     checkpointer = Checkpointer(out_dir, config.train, is_main=True)

@@ -144,7 +144,7 @@ def test_generate_help_shows_the_defaults_and_ends_with_examples():
 
 def test_every_flag_has_help_and_every_command_examples():
     (commands,) = [a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    assert set(commands) == {"info", "prepare", "train", "generate", "chat", "export", "export-space"}
+    assert set(commands) == {"info", "prepare", "train", "generate", "chat", "eval", "export", "export-space"}
     for name, parser in commands.items():
         assert parser.epilog.startswith("examples:\n  python -m smollm2 " + name), name
         for action in parser._actions:

@@ -1,0 +1,519 @@
+"""Evaluation: benchmarks through lm-evaluation-harness, and held-out text in bits per byte.
+
+`SmolLM2Harness` is our model as an lm-eval model (registered as "smollm2"): log-likelihoods of
+continuations, rolling log-likelihoods of whole texts, and greedy or sampled generation with our KV
+cache, batched. The harness owns everything else: tasks, prompts, few-shot examples, metrics.
+
+`text_metrics` scores a text file as a language model would continue it: loss per token,
+perplexity and bits per byte. Bits per byte divide by the text's bytes, not its tokens, so models
+with different tokenizers compare on the same text.
+
+Data sets come from the local Hugging Face cache unless a download is asked for: a task whose data
+is not there is one line, never a hang on a machine without network.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lm_eval.models  # noqa: F401 - lm-eval's own models first: it reads an empty registry as "import them"
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.tasks import TaskManager
+from lm_eval.tasks._yaml_loader import load_yaml
+from lm_eval.utils import (
+    get_rolling_token_windows,
+    handle_non_serializable,
+    make_disjoint_window,
+    simple_parse_args_string,
+)
+
+from smollm2.errors import UserError, error_reason
+from smollm2.files import write_atomic
+from smollm2.generation import Sampling, stream
+from smollm2.metrics import EVAL_PREFIX
+from smollm2.model import SmolLM2
+from smollm2.tokenizer import Tokenizer
+
+OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+DEFAULT_MAX_GEN_TOKENS = 256  # lm-eval's default for generate_until tasks that set none
+
+
+def stay_offline(download: bool = False) -> None:
+    """Data sets from the local cache only (unless `download`), before datasets or the hub client
+    read their settings; where they were imported already, their settings are set too."""
+    if download:
+        return
+    for name in OFFLINE_VARIABLES:
+        os.environ[name] = "1"
+    if "huggingface_hub.constants" in sys.modules:
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+    if "datasets.config" in sys.modules:
+        config = sys.modules["datasets.config"]
+        config.HF_DATASETS_OFFLINE = config.HF_HUB_OFFLINE = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring token windows: the one forward pass every measure here goes through
+
+
+@torch.inference_mode()
+def continuation_logprobs(model: SmolLM2, sequences: list[list[int]], scored: list[int]) -> list[torch.Tensor]:
+    """The log-probabilities (scored[i], vocab) over the positions that predict the last
+    `scored[i]` tokens of each sequence, given the tokens before them.
+
+    Sequences (at most max_seq_len + 1 tokens) are right-padded into one batch: with causal
+    attention, padding after a sequence changes nothing before it, so no mask is needed."""
+    device = model.embed_tokens.weight.device
+    inputs = [sequence[:-1] for sequence in sequences]
+    batch = torch.zeros(len(inputs), max(map(len, inputs)), dtype=torch.long)
+    for row, tokens in enumerate(inputs):
+        batch[row, : len(tokens)] = torch.tensor(tokens)
+    logits = model(batch.to(device))
+    return [
+        logits[row, len(tokens) - count : len(tokens)].float().log_softmax(dim=-1)
+        for row, (tokens, count) in enumerate(zip(inputs, scored, strict=True))
+    ]
+
+
+def total_and_greedy(logprobs: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
+    """The summed log-probability of `targets` under (len(targets), vocab) log-probabilities, and
+    whether every target was the likeliest token."""
+    targets = torch.tensor(targets, device=logprobs.device)
+    picked = logprobs.gather(1, targets[:, None]).squeeze(1)
+    return float(picked.sum()), bool((logprobs.argmax(dim=-1) == targets).all())
+
+
+def score(model: SmolLM2, sequences: list[list[int]], scored: list[int]) -> list[tuple[float, bool]]:
+    """(summed log-probability, all greedy?) of the last `scored[i]` tokens of each sequence."""
+    logprobs = continuation_logprobs(model, sequences, scored)
+    return [
+        total_and_greedy(rows, sequence[-count:])
+        for rows, sequence, count in zip(logprobs, sequences, scored, strict=True)
+    ]
+
+
+def batched(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def score_windows(model: SmolLM2, windows: list[tuple[list[int], int]], batch_size: int) -> list[tuple[float, bool]]:
+    """`score` over (sequence, scored) windows, batch_size at a time."""
+    results = []
+    for chunk in batched(windows, batch_size):
+        results += score(model, [sequence for sequence, _ in chunk], [count for _, count in chunk])
+    return results
+
+
+def rolling_windows(tokens: list[int], prefix: int, window: int, stride: int) -> list[tuple[list[int], int]]:
+    """A text's tokens as (sequence, scored) windows of at most `window` inputs that score every
+    token once: the first window scores its tokens after `prefix`; each next one moves by `stride`
+    tokens and scores those, seeing up to window - stride tokens before them."""
+    pairs = get_rolling_token_windows(tokens, prefix, window, context_len=window - stride + 1)
+    return [(context + predicted, len(predicted)) for context, predicted in map(make_disjoint_window, pairs)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out text
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--text {path}: no such file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--text {path}: not UTF-8 text (byte {exc.start} is not)") from None
+    if not text.strip():
+        raise UserError(f"--text {path}: the file is empty")
+    return text
+
+
+def text_metrics(
+    model: SmolLM2,
+    tokenizer: Tokenizer,
+    text: str,
+    stride: int | None = None,
+    batch_size: int = 4,
+    window: int | None = None,
+) -> dict[str, float]:
+    """Loss per token, perplexity and bits per byte of `text`, every token scored once, in windows
+    of `window` tokens (default: the model's context) moved by `stride` tokens (default: half the
+    window); the first token is scored after the tokenizer's end-of-text token."""
+    context = model.config.max_seq_len
+    window = window or context
+    if not 2 <= window <= context:
+        raise UserError(f"--window must be between 2 and the model's context ({context}), got {window}")
+    stride = stride or window // 2
+    if not 1 <= stride <= window:
+        raise UserError(f"--stride must be between 1 and the window ({window} tokens), got {stride}")
+    if tokenizer.eos_id is None:
+        raise UserError("the tokenizer has no end-of-text token to score the text's first token after")
+    tokens = tokenizer.encode(text)
+    windows = rolling_windows(tokens, tokenizer.eos_id, window, stride)
+    total = sum(logprob for logprob, _ in score_windows(model, windows, batch_size))
+    loss = -total / len(tokens)
+    return {
+        "tokens": len(tokens),
+        "bytes": len(text.encode("utf-8")),
+        "window": window,
+        "stride": stride,
+        "loss_per_token": loss,
+        "perplexity": math.exp(min(loss, 700)),
+        "bits_per_byte": -total / (len(text.encode("utf-8")) * math.log(2)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The lm-eval model
+
+
+@register_model("smollm2")
+class SmolLM2Harness(TemplateLM):
+    """Our model as an lm-eval model. `--model smollm2 --model_args checkpoint=CKPT` (or model=DIR;
+    also precision=auto|fp32|bf16 and device) loads one through create_from_arg_*; the trainer
+    gives the constructor the model it is training."""
+
+    def __init__(self, model: SmolLM2, tokenizer: Tokenizer, batch_size: int = 8) -> None:
+        super().__init__()
+        if tokenizer.eos_id is None:
+            raise UserError("the tokenizer has no end-of-text token, which lm-eval needs")
+        self.network, self.tok = model.eval(), tokenizer
+        self.batch_size = batch_size
+        self._device = model.embed_tokens.weight.device
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> SmolLM2Harness:
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> SmolLM2Harness:
+        from smollm2.inference import load_for_inference
+
+        settings = {k: v for k, v in (additional_config or {}).items() if v is not None} | dict(arg_dict)
+        sources = [settings[key] for key in ("checkpoint", "model") if settings.get(key)]
+        if len(sources) != 1:
+            raise UserError("the smollm2 lm-eval model takes one of checkpoint=CKPT or model=DIR")
+        device = str(settings.get("device") or "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():  # lm-eval's CLI asks for cuda by default
+            device = "cpu"
+        model, tokenizer = load_for_inference(sources[0], device, str(settings.get("precision", "auto")), pack=False)
+        return cls(model, tokenizer, batch_size_from(settings.get("batch_size", 8)))
+
+    # -- what TemplateLM asks of a model ------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.network.config.max_seq_len
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tok.encode(string)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(strings, context tokens, continuation tokens) -> (log-probability, greedy?) each; the
+        context is cut from the left to fit the model's context; longest first, in batches.
+        Requests that differ only in a one-token continuation (the choices of many multiple-choice
+        tasks) share one forward pass, as in lm-eval's hf backend."""
+        limit = self.max_length + 1
+        collator = Collator(
+            requests,
+            sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
+            group_by="contexts",
+            group_fn=lambda r: r[1] + r[2][:-1],
+        )
+        results = []
+        for chunk in collator.get_batched(n=self.batch_size):
+            sequences = [(context + continuation)[-limit:] for _, context, continuation in chunk]
+            logprobs = continuation_logprobs(self.network, sequences, [len(c) for _, _, c in chunk])
+            for (strings, context, continuation), rows in zip(chunk, logprobs, strict=True):
+                for shared_strings, shared_continuation, shared_rows in collator.get_cache(
+                    strings, context, continuation, rows[None]
+                ):
+                    result = total_and_greedy(shared_rows[0], shared_continuation)
+                    self.cache_hook.add_partial("loglikelihood", shared_strings, result)
+                    results.append(result)
+        return collator.get_original(results)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Each text's log-likelihood in disjoint windows of the model's context (lm-eval's
+        convention for perplexity tasks: the stride is the whole context)."""
+        results = []
+        for (text,) in (request.args for request in requests):
+            windows = rolling_windows(self.tok_encode(text), self.prefix_token_id, self.max_length, self.max_length)
+            total = sum(logprob for logprob, _ in score_windows(self.network, windows, self.batch_size))
+            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            results.append(total)
+        return results
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Continuations with our KV cache, batched by generation settings, cut at the stop strings."""
+        eos = self.tok.decode([self.eot_token_id])  # a stop string too, as lm-eval's backends have it
+        collator = Collator(
+            [request.args for request in requests],
+            sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
+            group_by="gen_kwargs",
+            group_fn=lambda r: r[1],
+        )
+        results = []
+        for chunk in collator.get_batched(n=self.batch_size):
+            contexts, request_settings = [context for context, _ in chunk], chunk[0][1]
+            settings = normalize_gen_kwargs(dict(request_settings), DEFAULT_MAX_GEN_TOKENS)
+            until = handle_stop_sequences(settings.pop("until", None), eos=eos)
+            for context, text in zip(contexts, self.continue_texts(contexts, until, settings), strict=True):
+                text = postprocess_generated_text(text, until, None)
+                self.cache_hook.add_partial("generate_until", (context, request_settings), text)
+                results.append(text)
+        return collator.get_original(results)
+
+    def continue_texts(self, contexts: list[str], until: list[str], settings: dict) -> list[str]:
+        """Each context (cut from the left to leave room) continued until its end-of-text token, or
+        until every row holds a stop string, or max_gen_toks new tokens. Special tokens are left out
+        of the text, as lm-eval's hf backend leaves them out."""
+        new_tokens = max(1, min(int(settings["max_gen_toks"]), self.max_length - 1))
+        prompts = [self.tok_encode(c)[-(self.max_length - new_tokens) :] or [self.prefix_token_id] for c in contexts]
+        produced: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        generator = torch.Generator(device=self._device).manual_seed(int(settings.get("seed", 1234)))
+        sampling, eos = sampling_of(settings), self.eot_token_id
+        for step in stream(self.network, prompts, new_tokens, sampling, eos_id=eos, generator=generator):
+            for row, token in enumerate(step.tolist()):
+                finished[row] = finished[row] or token == eos
+                if not finished[row]:
+                    produced[row].append(token)
+            texts = [self.tok_decode(tokens) for tokens in produced]
+            if all(done or any(stop in text for stop in until) for done, text in zip(finished, texts, strict=True)):
+                break
+        return [self.tok_decode(tokens) for tokens in produced]
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tok.backend.decode(tokens, skip_special_tokens=True)
+
+
+def batch_size_from(value) -> int:
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"batch_size must be a whole number of sequences, got {value!r}") from None
+    if size < 1:
+        raise UserError(f"batch_size must be at least 1, got {size}")
+    return size
+
+
+def sampling_of(settings: dict) -> Sampling:
+    """lm-eval's generation settings as ours: greedy unless do_sample with a temperature above 0."""
+    temperature = float(settings.get("temperature") or 0.0)
+    if not settings.get("do_sample") or temperature == 0:
+        return Sampling(temperature=0)
+    return Sampling(temperature, int(settings.get("top_k") or 0), float(settings.get("top_p") or 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass
+class Tasks:
+    """lm-eval tasks by name or YAML config, each known to exist; their data is read when they run."""
+
+    manager: TaskManager  # where names are looked up
+    specs: list  # task names, and configs (dicts) of task YAML files
+
+
+@functools.cache
+def task_manager(include_path: str | None, with_lm_eval_tasks: bool) -> TaskManager:
+    """lm-eval's index of tasks; building the index of its own thousands takes seconds, so it is
+    built once a process, and not at all when only task files are named."""
+    return TaskManager(include_path=include_path, include_defaults=with_lm_eval_tasks)
+
+
+def load_tasks(names: Iterable[str], include_path: str | None = None) -> Tasks:
+    """lm-eval task names (or paths of task YAML files), each checked to exist."""
+    names = [name.strip() for name in names if name.strip()]
+    if not names:
+        raise UserError("--tasks names no task (e.g. --tasks hellaswag,arc_easy)")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UserError(f"--include_path {include_path}: no such folder")
+    files = [name for name in names if name.endswith(".yaml")]
+    for name in files:
+        if not Path(name).is_file():
+            raise UserError(f"task file {name}: no such file")
+    manager = task_manager(include_path, with_lm_eval_tasks=len(files) < len(names))
+    for name in names:
+        if name not in files and not manager.match_tasks([name]):
+            raise UserError(
+                f"unknown task {name!r} (`lm-eval ls tasks` lists them; a task of your own: its .yaml path)"
+            )
+    specs = [load_yaml(str(Path(name).absolute()), resolve_func=True) if name in files else name for name in names]
+    return Tasks(manager, specs)
+
+
+def run_tasks(
+    lm: TemplateLM, tasks: Tasks, limit: int | None = None, num_fewshot: int | None = None, log_samples: bool = False
+) -> dict:
+    """lm-eval's simple_evaluate over `tasks` (from load_tasks); a data set that is neither cached
+    nor downloadable is one line."""
+    from lm_eval import simple_evaluate
+
+    try:
+        return simple_evaluate(
+            model=lm,
+            tasks=tasks.specs,
+            task_manager=tasks.manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=log_samples,
+            bootstrap_iters=1000,
+            verbosity="WARNING",
+        )
+    except OSError as exc:  # datasets' ConnectionError and FileNotFoundError among them
+        raise data_error(exc) from None
+
+
+def data_error(exc: OSError) -> UserError:
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return UserError(
+            f"a task's data set is not in the local Hugging Face cache ({error_reason(exc, 120)}): "
+            "run again with --download on a machine with network"
+        )
+    return UserError(f"a task's data set could not be read or downloaded ({error_reason(exc, 160)})")
+
+
+class TaskScores:
+    """The config's train.eval_tasks at every evaluation of a run: train.eval_limit examples of each
+    (the same ones each time), as eval/<task>/<metric> figures for metrics.jsonl, wandb and loss.png.
+    Data sets come from the local cache only; they are read when this is made, before training."""
+
+    def __init__(self, names: list[str], limit: int, tokenizer: Tokenizer, batch_size: int) -> None:
+        stay_offline()
+        self.limit, self.tokenizer, self.batch_size = limit, tokenizer, batch_size
+        tasks = load_tasks(names)
+        try:
+            self.tasks = tasks.manager.load(tasks.specs)
+        except OSError as exc:
+            raise data_error(exc) from None
+
+    def run(self, model: SmolLM2, autocast) -> dict[str, float]:
+        harness = SmolLM2Harness(model, self.tokenizer, self.batch_size)
+        with autocast():
+            results = evaluate_quietly(harness, self.tasks, self.limit)
+        return {f"{EVAL_PREFIX}{task}/{metric}": value for task, metric, value, _ in metric_rows(results)}
+
+
+def evaluate_quietly(harness: SmolLM2Harness, tasks, limit: int) -> dict:
+    """lm-eval's evaluate() over built tasks, quietly: no per-sample logs, no bootstrapped stderr."""
+    from lm_eval.evaluator import evaluate
+
+    return evaluate(harness, tasks, limit=limit, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+
+
+def metric_rows(results: dict) -> list[tuple[str, str, float, float | None]]:
+    """(task, metric, value, stderr) for every measure lm-eval reports, in its order."""
+    rows = []
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric, _, _filter = key.partition(",")
+            if metric.endswith("_stderr") or metric == "sample_len" or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{_filter}")
+            rows.append((task, metric, float(value), stderr if isinstance(stderr, (int, float)) else None))
+    return rows
+
+
+def format_table(rows: list[tuple[str, str, float, float | None]]) -> str:
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+
+    lines = [f"{'task':<28}{'metric':<18}{'value':>12}{'stderr':>10}"]
+    lines += [f"{task:<28}{metric:<18}{number(value):>12}{number(stderr):>10}" for task, metric, value, stderr in rows]
+    return "\n".join(lines)
+
+
+def write_results(path: str | Path, results: dict) -> None:
+    write_atomic(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# `smollm2 eval`
+
+
+def evaluate(
+    source: str,
+    tasks: str | None = None,
+    text: str | None = None,
+    stride: int | None = None,
+    window: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    include_path: str | None = None,
+    out: str | None = None,
+    download: bool = False,
+    precision: str = "auto",
+) -> dict:
+    """Evaluate a checkpoint or model folder on lm-eval tasks and/or a text file; print the table,
+    write the JSON to `out`. Every input is checked before the model is loaded."""
+    from smollm2.inference import load_for_inference
+
+    stay_offline(download)
+    if not tasks and not text:
+        raise UserError("nothing to evaluate: give --tasks NAMES and/or --text FILE")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 example per task, got {limit}")
+    batch_size = batch_size_from(batch_size)
+    if out is not None and Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder: give a file name, e.g. results.json")
+    chosen = load_tasks(tasks.split(","), include_path) if tasks else None
+    held_out = read_text(text) if text else None
+    model, tokenizer = load_for_inference(source, precision=precision, pack=False)
+    report: dict = {"model": str(source)}
+    if chosen is not None:
+        results = run_tasks(SmolLM2Harness(model, tokenizer, batch_size), chosen, limit, num_fewshot)
+        print(format_table(metric_rows(results)))
+        report |= {key: value for key, value in results.items() if key != "samples"}
+    if held_out is not None:
+        metrics = text_metrics(model, tokenizer, held_out, stride, batch_size, window)
+        print(describe_text_metrics(text, metrics))
+        report["text"] = {"file": str(text)} | metrics
+    if out is not None:
+        write_results(out, report)
+        print(f"wrote {out}")
+    return report
+
+
+def describe_text_metrics(path: str, metrics: dict) -> str:
+    return (
+        f"{path}: {metrics['tokens']:,} tokens, {metrics['bytes']:,} bytes; windows of {metrics['window']} tokens, "
+        f"stride {metrics['stride']}\n"
+        f"  loss/token {metrics['loss_per_token']:.4f}  perplexity {metrics['perplexity']:.3f}  "
+        f"bits/byte {metrics['bits_per_byte']:.4f}"
+    )
+
+
+def lm_eval_main() -> int:
+    """`smollm2-lm-eval ...`: lm-eval's own command line (`run --model smollm2 --model_args
+    checkpoint=CKPT --tasks ...`) with our model registered. lm-eval 0.4.13 finds models only in
+    its own registry (its --include_path adds tasks, not models), so its `lm_eval` command cannot
+    see a model defined outside its tree; this one imports ours first."""
+    from lm_eval.__main__ import cli_evaluate
+
+    try:
+        cli_evaluate()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

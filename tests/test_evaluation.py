@@ -1,0 +1,248 @@
+"""Evaluation: our lm-eval backend against lm-eval's own `hf` backend on the same weights (local
+tasks in tests/eval_tasks, no network), held-out text in bits per byte, the `eval` command and
+its refusals, and benchmark figures during training."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from smollm2 import cli, evaluation
+from smollm2.app import benchmark_frame
+from smollm2.config import config_from_dict
+from smollm2.hf import load_pretrained, write_model_folder
+from smollm2.model import SmolLM2
+from smollm2.tokenizer import train_tokenizer
+from smollm2.trainer import train
+from tests.conftest import small_config
+from tests.test_hostile import refused
+from tests.test_trainer import CORPUS, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ROOT / "tests" / "eval_tasks"
+LOCAL_TASKS = [str(TASKS / name) for name in ("multiple_choice.yaml", "generation.yaml", "texts.yaml")]
+
+evaluation.stay_offline()
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    """A tiny random Llama with a BPE tokenizer trained on the corpus, as a transformers folder.
+    Its weights are drawn wide (std 0.3), so its choices are decided, not near-ties."""
+    lines = [line for line in (ROOT / "input.txt").read_text().splitlines() if line][:3000]
+    tokenizer = train_tokenizer(lines, 400)
+    torch.manual_seed(0)
+    model = SmolLM2(small_config(vocab_size=400, max_seq_len=64, init_std=0.3))
+    folder = tmp_path_factory.mktemp("eval") / "model"
+    write_model_folder(model, folder, tokenizer)
+    return folder
+
+
+def responses(results: dict) -> dict[str, list]:
+    """Each task's per-sample responses, in document order."""
+    return {
+        task: [sample["resps"] for sample in sorted(samples, key=lambda s: s["doc_id"])]
+        for task, samples in results["samples"].items()
+    }
+
+
+def assert_same_evaluation(ours: dict, theirs: dict) -> None:
+    """The same log-likelihood (within 1e-4) and greedy flag for every choice, the same generated
+    text, and the same figure for every metric."""
+    ours_responses, their_responses = responses(ours), responses(theirs)
+    assert ours_responses.keys() == their_responses.keys()
+    for task, samples in ours_responses.items():
+        assert len(samples) == len(their_responses[task]) > 0
+        for mine, reference in zip(samples, their_responses[task], strict=True):
+            for (a,), (b,) in zip(mine, reference, strict=True):
+                if isinstance(a, str):  # generate_until
+                    assert a == b
+                elif isinstance(a, float):  # loglikelihood_rolling
+                    assert a == pytest.approx(b, abs=1e-4)
+                else:  # loglikelihood: (log-probability, greedy?)
+                    assert a[0] == pytest.approx(b[0], abs=1e-4) and a[1] == b[1], task
+    rows = {(task, metric): value for task, metric, value, _ in evaluation.metric_rows(ours)}
+    reference_rows = {(task, metric): value for task, metric, value, _ in evaluation.metric_rows(theirs)}
+    assert rows.keys() == reference_rows.keys()
+    for key, value in rows.items():
+        assert value == pytest.approx(reference_rows[key], rel=1e-5), key
+
+
+def evaluate_both(folder: Path, tasks: list[str], limit: int | None, **hf_args) -> tuple[dict, dict]:
+    from lm_eval import simple_evaluate
+
+    chosen = evaluation.load_tasks(tasks)
+    ours = evaluation.SmolLM2Harness.create_from_arg_obj({"model": str(folder), "precision": "fp32"}, {"batch_size": 4})
+    our_results = evaluation.run_tasks(ours, chosen, limit, log_samples=True)
+    their_results = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(folder), "dtype": "float32"} | hf_args,
+        tasks=chosen.specs,
+        task_manager=chosen.manager,
+        limit=limit,
+        batch_size=4,
+        device="cpu",
+        log_samples=True,
+        bootstrap_iters=1000,
+        verbosity="ERROR",
+    )
+    return our_results, their_results
+
+
+def test_our_backend_scores_as_lm_evals_hf_backend(model_folder):
+    ours, theirs = evaluate_both(model_folder, LOCAL_TASKS, limit=None)
+    assert_same_evaluation(ours, theirs)
+    assert ours["results"]["local_multiple_choice"]["sample_len"] == 20
+    generated = [text for ((text,),) in (r for r in responses(ours)["local_generation"])]
+    assert any(generated), "the generation task produced only empty strings: it compares nothing"
+
+
+def test_bits_per_byte_of_a_text_equal_a_direct_computation(model_folder):
+    model, tokenizer = load_pretrained(model_folder)
+    text = "Bytes, not characters: naïve café, 東京."
+    tokens = tokenizer.encode(text)
+    assert len(tokens) < model.config.max_seq_len  # one window: every token after all before it
+    with torch.no_grad():
+        logits = model(torch.tensor([[tokenizer.eos_id] + tokens[:-1]]))
+    nll = F.cross_entropy(logits[0], torch.tensor(tokens), reduction="sum").item()
+    metrics = evaluation.text_metrics(model, tokenizer, text, stride=8)
+    assert metrics["tokens"] == len(tokens) and metrics["bytes"] == len(text.encode()) > len(text)
+    assert metrics["bits_per_byte"] == pytest.approx(nll / (len(text.encode()) * math.log(2)), rel=1e-5)
+    assert metrics["loss_per_token"] == pytest.approx(nll / len(tokens), rel=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 5, 32, 64])
+def test_rolling_windows_score_every_token_once_within_the_context(stride):
+    tokens = list(range(1, 150))
+    windows = evaluation.rolling_windows(tokens, 0, 64, stride)
+    scored = [token for sequence, count in windows for token in sequence[-count:]]
+    assert scored == tokens
+    assert all(len(sequence) - 1 <= 64 for sequence, _ in windows)
+    # After the first window every input is a full context: stride new tokens after 64 - stride old.
+    assert all(len(sequence) - 1 == 64 and count <= stride for sequence, count in windows[1:])
+
+
+def test_text_metrics_with_the_whole_context_as_stride_equal_lm_evals_rolling_perplexity(model_folder):
+    """lm-eval scores perplexity tasks in disjoint windows: our stride = context is the same measure."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    model, tokenizer = load_pretrained(model_folder)
+    texts = [json.loads(line)["text"] for line in (TASKS / "texts.jsonl").read_text().splitlines()]
+    long_text = "\n".join(texts * 3)  # several windows
+    ours = evaluation.text_metrics(model, tokenizer, long_text, stride=model.config.max_seq_len)
+    hf = get_model("hf")(pretrained=str(model_folder), dtype="float32", device="cpu", batch_size=4)
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(long_text,), idx=0)
+    (logprob,) = hf.loglikelihood_rolling([request], disable_tqdm=True)
+    assert ours["tokens"] > 2 * model.config.max_seq_len
+    assert ours["bits_per_byte"] == pytest.approx(-logprob / (len(long_text.encode()) * math.log(2)), rel=1e-5)
+
+
+def test_eval_command_prints_the_table_and_writes_json(model_folder, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    text = tmp_path / "held_out.txt"
+    text.write_text((ROOT / "input.txt").read_text()[:3000])
+    tasks = f"{TASKS / 'multiple_choice.yaml'},{TASKS / 'generation.yaml'}"
+    argv = ["eval", "--model", str(model_folder), "--tasks", tasks, "--limit", "3", "--text", str(text)]
+    assert cli.main([*argv, "--stride", "16", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "local_multiple_choice" in printed and "acc_norm" in printed and "bits/byte" in printed
+    report = json.loads(out.read_text())
+    assert report["results"]["local_multiple_choice"]["sample_len"] == 3
+    assert report["text"]["stride"] == 16 and report["text"]["window"] == 64
+    assert report["text"]["bytes"] == len(text.read_bytes())
+
+
+@pytest.fixture
+def workspace(model_folder, tmp_path, monkeypatch) -> Path:
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "notes.txt").write_text("a week of notes\n")
+    (tmp_path / "results").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tasks", "no_such_task"], "unknown task 'no_such_task'"),
+        (["--tasks", "arc_easy", "--limit", "2"], "not in the local Hugging Face cache"),
+        (["--tasks", "missing.yaml"], "task file missing.yaml: no such file"),
+        (["--text", "empty.txt"], "the file is empty"),
+        (["--text", "latin1.txt"], "not UTF-8 text"),
+        (["--text", "absent.txt"], "no such file"),
+        (["--text", "notes.txt", "--stride", "65"], "--stride must be between 1 and the window"),
+        (["--text", "notes.txt", "--limit", "0"], "--limit must be at least 1"),
+        (["--text", "notes.txt", "--out", "results"], "is a folder"),
+        ([], "nothing to evaluate"),
+    ],
+)
+def test_eval_refuses_bad_input_in_one_line(workspace, model_folder, capsys, flags, message):
+    refused(capsys, workspace, cli.main, ["eval", "--model", str(model_folder), *flags], message)
+
+
+def test_eval_refuses_a_checkpoint_that_is_not_one(workspace, capsys):
+    argv = ["eval", "--checkpoint", "notes.txt", "--tasks", str(TASKS / "multiple_choice.yaml")]
+    refused(capsys, workspace, cli.main, argv, "notes.txt")
+
+
+@pytest.fixture
+def run_folder(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "input.txt").write_text(CORPUS)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_eval_tasks_during_training_go_to_the_logs(run_folder):
+    from PIL import Image
+
+    task = str(TASKS / "multiple_choice.yaml")
+    config = config_from_dict(tiny_config(eval_every=2, eval_tasks=[task], eval_limit=4), "tiny")
+    train(config, 4, None, "run")
+    rows = [json.loads(line) for line in (run_folder / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {row["step"]: row for row in rows if "val_loss" in row}
+    assert sorted(evaluated) == [2, 4]
+    for row in evaluated.values():
+        assert {"eval/local_multiple_choice/acc", "eval/local_multiple_choice/acc_norm"} <= row.keys()
+        assert row["eval/local_multiple_choice/acc"] in {0.0, 0.25, 0.5, 0.75, 1.0}  # 4 questions
+    assert not any(key.startswith("eval/") for row in rows if "val_loss" not in row for key in row)
+    assert Image.open(run_folder / "run" / "logs" / "loss.png").size == (800, 800)  # the second panel
+    assert benchmark_frame(rows).shape == (4, 3)  # the Space's training tab: 2 metrics x 2 steps
+
+
+def test_an_unknown_eval_task_is_refused_before_training_writes_anything(run_folder, capsys):
+    (run_folder / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(eval_tasks=["no_such_task.yaml"])))
+    argv = ["--config", "tiny.yaml", "--train_steps", "2", "--out_dir", "run"]
+    refused(capsys, run_folder, cli.train_main, argv, "task file no_such_task.yaml: no such file")
+    assert not (run_folder / "run").exists()
+
+
+def test_the_published_model_scores_the_same_through_both_backends():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from fetch_instruct import cache_folder
+
+    folder = cache_folder()
+    if not (folder / "model.safetensors").is_file():
+        pytest.skip(f"the published SmolLM2-135M-Instruct is not cached in {folder}: python scripts/fetch_instruct.py")
+    tasks = [str(TASKS / "multiple_choice.yaml"), str(TASKS / "generation.yaml")]
+    ours, theirs = evaluate_both(folder, tasks, limit=2)  # a 135M model on CPU: a few examples
+    assert_same_evaluation(ours, theirs)
+    assert responses(ours)["local_generation"][0] == [[" Paris"]]  # the real model, really loaded
+
+
+def test_lm_evals_own_command_line_runs_our_model(model_folder, monkeypatch, capsys):
+    """smollm2-lm-eval: lm-eval's CLI, which finds `--model smollm2` in its registry."""
+    task = str(TASKS / "multiple_choice.yaml")
+    argv = ["smollm2-lm-eval", "run", "--model", "smollm2", "--model_args", f"model={model_folder}"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--tasks", task, "--limit", "2", "--batch_size", "2"])
+    # lm-eval's index of its own tasks takes seconds to build: the one this session built already.
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", lambda include_path=None, **_: evaluation.task_manager(None, True))
+    assert evaluation.lm_eval_main() == 0
+    table = capsys.readouterr().out
+    assert "local_multiple_choice" in table and "acc_norm" in table
