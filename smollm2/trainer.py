@@ -21,7 +21,7 @@ import torch
 from smollm2 import distributed
 from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rng, restore_rng
 from smollm2.config import Config, TrainConfig
-from smollm2.data import BatchLoader, PreparedData, eval_batches, prepare, to_device
+from smollm2.data import PreparedData, eval_batches, to_device
 from smollm2.errors import UserError
 from smollm2.files import RunLock, remove_empty_folders
 from smollm2.generation import Sampling, generate, prompt_ids
@@ -33,6 +33,7 @@ from smollm2.hardware import (
     peak_flops,
 )
 from smollm2.metrics import Reporter, RunLog, Silent, SpeedModel, duration
+from smollm2.mixture import MixtureData, make_loader, prepare_data, validation_sets
 from smollm2.model import SmolLM2
 
 MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops
@@ -113,28 +114,45 @@ class StopRequest:
 
 
 class Validator:
-    """The validation loss over the same first windows of the validation split, every eval_every steps."""
+    """The validation loss over the same first windows of the validation split, every eval_every steps;
+    for a mixture, per source (`val_loss/NAME`) and their weighted mean (`val_loss`)."""
 
-    def __init__(self, data: PreparedData, config: Config) -> None:
+    def __init__(self, data: PreparedData | MixtureData, config: Config) -> None:
         settings = config.train
         self.every = settings.eval_every
-        self.batches = eval_batches(data.val, settings.batch_size, config.data.seq_len, settings.eval_batches)
+        eos_id = data.tokenizer.eos_id if config.data.document_mask else None
+        self.sets = {
+            name: (eval_batches(val, settings.batch_size, config.data.seq_len, settings.eval_batches, eos_id), weight)
+            for name, (val, weight) in validation_sets(data).items()
+        }
 
     def due(self, step: int, end: int) -> bool:
         return step % self.every == 0 or step == end
 
     @torch.no_grad()
     def run(self, model: SmolLM2, autocast) -> dict:
-        if not self.batches:
+        losses = {name: self.loss(model, batches, autocast) for name, (batches, _) in self.sets.items() if batches}
+        if not losses:
             return {}
+        row = {f"val_loss/{name}": loss for name, loss in losses.items() if name}
+        loss = losses[""] if "" in losses else self.mixture_loss(losses)
+        return row | {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
+
+    def mixture_loss(self, losses: dict[str, float]) -> float:
+        """The sources' losses weighted as the training windows are drawn."""
+        weights = {name: self.sets[name][1] for name in losses}
+        total = sum(weights.values()) or None  # only zero-weight sources hold validation text: plain mean
+        return sum(loss * (weights[name] / total if total else 1 / len(losses)) for name, loss in losses.items())
+
+    @staticmethod
+    def loss(model: SmolLM2, batches: list, autocast) -> float:
         model.eval()
         device = model.embed_tokens.weight.device
         losses = []
-        for batch in self.batches:
+        for batch in batches:
             with autocast():
                 losses.append(model(**to_device(batch, device)).item())
-        loss = sum(losses) / len(losses)
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
+        return sum(losses) / len(losses)
 
 
 class Predictor:
@@ -226,15 +244,7 @@ class Trainer:
         # FSDP replaces the parameters with shards, so the optimizer is made after parallelizing.
         self.train_model = distributed.parallelize(self.model, self.world, settings)
         self.optimizer = make_optimizer(self.model, settings, self.device)
-        self.loader = BatchLoader(
-            self.data.train,
-            settings.batch_size,
-            config.data.seq_len,
-            settings.seed,
-            self.world.rank,
-            self.world.size,
-            self.device,
-        )
+        self.loader = make_loader(self.data, config, self.world.rank, self.world.size, self.device)
         if resume is not None:
             distributed.load_optimizer_state(self.model, self.optimizer, resume.optimizer)
             self.loader.load_state_dict(resume.loader)
@@ -254,10 +264,10 @@ class Trainer:
             settings.precision, self.device, self.config.model, rows, agree=distributed.from_main_rank
         )
 
-    def prepare_data(self) -> PreparedData:
+    def prepare_data(self) -> PreparedData | MixtureData:
         """Rank 0 tokenizes; the others wait, then find its files ready and reuse them."""
         with distributed.main_rank_first(self.world):
-            return prepare(self.config, self.out_dir, quiet=not self.world.is_main)
+            return prepare_data(self.config, self.out_dir, quiet=not self.world.is_main)
 
     def autocast(self):
         if self.precision.dtype is None:
