@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from smollm2.errors import UserError
-from smollm2.tokenizer import Tokenizer, load_tokenizer
+from smollm2.tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
@@ -84,3 +84,18 @@ def _validation_start(file: Path, n_tokens: int, val_fraction: float) -> int:
     starts = np.concatenate([[0], ends[:-1]])
     first_val = np.flatnonzero(starts >= (1 - val_fraction) * n_tokens)
     return int(starts[first_val[0]]) if len(first_val) else n_tokens
+
+
+def tokenize_steps(
+    corpus: str, tokenizer: str, out: str, file_format: str = "jsonl", text_key: str = "text", shuffle: bool = True
+) -> list:
+    """datatrove's steps that turn a folder of .jsonl or .parquet files into such a source: the same
+    list runs under `LocalPipelineExecutor` (one machine) or `SlurmPipelineExecutor` (a cluster)."""
+    from datatrove.pipeline.readers import JsonlReader, ParquetReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+
+    reader = {"jsonl": JsonlReader, "parquet": ParquetReader}[file_format]
+    return [
+        reader(corpus, text_key=text_key),
+        DocumentTokenizer(out, tokenizer, eos_token=END_OF_TEXT, shuffle_documents=shuffle),
+    ]

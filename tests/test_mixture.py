@@ -11,6 +11,7 @@ import yaml
 from smollm2 import cli
 from smollm2.config import load_config
 from smollm2.data import document_ids, prepare
+from smollm2.datatrove_io import tokenize_steps
 from smollm2.mixture import BLOCK, MixtureData, MixtureLoader, Source, SourceData, block_counts, prepare_data
 from smollm2.trainer import train
 from tests.test_hostile import refused
@@ -165,13 +166,8 @@ def test_bad_sources_are_one_line_and_touch_nothing(mix_dir, capsys, sources, me
 def datatrove_tokenize(corpus: Path, tokenizer: Path, out: Path, logs: Path) -> None:
     """datatrove's own pipeline, run locally: read the jsonl, tokenize, end each document with <|endoftext|>."""
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.readers import JsonlReader
-    from datatrove.pipeline.tokens import DocumentTokenizer
 
-    steps = [
-        JsonlReader(str(corpus)),
-        DocumentTokenizer(str(out), str(tokenizer), eos_token="<|endoftext|>", shuffle_documents=False),
-    ]
+    steps = tokenize_steps(str(corpus), str(tokenizer), str(out), shuffle=False)
     LocalPipelineExecutor(steps, tasks=1, logging_dir=str(logs)).run()
 
 
