@@ -31,9 +31,8 @@ def _start_worker(tokenizer_json: str) -> None:
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of every text, flat, and each text's count: cheap to send back."""
     encodings = _worker_tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-    lengths = np.array([len(e.ids) for e in encodings], dtype=np.int64)
-    flat = np.fromiter((i for e in encodings for i in e.ids), dtype=np.uint32, count=int(lengths.sum()))
-    return flat, lengths
+    arrays = [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
+    return np.concatenate(arrays), np.array([len(a) for a in arrays], dtype=np.int64)
 
 
 def encode_in_processes(pieces: Iterator, tokenizer, progress, workers: int) -> Iterator[tuple[object, np.ndarray]]:

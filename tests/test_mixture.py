@@ -1,6 +1,7 @@
 """Weighted mixtures of sources, document masks, datatrove folders and prepare --workers."""
 
-import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -209,32 +210,22 @@ def test_datatrove_folder_of_another_tokenizer_is_refused(mix_dir, capsys):
 # prepare --workers
 
 
-def test_two_workers_write_the_same_token_files_as_one(mix_dir):
-    config = load_config("mix.yaml", ["data.path=arithmetic.jsonl", "data.tokenizer=ours.json"])
+def test_two_workers_write_the_same_token_files_as_one(mix_dir, monkeypatch):
+    from smollm2 import parallel_encode
     from smollm2.tokenizer import train_tokenizer
 
     train_tokenizer(ARITHMETIC, 320).save(mix_dir / "ours.json")
-    config.data.sources = None
-    one = prepare(config, "one", quiet=True)
-    assert (
-        cli.main(
-            [
-                "prepare",
-                "--config",
-                "mix.yaml",
-                "--out_dir",
-                "two",
-                "--workers",
-                "2",
-                "--set",
-                "data.sources=null",
-                "data.path=arithmetic.jsonl",
-                "data.tokenizer=ours.json",
-            ]
-        )
-        == 0
-    )
-    for name in ("train.bin", "val.bin"):
-        assert (one.folder / name).read_bytes() == (mix_dir / "two" / "data" / "arithmetic-320" / name).read_bytes()
-    meta = json.loads((one.folder / "meta.json").read_text())
-    assert meta["train_tokens"] > 50_000
+    settings = ["data.sources=null", "data.path=input.txt", "data.tokenizer=ours.json"]
+    one = prepare(load_config("mix.yaml", settings), "one", quiet=True)
+    monkeypatch.setattr(parallel_encode, "BATCH_CHARACTERS", 5_000)  # many batches, both workers busy, in order
+    two = prepare(load_config("mix.yaml", settings), "two", quiet=True, workers=2)
+    for name in ("train.bin", "val.bin", "meta.json"):
+        assert (one.folder / name).read_bytes() == (two.folder / name).read_bytes()
+    assert one.meta["train_tokens"] > 5_000 and one.meta["val_tokens"] > 500
+    # the command line, as a user runs it: the workers must not run the CLI again
+    argv = ["prepare", "--config", "mix.yaml", "--out_dir", "cli", "--workers", "2", "--set", *settings]
+    result = subprocess.run([sys.executable, "-m", "smollm2", *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (mix_dir / "cli" / "data" / "input-320" / "train.bin").read_bytes() == (
+        one.folder / "train.bin"
+    ).read_bytes()
