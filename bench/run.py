@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ["data_bench.py", "model_bench.py", "decode_precision.py"]  # the last fetches SmolLM2-135M-Instruct once
+# The last fetches SmolLM2-135M-Instruct once.
+BENCHMARKS = ["data_bench.py", "mixture_bench.py", "model_bench.py", "decode_precision.py"]
 
 
 def machine() -> str:

@@ -421,7 +421,10 @@ class BatchLoader:
         return order[first : first + self.batch_size] * self.seq_len
 
     def batch(self, step: int) -> Batch:
-        windows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in self.window_starts(step)])
+        return self.as_batch(np.stack([self.tokens[s : s + self.seq_len + 1] for s in self.window_starts(step)]))
+
+    def as_batch(self, windows: np.ndarray) -> Batch:
+        """(B, seq_len + 1) token windows -> the model's keyword arguments (pinned on CUDA)."""
         windows = torch.from_numpy(windows.astype(np.int64))
         if self.device.type == "cuda":
             windows = windows.pin_memory()

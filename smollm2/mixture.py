@@ -13,11 +13,13 @@ and a source that runs out starts its next epoch (said in the log) while the oth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from smollm2.config import Config, ConfigError
-from smollm2.data import BatchLoader, PreparedData, document_ids, prepare
+from smollm2.config import Config, ConfigError, _looks_numeric
+from smollm2.data import BatchLoader, PreparedData, prepare
 from smollm2.errors import UserError
 from smollm2.tokenizer import Tokenizer, load_tokenizer
 
@@ -83,9 +85,8 @@ def _parse_source(item: object, at: str, default_text_field: str) -> Source:
     path, weight = item.get("path"), item.get("weight")
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{at}: path must name a file, folder or glob")
-    if isinstance(weight, str):
-        with_number = re.fullmatch(r"[-+0-9.eE]+", weight.strip())
-        weight = float(weight) if with_number else weight
+    if isinstance(weight, str) and _looks_numeric(weight):  # YAML 1.1 reads "1e-2" as a string
+        weight = float(weight)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         raise ConfigError(f"{at}: weight must be a finite number, got {weight!r}")
     if weight < 0:
@@ -165,20 +166,16 @@ def _source_config(config: Config, source: Source, tokenizer: str, folder: Path)
     return dataclasses.replace(config, data=data)
 
 
-class _about:
+@contextlib.contextmanager
+def _about(index: int, source: Source) -> Iterator[None]:
     """Errors while preparing a source name the source they are about."""
-
-    def __init__(self, index: int, source: Source) -> None:
-        self.prefix = f"data.sources[{index}] ({source.name}): "
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, error, trace) -> bool:
-        if isinstance(error, UserError) and not str(error).startswith("data.sources"):
-            message = str(error).removeprefix("data.path: ")
-            raise type(error)(self.prefix + message) from None
-        return False
+    try:
+        yield
+    except UserError as error:
+        if str(error).startswith("data.sources"):
+            raise
+        message = str(error).removeprefix("data.path: ")
+        raise type(error)(f"data.sources[{index}] ({source.name}): {message}") from None
 
 
 def validation_sets(data: PreparedData | MixtureData) -> dict[str, tuple[np.ndarray, float]]:
@@ -300,14 +297,7 @@ class MixtureLoader(BatchLoader):
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         first = (step * self.world_size + self.rank) * self.batch_size
-        rows = np.stack([self.window(g) for g in range(first, first + self.batch_size)])
-        windows = torch.from_numpy(rows.astype(np.int64))
-        if self.device.type == "cuda":
-            windows = windows.pin_memory()
-        batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
-        if self.eos_id is not None:
-            batch["document_ids"] = document_ids(batch["input_ids"], self.eos_id)
-        return batch
+        return self.as_batch(np.stack([self.window(g) for g in range(first, first + self.batch_size)]))
 
     def drawn(self, step: int) -> np.ndarray:
         """Windows each source has given over the first `step` global micro-batches."""
