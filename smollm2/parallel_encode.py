@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -24,6 +25,7 @@ _worker_tokenizer: HFTokenizer | None = None
 
 def _start_worker(tokenizer_json: str) -> None:
     global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
     os.environ["RAYON_NUM_THREADS"] = "1"  # read when the tokenizer first runs in parallel
     _worker_tokenizer = HFTokenizer.from_str(tokenizer_json)
 

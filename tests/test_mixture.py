@@ -120,6 +120,13 @@ def test_mixture_run_logs_each_sources_val_loss_and_resumes_bitwise(mix_dir):
     last = full[-1]
     assert {"val_loss/input", "val_loss/arithmetic"} <= last.keys()
     assert last["val_loss"] == pytest.approx(0.7 * last["val_loss/input"] + 0.3 * last["val_loss/arithmetic"])
+    # what a user sees of it: a line per source in the Space's chart, the mixture on its card
+    from smollm2.app import loss_frame
+    from smollm2.space import run_facts
+
+    splits = set(loss_frame(full)["split"])
+    assert splits == {"train", "val", "val input", "val arithmetic"}
+    assert run_facts(mix_dir / "full").training_data() == "`input.txt x 0.7, arithmetic.jsonl x 0.3`"
     # the second source was tokenized with the tokenizer trained on the first
     data = mix_dir / "full" / "data"
     assert (data / "input-320" / "tokenizer.json").read_bytes() == (
