@@ -140,9 +140,10 @@ class Validator:
 
     def mixture_loss(self, losses: dict[str, float]) -> float:
         """The sources' losses weighted as the training windows are drawn."""
-        weights = {name: self.sets[name][1] for name in losses}
-        total = sum(weights.values()) or None  # only zero-weight sources hold validation text: plain mean
-        return sum(loss * (weights[name] / total if total else 1 / len(losses)) for name, loss in losses.items())
+        weights = [self.sets[name][1] for name in losses]
+        if not sum(weights):  # only zero-weight sources hold validation text: a plain mean
+            weights = [1.0] * len(losses)
+        return sum(w * loss for w, loss in zip(weights, losses.values(), strict=True)) / sum(weights)
 
     @staticmethod
     def loss(model: SmolLM2, batches: list, autocast) -> float:

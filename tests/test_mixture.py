@@ -193,6 +193,11 @@ def test_datatrove_tokenized_folder_trains_on_the_same_tokens_as_our_prepare(mix
     assert isinstance(from_datatrove, MixtureData)
     ours_tokens, their_tokens = prepared.sources[1].train[0], from_datatrove.sources[1].train[0]
     assert len(ours_tokens) > 90_000 and np.array_equal(ours_tokens, their_tokens)
+    # with a validation split: the last tenth of the file's documents, cut at a document start
+    split = prepare_data(load_config("mix.yaml", [sources]), "split", quiet=True).sources[1]
+    eos = split.val[-1]
+    assert np.array_equal(np.concatenate([split.train[0], split.val]), their_tokens)
+    assert split.train[0][-1] == eos and abs(len(split.val) / len(their_tokens) - 0.1) < 0.005
     train(ours, 3, None, "ours")
     train(theirs, 3, None, "theirs")
     assert [r["loss"] for r in metrics(mix_dir / "ours")] == [r["loss"] for r in metrics(mix_dir / "theirs")]
