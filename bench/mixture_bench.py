@@ -159,11 +159,18 @@ def main() -> None:
     masks = mask_rows(args.mask_steps)
     prepares = prepare_rows(args.big_mb)
     print("## Mixtures and document masks\n")
+    load_after = os.getloadavg()[0]
+    busy = max(load_before, load_after) > os.cpu_count()
+    note = (
+        "more runnable processes than cores: other work shared the machine, so the times are longer than "
+        "an idle machine's"
+        if busy
+        else "an otherwise idle machine"
+    )
     print(
         f"Command: `python bench/mixture_bench.py --big_mb {args.big_mb} --steps {args.steps} "
         f"--mask_steps {args.mask_steps}`. Load average (1 min) on this {os.cpu_count()}-core machine: "
-        f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; above {os.cpu_count()} other "
-        "processes were sharing the cores, and the figures are lower than on an idle machine.\n"
+        f"{load_before:.1f} at the start, {load_after:.1f} at the end ({note}).\n"
     )
     print(
         "Prepare (`prepare --workers N`) on a generated corpus (shuffled lines of input.txt), 32000-token BPE, one "
