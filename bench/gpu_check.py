@@ -2,7 +2,9 @@
 
 Prints: which attention kernel SDPA ran; bf16-autocast vs fp32 losses over a few steps; tokens/s,
 MFU and peak memory for each preset at sequence length 2048 (compiled, bf16, fused AdamW), and
-peak memory with and without gradient checkpointing. `--device cpu` runs a small smoke version.
+peak memory with and without gradient checkpointing; document masks (data.document_mask): packed
+documents against each alone, the kernel the mask runs on, and tokens/s against plain causal.
+`--device cpu` runs a small smoke version.
 
     python bench/gpu_check.py [--batch_size 8] [--seq_len 2048] [--steps 10]
 """
@@ -43,15 +45,35 @@ def random_batch(vocab: int, batch: int, seq: int, device: torch.device, seed: i
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def attention_backend(model: SmolLM2, device: torch.device, bf16: bool) -> str:
+def attention_backend(model: SmolLM2, device: torch.device, bf16: bool, documents: int = 0) -> str:
     """The attention kernels the profiler saw in one forward pass: verified, not assumed."""
     inputs, targets = random_batch(model.config.vocab_size, 1, 256, device)
+    extra = {"document_ids": document_ids_of(1, 256, documents, device)} if documents else {}
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities) as profile, torch.no_grad(), autocast(device, bf16):
-        model(inputs, targets)
+        model(inputs, targets, **extra)
     names = {e.name for e in profile.events() if "attention" in e.name.lower() or "attn" in e.name.lower()}
     found = sorted(n for n in names if any(kernel in n for kernel in ATTENTION_KERNELS))
     return ", ".join(found) or "none recognised (" + ", ".join(sorted(names)) + ")"
+
+
+def document_ids_of(batch: int, seq: int, documents: int, device: torch.device) -> torch.Tensor:
+    """`documents` documents of equal length packed in each window."""
+    return (torch.arange(seq, device=device) * documents // seq).expand(batch, seq)
+
+
+def packed_against_alone(config, device: torch.device, seq: int, bf16: bool) -> float:
+    """Three documents packed in one window with document_ids, against each run on its own: the
+    largest logit difference, relative to the largest logit."""
+    torch.manual_seed(0)
+    model = SmolLM2(config.model).to(device).eval()
+    lengths = [seq // 2, seq // 3, seq - seq // 2 - seq // 3]
+    inputs, _ = random_batch(config.model.vocab_size, 1, seq, device)
+    ids = torch.repeat_interleave(torch.arange(3, device=device), torch.tensor(lengths, device=device))[None]
+    with torch.no_grad(), autocast(device, bf16):
+        packed = model(inputs, document_ids=ids).float()
+        alone = torch.cat([model(piece).float() for piece in inputs.split(lengths, dim=1)], dim=1)
+    return ((packed - alone).abs().max() / alone.abs().max()).item()
 
 
 def loss_agreement(config, device: torch.device, steps: int, seq: int) -> list[tuple[float, float]]:
@@ -76,7 +98,9 @@ def loss_agreement(config, device: torch.device, steps: int, seq: int) -> list[t
     return list(zip(losses[False], losses[True], strict=True))
 
 
-def throughput(config, device, batch: int, seq: int, steps: int, compile_model: bool, checkpointing: bool) -> dict:
+def throughput(
+    config, device, batch: int, seq: int, steps: int, compile_model: bool, checkpointing: bool, documents: int = 0
+) -> dict:
     torch.manual_seed(0)
     model = SmolLM2(config.model).to(device)
     if checkpointing:
@@ -84,11 +108,12 @@ def throughput(config, device, batch: int, seq: int, steps: int, compile_model: 
     optimizer = make_optimizer(model, config.train, device)
     forward = torch.compile(model) if compile_model else model
     inputs, targets = random_batch(config.model.vocab_size, batch, seq, device)
+    extra = {"document_ids": document_ids_of(batch, seq, documents, device)} if documents else {}
     bf16 = device.type == "cuda"
 
     def step() -> None:
         with autocast(device, bf16):
-            loss = forward(inputs, targets)
+            loss = forward(inputs, targets, **extra)
         loss.backward()
         optimizer_step(model, optimizer, 1.0)
 
@@ -185,6 +210,18 @@ def main() -> None:
         print(f"  step {step}: fp32 {fp32:.4f}  bf16 {half:.4f}  diff {abs(fp32 - half) / fp32:.2%}")
     if not pairs:
         print("  skipped: bf16 is not the fast path on this device")
+
+    print(f"\ndocument masks ({args.presets[-1]}, {'bf16' if bf16 else 'fp32'}):")
+    difference = packed_against_alone(first, device, min(args.seq_len, 512), bf16)
+    print(f"  3 packed documents vs each alone: largest logit difference {difference:.2e} of the largest logit")
+    model = SmolLM2(first.model).to(device)
+    print(f"  attention kernel with 8 documents a window: {attention_backend(model, device, bf16, documents=8)}")
+    del model
+    for documents in (0, 8):
+        result = throughput(first, device, args.batch_size, args.seq_len, args.steps, False, False, documents)
+        label = f"{documents} documents a window (document_ids)" if documents else "plain causal"
+        print(f"  eager, {label}: {describe(result)}")
+        sys.stdout.flush()
 
     for preset in args.presets:
         config = load_config(ROOT / preset)

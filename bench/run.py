@@ -12,7 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # decode_precision.py fetches SmolLM2-135M-Instruct once
-BENCHMARKS = ["data_bench.py", "model_bench.py", "decode_precision.py", "sft_packing.py"]
+BENCHMARKS = ["data_bench.py", "mixture_bench.py", "model_bench.py", "decode_precision.py", "sft_packing.py"]
 
 
 def machine() -> str:

@@ -117,6 +117,12 @@ def predictions_markdown(predictions) -> str:
 def loss_frame(metrics: list[dict]) -> pd.DataFrame:
     rows = [{"step": r["step"], "loss": r["loss"], "split": "train"} for r in metrics if "loss" in r]
     rows += [{"step": r["step"], "loss": r["val_loss"], "split": "val"} for r in metrics if "val_loss" in r]
+    rows += [  # a mixture's sources, each its own line
+        {"step": r["step"], "loss": value, "split": f"val {key.removeprefix('val_loss/')}"}
+        for r in metrics
+        for key, value in r.items()
+        if key.startswith("val_loss/")
+    ]
     return pd.DataFrame(rows, columns=["step", "loss", "split"])
 
 

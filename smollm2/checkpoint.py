@@ -138,8 +138,14 @@ class Checkpoint:
                     f"checkpoint was trained with {section}.{key}={was!r} but {config.source} says {now!r}: "
                     "a resumed run must see the same tokenizer and data in the same order"
                 )
+        was_sources = saved.get("data", {}).get("sources")
+        if was_sources != config.data.sources:
+            raise UserError(
+                f"checkpoint was trained on data.sources={was_sources!r} but {config.source} says "
+                f"{config.data.sources!r}: a resumed run must draw from the same sources with the same weights"
+            )
         was_path = saved.get("data", {}).get("path")
-        if was_path is not None and was_path != config.data.path:
+        if config.data.sources is None and was_path is not None and was_path != config.data.path:
             if config.data.tokenizer == "train":
                 raise UserError(
                     f"checkpoint was trained on data.path={was_path!r} but {config.source} says "

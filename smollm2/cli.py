@@ -169,8 +169,10 @@ def cmd_export_space(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from smollm2.trainer import data_pipeline
 
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     config = read_config(args)
-    data_pipeline(config).prepare(config, args.out_dir)
+    data_pipeline(config).prepare(config, args.out_dir, workers=args.workers)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -232,6 +234,9 @@ def add_prepare(commands: Subcommands) -> None:
     )
     add_config_flags(prepare)
     prepare.add_argument("--out_dir", default=".", help="run folder (prepared data goes under data/)")
+    prepare.add_argument(
+        "--workers", type=int, default=1, help="processes that tokenize (default 1: one process, threads inside)"
+    )
     prepare.set_defaults(run=cmd_prepare)
 
 

@@ -84,6 +84,9 @@ class DataConfig:
     val_fraction: float = 0.1
     prepared_dir: str | None = None  # None = data/<corpus name>-<vocab size> under the run folder
     format: Literal["text", "chat"] = "text"  # chat: {"messages": [...]} per line, loss on the assistant's tokens
+    # A weighted mixture instead of data.path: [{path, weight, text_field?, name?}, ...] (smollm2.mixture)
+    sources: list[dict] | None = None
+    document_mask: bool = False  # attention and positions restart at each end-of-text token
 
 
 @dataclass
@@ -167,6 +170,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return float(value)
     elif annotation is str:
         if isinstance(value, str):
+            return value
+    elif annotation is dict:
+        if isinstance(value, dict):
             return value
     type_name = getattr(annotation, "__name__", str(annotation))
     raise ConfigError(f"{where}: expected {type_name}, got {value!r}")
@@ -299,6 +305,15 @@ def validate(config: Config, where: str) -> None:
         raise ConfigError(f"data.text_field in {where}: must name a field, e.g. text")
     if not 0 <= data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction in {where}: must be in [0, 1), got {data.val_fraction}")
+    if data.sources is not None:
+        from smollm2.mixture import parse_sources  # mixture reads data, which reads this module
+
+        if data.format == "chat":
+            raise ConfigError(
+                f"data.sources in {where}: mixtures are of text; data.format: chat reads conversations from data.path"
+            )
+
+        parse_sources(data.sources, data.text_field, where)
     for name in (
         "batch_size",
         "grad_accum",

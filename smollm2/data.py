@@ -213,7 +213,7 @@ def fingerprint(config: Config, files: list[Path]) -> dict:
     return inputs
 
 
-def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False) -> PreparedData:
+def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1) -> PreparedData:
     """Tokenize the corpus into token files, or reuse the ones already there for the same inputs."""
     files = resolve_sources(config.data.path)
     folder = prepared_folder(config, out_dir)
@@ -226,7 +226,7 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False) -> P
             print(f"data: reusing {folder} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
         return _open(folder, meta)
     with build_folder(folder, "data") as staging:  # the old folder stays whole until the new one is complete
-        meta = _build(config, files, staging, expected, quiet)
+        meta = _build(config, files, staging, expected, quiet, workers)
     return _open(folder, meta)
 
 
@@ -254,7 +254,7 @@ def read_meta(folder: Path) -> dict | None:
     return meta
 
 
-def _build(config: Config, files: list[Path], staging: Path, expected: dict, quiet: bool) -> dict:
+def _build(config: Config, files: list[Path], staging: Path, expected: dict, quiet: bool, workers: int = 1) -> dict:
     total_bytes = sum(f.stat().st_size for f in files)
     # ~100 pieces over the corpus (4 KB to 256 KB each): the validation split takes whole pieces.
     piece_bytes = max(4 << 10, min(256 << 10, total_bytes // 100))
@@ -280,7 +280,13 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
     with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
         outputs = {"train": train_file, "val": val_file}
         pieces = read_pieces(files, piece_bytes, bad_bytes, config.data.text_field)
-        for index, (piece, ids) in enumerate(_encode_pieces(pieces, tokenizer, progress)):
+        if workers > 1:
+            from smollm2.parallel_encode import encode_in_processes
+
+            encoded = encode_in_processes(pieces, tokenizer, progress, workers)
+        else:
+            encoded = _encode_pieces(pieces, tokenizer, progress)
+        for index, (piece, ids) in enumerate(encoded):
             split = "val" if _is_val_piece(index, config.data.val_fraction) else "train"
             outputs[split].write(np.asarray(ids, dtype=dtype).tobytes())
             counts[split] += len(ids)
@@ -374,8 +380,10 @@ class BatchLoader:
         world_size: int = 1,
         device: torch.device | str = "cpu",
         prefetch: int = 4,
+        eos_id: int | None = None,  # given: batches carry document_ids (data.document_mask)
     ) -> None:
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
+        self.eos_id = eos_id
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.prefetch = prefetch
@@ -413,11 +421,17 @@ class BatchLoader:
         return order[first : first + self.batch_size] * self.seq_len
 
     def batch(self, step: int) -> Batch:
-        windows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in self.window_starts(step)])
+        return self.as_batch(np.stack([self.tokens[s : s + self.seq_len + 1] for s in self.window_starts(step)]))
+
+    def as_batch(self, windows: np.ndarray) -> Batch:
+        """(B, seq_len + 1) token windows -> the model's keyword arguments (pinned on CUDA)."""
         windows = torch.from_numpy(windows.astype(np.int64))
         if self.device.type == "cuda":
             windows = windows.pin_memory()
-        return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+        batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+        if self.eos_id is not None:
+            batch["document_ids"] = document_ids(batch["input_ids"], self.eos_id)
+        return batch
 
     def __iter__(self) -> BatchLoader:
         return self
@@ -462,7 +476,16 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> list[Batch]:
+def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Each token's document within its window: the end-of-text tokens before it, counted (an
+    end-of-text token belongs to the document it closes)."""
+    ends = (input_ids == eos_id).to(torch.int64)
+    return ends.cumsum(dim=1) - ends
+
+
+def eval_batches(
+    tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int, eos_id: int | None = None
+) -> list[Batch]:
     """The first windows of the validation split, in order: the same every evaluation."""
     seq_len = min(seq_len, len(tokens) - 1)
     if seq_len < 1:
@@ -472,5 +495,8 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
     for first in range(0, min(n_windows, batch_size * max_batches), batch_size):
         starts = range(first * seq_len, min(first + batch_size, n_windows) * seq_len, seq_len)
         windows = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
-        batches.append({"input_ids": windows[:, :-1], "targets": windows[:, 1:]})
+        batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+        if eos_id is not None:
+            batch["document_ids"] = document_ids(batch["input_ids"], eos_id)
+        batches.append(batch)
     return batches

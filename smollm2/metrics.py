@@ -301,6 +301,9 @@ def plot_losses(rows: list[dict], path: Path) -> None:
         ax.plot(*zip(*train, strict=True), label="train", linewidth=1, alpha=0.8)
     if val:
         ax.plot(*zip(*val, strict=True), label="val", marker="o", linewidth=2)
+    for key in sorted({key for r in rows for key in r if key.startswith("val_loss/")}):  # a mixture's sources
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*points, strict=True), label=f"val {key.removeprefix('val_loss/')}", marker=".", linestyle="--")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy loss")
     ax.grid(alpha=0.3)

@@ -178,8 +178,9 @@ def pack(conversations: list[Conversation], seq_len: int, pad_id: int) -> Packed
     return PackedRows(input_ids, targets, document_ids)
 
 
-def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False) -> ChatData:
-    """Read, check, tokenize and pack the conversations; a held-out share (data.val_fraction) for validation."""
+def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1) -> ChatData:
+    """Read, check, tokenize and pack the conversations; a held-out share (data.val_fraction) for
+    validation. In memory, in one process: conversation sets are small next to pretraining corpora."""
     files = resolve_sources(config.data.path)
     conversations = list(read_conversations(files))
     if not conversations:
@@ -237,3 +238,16 @@ def eval_batches(rows: PackedRows, batch_size: int, seq_len: int, max_batches: i
     """The first held-out rows, in order: the same every evaluation."""
     count = min(len(rows), batch_size * max_batches)
     return [rows.batch(range(first, min(first + batch_size, count))) for first in range(0, count, batch_size)]
+
+
+def make_loader(data: ChatData, config: Config, rank: int, world_size: int, device) -> ChatBatchLoader:
+    settings = config.train
+    return ChatBatchLoader(
+        data.train, settings.batch_size, config.data.seq_len, settings.seed, rank, world_size, device
+    )
+
+
+def validation_sets(data: ChatData, config: Config) -> dict[str, tuple[list[Batch], float]]:
+    """The held-out conversations: one validation set."""
+    settings = config.train
+    return {"": (eval_batches(data.val, settings.batch_size, config.data.seq_len, settings.eval_batches), 1.0)}

@@ -137,6 +137,10 @@ class RunFacts:
 
 def run_facts(run: Path) -> RunFacts:
     config = last_config(run)
+    sources = (config.get("data") or {}).get("sources")
+    if isinstance(sources, list):  # a mixture (data.sources): its paths and weights, as the config says
+        named = [f"{s.get('path')} x {s.get('weight')}" for s in sources if isinstance(s, dict)]
+        return RunFacts(Path(run).resolve().name, ", ".join(named), prompts=config_prompts(config))
     data_path = (config.get("data") or {}).get("path")
     if not isinstance(data_path, str):
         return RunFacts(Path(run).resolve().name, prompts=config_prompts(config))

@@ -20,10 +20,10 @@ from typing import NamedTuple
 
 import torch
 
-from smollm2 import chat, distributed, sft
+from smollm2 import chat, distributed, mixture, sft
 from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rng, restore_rng
 from smollm2.config import Config, TrainConfig
-from smollm2.data import BatchLoader, PreparedData, eval_batches, prepare, to_device
+from smollm2.data import PreparedData, to_device
 from smollm2.errors import UserError
 from smollm2.files import RunLock, remove_empty_folders
 from smollm2.generation import Sampling, generate, prompt_ids
@@ -35,6 +35,7 @@ from smollm2.hardware import (
     peak_flops,
 )
 from smollm2.metrics import Reporter, RunLog, Silent, SpeedModel, duration
+from smollm2.mixture import MixtureData
 from smollm2.model import SmolLM2
 from smollm2.pretrained import initial_weights, resolve_init_from
 
@@ -89,16 +90,19 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gra
 
 
 class DataPipeline(NamedTuple):
-    prepare: Callable
-    loader: type[BatchLoader]
-    eval_batches: Callable
+    """How a run's data is prepared, served and held out."""
+
+    prepare: Callable  # (config, out_dir, quiet=False, workers=1) -> the prepared data
+    loader: Callable  # (data, config, rank, world_size, device) -> a BatchLoader
+    validation_sets: Callable  # (data, config) -> {name: (batches, weight)}; "" names a run's only set
 
 
 def data_pipeline(config: Config) -> DataPipeline:
-    """The one place the trainer picks its data by data.format: token windows of text, or packed conversations."""
+    """The one place a run's data is picked: packed conversations for data.format chat, else token
+    windows of text (one corpus, data.path, or a weighted mixture, data.sources)."""
     if config.data.format == "chat":
-        return DataPipeline(sft.prepare, sft.ChatBatchLoader, sft.eval_batches)
-    return DataPipeline(prepare, BatchLoader, eval_batches)
+        return DataPipeline(sft.prepare, sft.make_loader, sft.validation_sets)
+    return DataPipeline(mixture.prepare_data, mixture.make_loader, mixture.validation_batches)
 
 
 class StopRequest:
@@ -130,13 +134,13 @@ class StopRequest:
 
 class Validator:
     """The validation loss over the same first windows of the validation split, every eval_every steps;
-    and the figures of train.eval_tasks (smollm2.evaluation.TaskScores), when there are any."""
+    for a mixture, per source (`val_loss/NAME`) and their weighted mean (`val_loss`); and the figures
+    of train.eval_tasks (smollm2.evaluation.TaskScores), when there are any."""
 
-    def __init__(self, data: PreparedData, config: Config) -> None:
+    def __init__(self, data: PreparedData | MixtureData, config: Config) -> None:
         settings = config.train
         self.every = settings.eval_every
-        batches_of = data_pipeline(config).eval_batches
-        self.batches = batches_of(data.val, settings.batch_size, config.data.seq_len, settings.eval_batches)
+        self.sets = data_pipeline(config).validation_sets(data, config)
         self.tasks = None
         if settings.eval_tasks:
             from smollm2.evaluation import TaskScores  # lm-eval is a heavy import: only when asked for
@@ -154,16 +158,29 @@ class Validator:
 
     @torch.no_grad()
     def validation_loss(self, model: SmolLM2, autocast) -> dict:
-        if not self.batches:
+        losses = {name: self.loss(model, batches, autocast) for name, (batches, _) in self.sets.items() if batches}
+        if not losses:
             return {}
+        row = {f"val_loss/{name}": loss for name, loss in losses.items() if name}
+        loss = losses[""] if "" in losses else self.mixture_loss(losses)
+        return row | {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
+
+    def mixture_loss(self, losses: dict[str, float]) -> float:
+        """The sources' losses weighted as the training windows are drawn."""
+        weights = [self.sets[name][1] for name in losses]
+        if not sum(weights):  # only zero-weight sources hold validation text: a plain mean
+            weights = [1.0] * len(losses)
+        return sum(w * loss for w, loss in zip(weights, losses.values(), strict=True)) / sum(weights)
+
+    @staticmethod
+    def loss(model: SmolLM2, batches: list, autocast) -> float:
         model.eval()
         device = model.embed_tokens.weight.device
         losses = []
-        for batch in self.batches:
+        for batch in batches:
             with autocast():
                 losses.append(model(**to_device(batch, device)).item())
-        loss = sum(losses) / len(losses)
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
+        return sum(losses) / len(losses)
 
 
 class Predictor:
@@ -267,15 +284,7 @@ class Trainer:
         # FSDP replaces the parameters with shards, so the optimizer is made after parallelizing.
         self.train_model = distributed.parallelize(self.model, self.world, settings)
         self.optimizer = make_optimizer(self.model, settings, self.device)
-        self.loader = data_pipeline(config).loader(
-            self.data.train,
-            settings.batch_size,
-            config.data.seq_len,
-            settings.seed,
-            self.world.rank,
-            self.world.size,
-            self.device,
-        )
+        self.loader = data_pipeline(config).loader(self.data, config, self.world.rank, self.world.size, self.device)
         if resume is not None:
             distributed.load_optimizer_state(self.model, self.optimizer, resume.optimizer)
             self.loader.load_state_dict(resume.loader)
@@ -295,7 +304,7 @@ class Trainer:
             settings.precision, self.device, self.config.model, rows, agree=distributed.from_main_rank
         )
 
-    def prepare_data(self) -> PreparedData:
+    def prepare_data(self) -> PreparedData | MixtureData:
         """Rank 0 tokenizes; the others wait, then find its files ready and reuse them."""
         with distributed.main_rank_first(self.world):
             return data_pipeline(self.config).prepare(self.config, self.out_dir, quiet=not self.world.is_main)

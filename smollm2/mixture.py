@@ -1,0 +1,333 @@
+"""Weighted mixtures of sources: `data.sources` -> one token stream per source -> training windows
+drawn from the sources in proportion to their weights.
+
+Each text source is prepared on its own by `data.prepare` (its own folder under data/, reused
+while unchanged, as a single corpus is); a folder of datatrove-tokenized files is read where it
+lies (`smollm2.datatrove_io`). `MixtureLoader` draws the windows in an order that is a pure
+function of (seed, step, rank, world): global window g falls in block g // BLOCK, every block
+holds each source's share of its BLOCK windows (largest remainder) in an order drawn from
+(seed, block), and the k-th window drawn from a source is window k mod n of that source's own
+permutation for epoch k // n. So the loader's state is one integer, ranks never share a window,
+and a source that runs out starts its next epoch (said in the log) while the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from smollm2.config import Config, ConfigError, _looks_numeric
+from smollm2.data import Batch, BatchLoader, PreparedData, eval_batches, prepare
+from smollm2.errors import UserError
+from smollm2.tokenizer import Tokenizer, load_tokenizer
+
+BLOCK = 10_000  # windows per block: each source's share is exact to 1 / BLOCK within every block
+SOURCE_KEYS = ("path", "weight", "text_field", "name")
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    path: str
+    weight: float
+    text_field: str
+
+
+@dataclass
+class SourceData:
+    source: Source
+    train: list[np.ndarray]  # token arrays; a window never spans two of them
+    val: np.ndarray
+    folder: Path  # where its tokens lie
+
+
+@dataclass
+class MixtureData:
+    tokenizer: Tokenizer
+    sources: list[SourceData]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def parse_sources(raw: object, default_text_field: str, where: str) -> list[Source]:
+    """data.sources: a non-empty list of {path, weight[, text_field, name]}, checked."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"data.sources in {where}: expected a list of {{path, weight}} mappings")
+    sources = [_parse_source(item, f"data.sources[{i}] in {where}", default_text_field) for i, item in enumerate(raw)]
+    if not any(s.weight > 0 for s in sources):
+        raise ConfigError(f"data.sources in {where}: the weights are all zero; give at least one a positive weight")
+    names = [s.name for s in sources]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"data.sources in {where}: two sources are named {twice!r}; give one a name: key")
+    return sources
+
+
+def _parse_source(item: object, at: str, default_text_field: str) -> Source:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{at}: expected a mapping {{path, weight}}, got {item!r}")
+    unknown = sorted(set(item) - set(SOURCE_KEYS))
+    if unknown:
+        raise ConfigError(f"{at}: unknown key {unknown[0]!r} ({', '.join(SOURCE_KEYS)})")
+    path, weight = item.get("path"), item.get("weight")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{at}: path must name a file, folder or glob")
+    if isinstance(weight, str) and _looks_numeric(weight):  # YAML 1.1 reads "1e-2" as a string
+        weight = float(weight)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ConfigError(f"{at}: weight must be a finite number, got {weight!r}")
+    if weight < 0:
+        raise ConfigError(f"{at}: weight must not be negative, got {weight}")
+    text_field = item.get("text_field", default_text_field)
+    name = item.get("name", _default_name(path))
+    for key, value in (("text_field", text_field), ("name", name)):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{at}: {key} must be a non-empty string, got {value!r}")
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ConfigError(f"{at}: name {name!r} may hold only letters, digits, '_', '-' and '.'")
+    return Source(name=name, path=path, weight=float(weight), text_field=text_field)
+
+
+def _default_name(path: str) -> str:
+    stem = Path(path.rstrip("/").replace("*", "all")).stem
+    return re.sub(r"[^\w.-]", "-", stem) or "source"
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing every source
+
+
+def prepare_data(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1):
+    """The run's data: `data.prepare`'s PreparedData for data.path, MixtureData for data.sources."""
+    if config.data.sources is None:
+        return prepare(config, out_dir, quiet, workers=workers)
+    return prepare_mixture(config, out_dir, quiet, workers)
+
+
+def prepare_mixture(config: Config, out_dir: str | Path, quiet: bool = False, workers: int = 1) -> MixtureData:
+    """Text sources first (with data.tokenizer=train the first one trains the tokenizer and the
+    others are tokenized with it), then datatrove folders, checked against that tokenizer."""
+    from smollm2.datatrove_io import is_datatrove_folder, read_datatrove_folder
+
+    sources = parse_sources(config.data.sources, config.data.text_field, config.source)
+    base = Path(config.data.prepared_dir) if config.data.prepared_dir else Path(out_dir) / "data"
+    spec, tokenizer = config.data.tokenizer, None
+    prepared: dict[str, SourceData] = {}
+    folders = {s.name: is_datatrove_folder(Path(s.path)) for s in sources}
+    for index, source in enumerate(sources):
+        if folders[source.name]:
+            continue
+        folder = base / f"{source.name}-{config.model.vocab_size}"
+        with _about(index, source):
+            data = prepare(_source_config(config, source, spec, folder), out_dir, quiet, workers=workers)
+        prepared[source.name] = SourceData(source, [data.train], data.val, data.folder)
+        if tokenizer is None:
+            tokenizer = data.tokenizer
+            spec = str(data.folder / "tokenizer.json") if spec == "train" else spec
+    if tokenizer is None:
+        if spec == "train":
+            raise UserError(
+                "data.tokenizer=train needs a text source to train on, and every source is a datatrove folder: "
+                "set data.tokenizer to the tokenizer.json they were tokenized with"
+            )
+        tokenizer = load_tokenizer(spec, config.model.vocab_size)
+    for index, source in enumerate(sources):
+        if folders[source.name]:
+            with _about(index, source):
+                train, val = read_datatrove_folder(
+                    Path(source.path), tokenizer, config.data.tokenizer, config.data.val_fraction
+                )
+            prepared[source.name] = SourceData(source, train, val, Path(source.path))
+    return MixtureData(tokenizer=tokenizer, sources=[prepared[s.name] for s in sources])
+
+
+def _source_config(config: Config, source: Source, tokenizer: str, folder: Path) -> Config:
+    data = dataclasses.replace(
+        config.data,
+        path=source.path,
+        text_field=source.text_field,
+        tokenizer=tokenizer,
+        prepared_dir=str(folder),
+        sources=None,
+    )
+    return dataclasses.replace(config, data=data)
+
+
+@contextlib.contextmanager
+def _about(index: int, source: Source) -> Iterator[None]:
+    """Errors while preparing a source name the source they are about."""
+    try:
+        yield
+    except UserError as error:
+        if str(error).startswith("data.sources"):
+            raise
+        message = str(error).removeprefix("data.path: ")
+        raise type(error)(f"data.sources[{index}] ({source.name}): {message}") from None
+
+
+def validation_sets(data: PreparedData | MixtureData) -> dict[str, tuple[np.ndarray, float]]:
+    """name -> (validation tokens, weight): one unnamed set for a single corpus, one per source."""
+    if isinstance(data, MixtureData):
+        return {s.source.name: (s.val, s.source.weight) for s in data.sources}
+    return {"": (data.val, 1.0)}
+
+
+def validation_batches(data: PreparedData | MixtureData, config: Config) -> dict[str, tuple[list[Batch], float]]:
+    """name -> (the fixed validation batches, weight) of each validation set."""
+    settings = config.train
+    eos_id = data.tokenizer.eos_id if config.data.document_mask else None
+    return {
+        name: (eval_batches(val, settings.batch_size, config.data.seq_len, settings.eval_batches, eos_id), weight)
+        for name, (val, weight) in validation_sets(data).items()
+    }
+
+
+def make_loader(data: PreparedData | MixtureData, config: Config, rank: int, world_size: int, device) -> BatchLoader:
+    """The trainer's one place to pick its loader."""
+    settings = config.train
+    eos_id = data.tokenizer.eos_id if config.data.document_mask else None
+    args = (settings.batch_size, config.data.seq_len, settings.seed, rank, world_size, device)
+    if isinstance(data, MixtureData):
+        return MixtureLoader(data, *args, eos_id=eos_id)
+    return BatchLoader(data.train, *args, eos_id=eos_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing windows
+
+
+class Windows:
+    """A source's windows of seq_len + 1 tokens, numbered across its token arrays."""
+
+    def __init__(self, arrays: list[np.ndarray], seq_len: int) -> None:
+        self.arrays, self.seq_len = arrays, seq_len
+        per_array = np.array([max(0, (len(a) - 1) // seq_len) for a in arrays], dtype=np.int64)
+        self.first = np.concatenate([[0], np.cumsum(per_array)])  # first window number of each array
+        self.count = int(self.first[-1])
+
+    def __getitem__(self, number: int) -> np.ndarray:
+        array = int(np.searchsorted(self.first, number, side="right")) - 1
+        start = (number - int(self.first[array])) * self.seq_len
+        return self.arrays[array][start : start + self.seq_len + 1]
+
+
+def block_counts(weights: list[float], block: int = BLOCK) -> np.ndarray:
+    """Each source's windows per block, in proportion to the weights (largest remainder)."""
+    exact = np.asarray(weights, dtype=np.float64) / sum(weights) * block
+    counts = np.floor(exact).astype(np.int64)
+    by_remainder = np.argsort(-(exact - counts), kind="stable")
+    counts[by_remainder[: block - counts.sum()]] += 1
+    return counts
+
+
+@functools.lru_cache(maxsize=4)
+def _block_layout(seed: int, block: int, counts: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Which source each window of the block comes from, and how many of that source's windows
+    came before it in the block."""
+    labels = np.random.default_rng([seed, block]).permutation(np.repeat(np.arange(len(counts)), counts))
+    before = np.empty(len(labels), dtype=np.int64)
+    for source in range(len(counts)):
+        where = np.flatnonzero(labels == source)
+        before[where] = np.arange(len(where))
+    return labels, before
+
+
+@functools.lru_cache(maxsize=16)
+def _source_order(seed: int, source: int, epoch: int, n_windows: int) -> np.ndarray:
+    return np.random.default_rng([seed, source, epoch, 1]).permutation(n_windows)
+
+
+class MixtureLoader(BatchLoader):
+    """BatchLoader's prefetching and state (one integer), with windows drawn from weighted sources."""
+
+    def __init__(
+        self,
+        data: MixtureData,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        prefetch: int = 4,
+        eos_id: int | None = None,
+    ) -> None:
+        self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
+        self.rank, self.world_size, self.device, self.prefetch = rank, world_size, torch.device(device), prefetch
+        self.names = [s.source.name for s in data.sources]
+        self.windows = [Windows(s.train, seq_len) for s in data.sources]
+        self.counts = block_counts([s.source.weight for s in data.sources])
+        for name, windows, count in zip(self.names, self.windows, self.counts, strict=True):
+            if count and not windows.count:
+                raise UserError(
+                    f"data.sources: {name} gives fewer than one window of data.seq_len + 1 = {seq_len + 1} "
+                    "training tokens; add text or lower data.seq_len"
+                )
+        self.n_windows = sum(w.count for w in self.windows)
+        self.batches_per_epoch = max(1, self.n_windows // (batch_size * world_size))
+        self.step = 0
+        self._queue = None
+        self._stop = threading.Event()
+        self._thread = None
+        self._announced = self.source_epochs()
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._announced = self.source_epochs()
+
+    def draw(self, window: int) -> tuple[int, int]:
+        """Global window number -> (source, how many windows that source gave before it)."""
+        block, at = divmod(window, BLOCK)
+        labels, before = _block_layout(self.seed, block, tuple(self.counts.tolist()))
+        source = int(labels[at])
+        return source, block * int(self.counts[source]) + int(before[at])
+
+    def window(self, number: int) -> np.ndarray:
+        source, drawn = self.draw(number)
+        windows = self.windows[source]
+        epoch, within = divmod(drawn, windows.count)
+        return windows[int(_source_order(self.seed, source, epoch, windows.count)[within])]
+
+    def window_sources(self, step: int) -> list[int]:
+        first = (step * self.world_size + self.rank) * self.batch_size
+        return [self.draw(g)[0] for g in range(first, first + self.batch_size)]
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        first = (step * self.world_size + self.rank) * self.batch_size
+        return self.as_batch(np.stack([self.window(g) for g in range(first, first + self.batch_size)]))
+
+    def drawn(self, step: int) -> np.ndarray:
+        """Windows each source has given over the first `step` global micro-batches."""
+        total = step * self.batch_size * self.world_size
+        block, at = divmod(total, BLOCK)
+        labels, _ = _block_layout(self.seed, block, tuple(self.counts.tolist()))
+        within = np.bincount(labels[:at], minlength=len(self.counts))
+        return block * self.counts + within
+
+    def source_epochs(self) -> list[int]:
+        """The epoch each source is in (0 = its first pass), after the micro-batches handed out."""
+        drawn = self.drawn(self.step)
+        return [int(d // w.count) if w.count else 0 for d, w in zip(drawn, self.windows, strict=True)]
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = super().__next__()
+        epochs = self.source_epochs()
+        if self.rank == 0 and epochs != self._announced:
+            for name, was, now in zip(self.names, self._announced, epochs, strict=True):
+                if now > was:
+                    tqdm.write(f"data: source {name} ran out and repeats (epoch {now + 1}) at micro-batch {self.step}")
+        self._announced = epochs
+        return batch
