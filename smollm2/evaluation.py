@@ -443,6 +443,17 @@ def format_table(rows: list[tuple[str, str, float, float | None]]) -> str:
     return "\n".join(lines)
 
 
+def _is_our_report(path: Path) -> bool:
+    """An --out that `eval` wrote (a JSON object naming the model), and so may be replaced."""
+    if not path.is_file():
+        return False
+    try:
+        report = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "model" in report
+
+
 def write_results(path: str | Path, results: dict) -> None:
     write_atomic(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
 
@@ -477,6 +488,8 @@ def evaluate(
     batch_size = batch_size_from(batch_size)
     if out is not None and Path(out).is_dir():
         raise UserError(f"--out {out} is a folder: give a file name, e.g. results.json")
+    if out is not None and Path(out).exists() and not _is_our_report(Path(out)):
+        raise UserError(f"--out {out} exists and is not results smollm2 wrote: give a new file name")
     chosen = load_tasks(tasks.split(","), include_path) if tasks else None
     held_out = read_text(text) if text else None
     model, tokenizer = load_for_inference(source, precision=precision, pack=False)

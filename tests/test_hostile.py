@@ -478,3 +478,13 @@ def test_info_of_a_huge_model_counts_without_building_it(capsys):
         == 0
     )
     assert capsys.readouterr().out.splitlines()[-1] == f"total parameters: {28_311_552 + 10**9 * 3_540_096 + 576:,}"
+
+
+def test_eval_out_never_replaces_a_file_it_did_not_write(workspace, capsys):
+    (workspace / "held.txt").write_text(CORPUS[:600])
+    argv = ["eval", "--model", "run/final", "--text", "held.txt", "--window", "32"]
+    for out in ("held.txt", "mine/notes.txt", "run/checkpoints/step_4.pt", "run/logs/metrics.jsonl"):
+        main_refused(capsys, workspace, [*argv, "--out", out], f"--out {out} exists and is not results")
+    assert cli.main([*argv, "--out", "mine/eval.json"]) == 0
+    assert cli.main([*argv, "--out", "mine/eval.json"]) == 0  # its own results are replaced
+    assert json.loads((workspace / "mine" / "eval.json").read_text())["model"] == "run/final"
