@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from smollm2.config import Config, ConfigError, _looks_numeric
-from smollm2.data import Batch, BatchLoader, PreparedData, eval_batches, prepare
+from smollm2.data import Batch, BatchLoader, PreparedData, eval_batches, prepare, resolve_sources
 from smollm2.errors import UserError
 from smollm2.tokenizer import Tokenizer, load_tokenizer
 
@@ -127,6 +127,11 @@ def prepare_mixture(config: Config, out_dir: str | Path, quiet: bool = False, wo
     spec, tokenizer = config.data.tokenizer, None
     prepared: dict[str, SourceData] = {}
     folders = {s.name: is_datatrove_folder(Path(s.path)) for s in sources}
+    for index, source in enumerate(sources):  # a missing source fails before any is prepared
+        if not folders[source.name]:
+            with _about(index, source):
+                if sum(f.stat().st_size for f in resolve_sources(source.path)) == 0:
+                    raise UserError(f"the corpus {source.path!r} is empty")
     for index, source in enumerate(sources):
         if folders[source.name]:
             continue

@@ -488,3 +488,17 @@ def test_eval_out_never_replaces_a_file_it_did_not_write(workspace, capsys):
     assert cli.main([*argv, "--out", "mine/eval.json"]) == 0
     assert cli.main([*argv, "--out", "mine/eval.json"]) == 0  # its own results are replaced
     assert json.loads((workspace / "mine" / "eval.json").read_text())["model"] == "run/final"
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [("nothere", "'nothere' does not exist"), ("empty.jsonl", "is empty"), ("mine", "holds no .txt")],
+)
+def test_a_bad_second_source_fails_before_the_first_is_prepared(workspace, capsys, path, message):
+    (workspace / "empty.jsonl").write_text("")
+    (workspace / "mine" / "notes.txt").rename(workspace / "mine" / "notes.md")
+    sources = f"data.sources=[{{path: input.txt, weight: 1}}, {{path: {path}, weight: 1}}]"
+    argv = [*TRAIN, "--set", sources, "--train_steps", "2", "--out_dir", "fresh"]
+    err = train_refused(capsys, workspace, argv, f"data.sources[1] ({Path(path).stem}): ")
+    assert message in err, err
+    assert not (workspace / "fresh").exists()
