@@ -180,7 +180,8 @@ class Conversation:
 
     def __init__(self, model: SmolLM2, tokenizer: Tokenizer, system: str | None, reply_tokens: int) -> None:
         self.model, self.tokenizer, self.reply_tokens = model, tokenizer, reply_tokens
-        self.system = [{"role": "system", "content": system}] if system else []
+        # --system "" is an empty system message (templates add a default one when there is none)
+        self.system = [{"role": "system", "content": system}] if system is not None else []
         self.turns: list[Message] = []
 
     def reset(self) -> None:
@@ -222,6 +223,10 @@ def chat_loop(
     )  # refuse a template-less model now
     generator = seeded_generator(model, seed)
     conversation = Conversation(model, tokenizer, system, max_new_tokens)
+    context = model.config.max_seq_len
+    alone = len(prompt_ids(tokenizer, conversation.system + [{"role": "user", "content": ""}]))
+    if alone >= context:
+        raise UserError(f"--system is {alone} tokens with the chat template, the model's context is {context}")
     print("chat: /reset forgets the conversation, /quit leaves; Ctrl-C stops a reply", file=sys.stderr)
     while True:
         try:

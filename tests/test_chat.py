@@ -300,3 +300,13 @@ def test_chat_and_generate_chat_on_the_command_line(chat_dir):
                                 *model], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert chatted.returncode == 0 and generated.returncode == 0, chatted.stderr + generated.stderr
     assert f"assistant> {generated.stdout.rstrip(chr(10))}\n" in chatted.stdout
+
+
+def test_an_empty_system_message_is_kept_and_one_too_long_is_refused_at_the_start(chat_model, tokenizer):
+    conversation = chat.Conversation(chat_model, tokenizer, system="", reply_tokens=20)
+    conversation.prompt("hi")  # an empty system message, not none: templates put a default in for none
+    assert chat.render(tokenizer, conversation.system + conversation.turns).startswith("<|im_start|>system\n<|im_end|>")
+    read, pending = typed("hi")
+    with pytest.raises(UserError, match=r"^--system is \d+ tokens with the chat template, the model's context is 96"):
+        chat.chat_loop(chat_model, tokenizer, "word " * 200, 12, Sampling(temperature=0), read=read)
+    assert pending == ["hi"]  # refused before reading, not "the message is N tokens" for every message
