@@ -485,6 +485,8 @@ def evaluate(
         raise UserError("nothing to evaluate: give --tasks NAMES and/or --text FILE")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 example per task, got {limit}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num_fewshot must be 0 or more examples per prompt, got {num_fewshot}")
     batch_size = batch_size_from(batch_size)
     if out is not None and Path(out).is_dir():
         raise UserError(f"--out {out} is a folder: give a file name, e.g. results.json")
