@@ -189,7 +189,8 @@ class Conversation:
 
     def prompt(self, user_text: str) -> tuple[list[int], int]:
         """The ids to continue for this user message, and how many earlier exchanges were dropped to fit."""
-        self.turns.append({"role": "user", "content": user_text})
+        before = self.turns
+        self.turns = [*before, {"role": "user", "content": user_text}]
         context = self.model.config.max_seq_len
         ids = prompt_ids(self.tokenizer, self.system + self.turns)
         dropped = 0
@@ -198,7 +199,7 @@ class Conversation:
             dropped += 1
             ids = prompt_ids(self.tokenizer, self.system + self.turns)
         if len(ids) >= context:
-            self.turns.pop()
+            self.turns = before  # a message that cannot fit costs the conversation nothing
             raise UserError(f"the message is {len(ids)} tokens with the template, the model's context is {context}")
         return ids, dropped
 

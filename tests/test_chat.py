@@ -310,3 +310,13 @@ def test_an_empty_system_message_is_kept_and_one_too_long_is_refused_at_the_star
     with pytest.raises(UserError, match=r"^--system is \d+ tokens with the chat template, the model's context is 96"):
         chat.chat_loop(chat_model, tokenizer, "word " * 200, 12, Sampling(temperature=0), read=read)
     assert pending == ["hi"]  # refused before reading, not "the message is N tokens" for every message
+
+
+def test_a_message_too_long_for_the_context_keeps_the_conversation(chat_model, tokenizer):
+    conversation = chat.Conversation(chat_model, tokenizer, system=None, reply_tokens=20)
+    conversation.prompt("What is 1 plus 1?")
+    conversation.answered("2.")
+    kept = list(conversation.turns)
+    with pytest.raises(UserError, match="the message is"):
+        conversation.prompt("word " * 200)
+    assert conversation.turns == kept  # not silently forgotten on the way to the refusal
