@@ -502,3 +502,11 @@ def test_a_bad_second_source_fails_before_the_first_is_prepared(workspace, capsy
     err = train_refused(capsys, workspace, argv, f"data.sources[1] ({Path(path).stem}): ")
     assert message in err, err
     assert not (workspace / "fresh").exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "-3", "100000"])
+def test_prepare_workers_out_of_range(workspace, capsys, workers):
+    # 100,000 processes of ~425 MiB each would exhaust the machine's memory long before they finish
+    argv = ["prepare", *TRAIN, "--out_dir", "fresh", "--workers", workers]
+    main_refused(capsys, workspace, argv, "--workers must be between 1 and this machine's")
+    assert not (workspace / "fresh").exists()
