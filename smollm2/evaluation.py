@@ -130,7 +130,7 @@ def rolling_windows(tokens: list[int], prefix: int, window: int, stride: int) ->
 def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--text {path}: no such file")
+        raise UserError(f"--text {path}: " + ("a folder: give a text file" if path.is_dir() else "no such file"))
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -490,6 +490,9 @@ def evaluate(
     batch_size = batch_size_from(batch_size)
     if out is not None and Path(out).is_dir():
         raise UserError(f"--out {out} is a folder: give a file name, e.g. results.json")
+    blocked = next((p for p in Path(out).parents if p.exists() and not p.is_dir()), None) if out else None
+    if blocked is not None:
+        raise UserError(f"--out {out}: {blocked} is a file, not a folder")
     if out is not None and Path(out).exists() and not _is_our_report(Path(out)):
         raise UserError(f"--out {out} exists and is not results smollm2 wrote: give a new file name")
     chosen = load_tasks(tasks.split(","), include_path) if tasks else None

@@ -181,6 +181,8 @@ def workspace(model_folder, tmp_path, monkeypatch) -> Path:
         (["--text", "notes.txt", "--limit", "0"], "--limit must be at least 1"),
         (["--text", "notes.txt", "--out", "results"], "is a folder"),
         (["--text", "notes.txt", "--out", "notes.txt"], "exists and is not results smollm2 wrote"),
+        (["--text", "notes.txt", "--out", "notes.txt/eval.json"], "--out notes.txt/eval.json: notes.txt is a file"),
+        (["--text", "results"], "--text results: a folder"),
         (["--tasks", str(TASKS / "multiple_choice.yaml"), "--num_fewshot", "-1"], "--num_fewshot must be 0 or more"),
         ([], "nothing to evaluate"),
     ],
