@@ -510,3 +510,16 @@ def test_prepare_workers_out_of_range(workspace, capsys, workers):
     argv = ["prepare", *TRAIN, "--out_dir", "fresh", "--workers", workers]
     main_refused(capsys, workspace, argv, "--workers must be between 1 and this machine's")
     assert not (workspace / "fresh").exists()
+
+
+def test_chat_input_that_is_not_utf8_and_bad_reply_lengths(workspace):
+    model = ["--checkpoint", "run/checkpoints/step_4.pt", "--max_new_tokens", "2"]
+    chatted = subprocess.run([sys.executable, "-m", "smollm2", "chat", *model], input=b"h\xffi\nhello\n",
+                             cwd=workspace, capture_output=True, timeout=300)  # fmt: skip
+    assert chatted.returncode == 0 and b"Traceback" not in chatted.stderr, chatted.stderr
+    assert b"error: the message is not valid UTF-8 text" in chatted.stderr  # and the chat goes on
+    assert chatted.stdout.count(b"assistant> ") == 1
+    one_line(run_python("-m", "smollm2", "chat", *model, "--system", b"\xff", cwd=workspace), b"--system is not valid")
+    argv = ["-m", "smollm2", "generate", "--chat", *model]
+    one_line(run_python(*argv, "--prompt", b"\xff\xfe", cwd=workspace), b"the prompt is not valid UTF-8")
+    one_line(run_python(*argv, "--prompt", "hi", "--max_new_tokens", "0", cwd=workspace), b"at least 1, got 0")
