@@ -523,3 +523,12 @@ def test_chat_input_that_is_not_utf8_and_bad_reply_lengths(workspace):
     argv = ["-m", "smollm2", "generate", "--chat", *model]
     one_line(run_python(*argv, "--prompt", b"\xff\xfe", cwd=workspace), b"the prompt is not valid UTF-8")
     one_line(run_python(*argv, "--prompt", "hi", "--max_new_tokens", "0", cwd=workspace), b"at least 1, got 0")
+
+
+@pytest.mark.parametrize(
+    "command", [["eval", "--text", "mine/notes.txt"], ["chat"], ["generate", "--chat", "--prompt", "hi"]]
+)
+def test_a_run_folder_given_as_a_model_names_its_final(workspace, capsys, command):
+    main_refused(
+        capsys, workspace, [*command, "--model", "run"], "run: a run folder, not a model folder: give run/final"
+    )
