@@ -153,6 +153,20 @@ def end_of_turn_id(tokenizer: Tokenizer) -> int | None:
     return end if end is not None else tokenizer.eos_id
 
 
+def check_text(text: str, what: str) -> str:
+    """Text from the command line or a terminal that was not UTF-8 arrives with surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{what} is not valid UTF-8 text") from None
+    return text
+
+
+def check_reply_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+
+
 def prompt_ids(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
     """The conversation so far, then the assistant's turn opened: what a reply continues."""
     return tokenizer.encode(render(tokenizer, messages, add_generation_prompt=True))
@@ -180,7 +194,8 @@ class Conversation:
 
     def __init__(self, model: SmolLM2, tokenizer: Tokenizer, system: str | None, reply_tokens: int) -> None:
         self.model, self.tokenizer, self.reply_tokens = model, tokenizer, reply_tokens
-        self.system = [{"role": "system", "content": system}] if system else []
+        # --system "" is an empty system message (templates add a default one when there is none)
+        self.system = [{"role": "system", "content": system}] if system is not None else []
         self.turns: list[Message] = []
 
     def reset(self) -> None:
@@ -188,7 +203,8 @@ class Conversation:
 
     def prompt(self, user_text: str) -> tuple[list[int], int]:
         """The ids to continue for this user message, and how many earlier exchanges were dropped to fit."""
-        self.turns.append({"role": "user", "content": user_text})
+        before = self.turns
+        self.turns = [*before, {"role": "user", "content": check_text(user_text, "the message")}]
         context = self.model.config.max_seq_len
         ids = prompt_ids(self.tokenizer, self.system + self.turns)
         dropped = 0
@@ -197,7 +213,7 @@ class Conversation:
             dropped += 1
             ids = prompt_ids(self.tokenizer, self.system + self.turns)
         if len(ids) >= context:
-            self.turns.pop()
+            self.turns = before  # a message that cannot fit costs the conversation nothing
             raise UserError(f"the message is {len(ids)} tokens with the template, the model's context is {context}")
         return ids, dropped
 
@@ -221,7 +237,14 @@ def chat_loop(
         tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True
     )  # refuse a template-less model now
     generator = seeded_generator(model, seed)
+    check_reply_tokens(max_new_tokens)
+    if system is not None:
+        check_text(system, "--system")
     conversation = Conversation(model, tokenizer, system, max_new_tokens)
+    context = model.config.max_seq_len
+    alone = len(prompt_ids(tokenizer, conversation.system + [{"role": "user", "content": ""}]))
+    if alone >= context:
+        raise UserError(f"--system is {alone} tokens with the chat template, the model's context is {context}")
     print("chat: /reset forgets the conversation, /quit leaves; Ctrl-C stops a reply", file=sys.stderr)
     while True:
         try:
@@ -264,7 +287,8 @@ def single_reply(
     model: SmolLM2, tokenizer: Tokenizer, user_text: str, max_new_tokens: int, sampling: Sampling, seed: int = 0
 ) -> Iterator[str]:
     """`generate --chat`: one user message through the template, the reply streamed."""
-    ids = prompt_ids(tokenizer, [{"role": "user", "content": user_text}])
+    check_reply_tokens(max_new_tokens)
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": check_text(user_text, "the prompt")}])
     context = model.config.max_seq_len
     if len(ids) >= context:
         raise UserError(f"the prompt is {len(ids)} tokens with the chat template, the model's context is {context}")

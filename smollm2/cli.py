@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -169,8 +170,9 @@ def cmd_export_space(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from smollm2.trainer import data_pipeline
 
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not 1 <= args.workers <= cores:  # a worker is a process of ~425 MiB: 500 of them would exhaust memory
+        raise UserError(f"--workers must be between 1 and this machine's {cores} CPU cores, got {args.workers}")
     config = read_config(args)
     data_pipeline(config).prepare(config, args.out_dir, workers=args.workers)
 

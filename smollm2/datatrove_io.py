@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smollm2.data import SUFFIXES
 from smollm2.errors import UserError
 from smollm2.tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
@@ -33,9 +34,23 @@ def read_datatrove_folder(
     arrays = [_read_tokens(file, tokenizer, tokenizer_spec) for file in files]
     if not sum(len(a) for a in arrays):
         raise UserError(f"{folder}: its .ds files hold no tokens")
-    cut = _validation_start(files[-1], len(arrays[-1]), val_fraction)
-    arrays[-1], val = arrays[-1][:cut], arrays[-1][cut:]
+    # the last file with tokens: with more --tasks than input files, the last ones are empty
+    last = max(i for i, a in enumerate(arrays) if len(a))
+    cut = _validation_start(files[last], len(arrays[last]), val_fraction)
+    arrays[last], val = arrays[last][:cut], arrays[last][cut:]
     return arrays, val
+
+
+def check_datatrove_folder(folder: Path) -> None:
+    """What can be checked before any source is prepared: tokens there, and no text files beside them."""
+    if not sum(file.stat().st_size for file in folder.glob("*.ds")):
+        raise UserError(f"{folder}: its .ds files hold no tokens")
+    text = next((p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in SUFFIXES), None)
+    if text is not None:
+        raise UserError(
+            f"{folder}: holds datatrove .ds files and {text.name}, which would be left out: "
+            "give the text files as a source of their own"
+        )
 
 
 def tokenizer_of(file: Path) -> tuple[str, int]:

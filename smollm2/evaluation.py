@@ -130,7 +130,7 @@ def rolling_windows(tokens: list[int], prefix: int, window: int, stride: int) ->
 def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--text {path}: no such file")
+        raise UserError(f"--text {path}: " + ("a folder: give a text file" if path.is_dir() else "no such file"))
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -443,6 +443,17 @@ def format_table(rows: list[tuple[str, str, float, float | None]]) -> str:
     return "\n".join(lines)
 
 
+def _is_our_report(path: Path) -> bool:
+    """An --out that `eval` wrote (a JSON object naming the model), and so may be replaced."""
+    if not path.is_file():
+        return False
+    try:
+        report = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "model" in report
+
+
 def write_results(path: str | Path, results: dict) -> None:
     write_atomic(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
 
@@ -474,9 +485,16 @@ def evaluate(
         raise UserError("nothing to evaluate: give --tasks NAMES and/or --text FILE")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 example per task, got {limit}")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UserError(f"--num_fewshot must be 0 or more examples per prompt, got {num_fewshot}")
     batch_size = batch_size_from(batch_size)
     if out is not None and Path(out).is_dir():
         raise UserError(f"--out {out} is a folder: give a file name, e.g. results.json")
+    blocked = next((p for p in Path(out).parents if p.exists() and not p.is_dir()), None) if out else None
+    if blocked is not None:
+        raise UserError(f"--out {out}: {blocked} is a file, not a folder")
+    if out is not None and Path(out).exists() and not _is_our_report(Path(out)):
+        raise UserError(f"--out {out} exists and is not results smollm2 wrote: give a new file name")
     chosen = load_tasks(tasks.split(","), include_path) if tasks else None
     held_out = read_text(text) if text else None
     model, tokenizer = load_for_inference(source, precision=precision, pack=False)

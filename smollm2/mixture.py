@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from smollm2.config import Config, ConfigError, _looks_numeric
-from smollm2.data import Batch, BatchLoader, PreparedData, eval_batches, prepare
+from smollm2.data import Batch, BatchLoader, PreparedData, eval_batches, prepare, resolve_sources
 from smollm2.errors import UserError
 from smollm2.tokenizer import Tokenizer, load_tokenizer
 
@@ -120,13 +120,21 @@ def prepare_data(config: Config, out_dir: str | Path = ".", quiet: bool = False,
 def prepare_mixture(config: Config, out_dir: str | Path, quiet: bool = False, workers: int = 1) -> MixtureData:
     """Text sources first (with data.tokenizer=train the first one trains the tokenizer and the
     others are tokenized with it), then datatrove folders, checked against that tokenizer."""
-    from smollm2.datatrove_io import is_datatrove_folder, read_datatrove_folder
+    from smollm2.datatrove_io import check_datatrove_folder, is_datatrove_folder, read_datatrove_folder
 
     sources = parse_sources(config.data.sources, config.data.text_field, config.source)
     base = Path(config.data.prepared_dir) if config.data.prepared_dir else Path(out_dir) / "data"
     spec, tokenizer = config.data.tokenizer, None
     prepared: dict[str, SourceData] = {}
     folders = {s.name: is_datatrove_folder(Path(s.path)) for s in sources}
+    for index, source in enumerate(sources):  # a missing source fails before any is prepared
+        if folders[source.name]:
+            with _about(index, source):
+                check_datatrove_folder(Path(source.path))
+        else:
+            with _about(index, source):
+                if sum(f.stat().st_size for f in resolve_sources(source.path)) == 0:
+                    raise UserError(f"the corpus {source.path!r} is empty")
     for index, source in enumerate(sources):
         if folders[source.name]:
             continue

@@ -300,3 +300,23 @@ def test_chat_and_generate_chat_on_the_command_line(chat_dir):
                                 *model], capture_output=True, text=True, timeout=120)  # fmt: skip
     assert chatted.returncode == 0 and generated.returncode == 0, chatted.stderr + generated.stderr
     assert f"assistant> {generated.stdout.rstrip(chr(10))}\n" in chatted.stdout
+
+
+def test_an_empty_system_message_is_kept_and_one_too_long_is_refused_at_the_start(chat_model, tokenizer):
+    conversation = chat.Conversation(chat_model, tokenizer, system="", reply_tokens=20)
+    conversation.prompt("hi")  # an empty system message, not none: templates put a default in for none
+    assert chat.render(tokenizer, conversation.system + conversation.turns).startswith("<|im_start|>system\n<|im_end|>")
+    read, pending = typed("hi")
+    with pytest.raises(UserError, match=r"^--system is \d+ tokens with the chat template, the model's context is 96"):
+        chat.chat_loop(chat_model, tokenizer, "word " * 200, 12, Sampling(temperature=0), read=read)
+    assert pending == ["hi"]  # refused before reading, not "the message is N tokens" for every message
+
+
+def test_a_message_too_long_for_the_context_keeps_the_conversation(chat_model, tokenizer):
+    conversation = chat.Conversation(chat_model, tokenizer, system=None, reply_tokens=20)
+    conversation.prompt("What is 1 plus 1?")
+    conversation.answered("2.")
+    kept = list(conversation.turns)
+    with pytest.raises(UserError, match="the message is"):
+        conversation.prompt("word " * 200)
+    assert conversation.turns == kept  # not silently forgotten on the way to the refusal

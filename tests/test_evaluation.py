@@ -180,6 +180,10 @@ def workspace(model_folder, tmp_path, monkeypatch) -> Path:
         (["--text", "notes.txt", "--stride", "65"], "--stride must be between 1 and the window"),
         (["--text", "notes.txt", "--limit", "0"], "--limit must be at least 1"),
         (["--text", "notes.txt", "--out", "results"], "is a folder"),
+        (["--text", "notes.txt", "--out", "notes.txt"], "exists and is not results smollm2 wrote"),
+        (["--text", "notes.txt", "--out", "notes.txt/eval.json"], "--out notes.txt/eval.json: notes.txt is a file"),
+        (["--text", "results"], "--text results: a folder"),
+        (["--tasks", str(TASKS / "multiple_choice.yaml"), "--num_fewshot", "-1"], "--num_fewshot must be 0 or more"),
         ([], "nothing to evaluate"),
     ],
 )

@@ -478,3 +478,57 @@ def test_info_of_a_huge_model_counts_without_building_it(capsys):
         == 0
     )
     assert capsys.readouterr().out.splitlines()[-1] == f"total parameters: {28_311_552 + 10**9 * 3_540_096 + 576:,}"
+
+
+def test_eval_out_never_replaces_a_file_it_did_not_write(workspace, capsys):
+    (workspace / "held.txt").write_text(CORPUS[:600])
+    argv = ["eval", "--model", "run/final", "--text", "held.txt", "--window", "32"]
+    for out in ("held.txt", "mine/notes.txt", "run/checkpoints/step_4.pt", "run/logs/metrics.jsonl"):
+        main_refused(capsys, workspace, [*argv, "--out", out], f"--out {out} exists and is not results")
+    assert cli.main([*argv, "--out", "mine/eval.json"]) == 0
+    assert cli.main([*argv, "--out", "mine/eval.json"]) == 0  # its own results are replaced
+    assert json.loads((workspace / "mine" / "eval.json").read_text())["model"] == "run/final"
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [("nothere", "'nothere' does not exist"), ("empty.jsonl", "is empty"), ("mine", "holds no .txt")],
+)
+def test_a_bad_second_source_fails_before_the_first_is_prepared(workspace, capsys, path, message):
+    (workspace / "empty.jsonl").write_text("")
+    (workspace / "mine" / "notes.txt").rename(workspace / "mine" / "notes.md")
+    sources = f"data.sources=[{{path: input.txt, weight: 1}}, {{path: {path}, weight: 1}}]"
+    argv = [*TRAIN, "--set", sources, "--train_steps", "2", "--out_dir", "fresh"]
+    err = train_refused(capsys, workspace, argv, f"data.sources[1] ({Path(path).stem}): ")
+    assert message in err, err
+    assert not (workspace / "fresh").exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "-3", "100000"])
+def test_prepare_workers_out_of_range(workspace, capsys, workers):
+    # 100,000 processes of ~425 MiB each would exhaust the machine's memory long before they finish
+    argv = ["prepare", *TRAIN, "--out_dir", "fresh", "--workers", workers]
+    main_refused(capsys, workspace, argv, "--workers must be between 1 and this machine's")
+    assert not (workspace / "fresh").exists()
+
+
+def test_chat_input_that_is_not_utf8_and_bad_reply_lengths(workspace):
+    model = ["--checkpoint", "run/checkpoints/step_4.pt", "--max_new_tokens", "2"]
+    chatted = subprocess.run([sys.executable, "-m", "smollm2", "chat", *model], input=b"h\xffi\nhello\n",
+                             cwd=workspace, capture_output=True, timeout=300)  # fmt: skip
+    assert chatted.returncode == 0 and b"Traceback" not in chatted.stderr, chatted.stderr
+    assert b"error: the message is not valid UTF-8 text" in chatted.stderr  # and the chat goes on
+    assert chatted.stdout.count(b"assistant> ") == 1
+    one_line(run_python("-m", "smollm2", "chat", *model, "--system", b"\xff", cwd=workspace), b"--system is not valid")
+    argv = ["-m", "smollm2", "generate", "--chat", *model]
+    one_line(run_python(*argv, "--prompt", b"\xff\xfe", cwd=workspace), b"the prompt is not valid UTF-8")
+    one_line(run_python(*argv, "--prompt", "hi", "--max_new_tokens", "0", cwd=workspace), b"at least 1, got 0")
+
+
+@pytest.mark.parametrize(
+    "command", [["eval", "--text", "mine/notes.txt"], ["chat"], ["generate", "--chat", "--prompt", "hi"]]
+)
+def test_a_run_folder_given_as_a_model_names_its_final(workspace, capsys, command):
+    main_refused(
+        capsys, workspace, [*command, "--model", "run"], "run: a run folder, not a model folder: give run/final"
+    )

@@ -177,12 +177,12 @@ def test_a_mixture_of_conversations_is_refused(mix_dir, capsys):
 # datatrove
 
 
-def datatrove_tokenize(corpus: Path, tokenizer: Path, out: Path, logs: Path) -> None:
+def datatrove_tokenize(corpus: Path, tokenizer: Path, out: Path, logs: Path, tasks: int = 1) -> None:
     """datatrove's own pipeline, run locally: read the jsonl, tokenize, end each document with <|endoftext|>."""
     from datatrove.executor import LocalPipelineExecutor
 
     steps = tokenize_steps(str(corpus), str(tokenizer), str(out), shuffle=False)
-    LocalPipelineExecutor(steps, tasks=1, logging_dir=str(logs)).run()
+    LocalPipelineExecutor(steps, tasks=tasks, logging_dir=str(logs)).run()
 
 
 def test_datatrove_tokenized_folder_trains_on_the_same_tokens_as_our_prepare(mix_dir):
@@ -222,6 +222,34 @@ def test_datatrove_folder_of_another_tokenizer_is_refused(mix_dir, capsys):
     sources = "data.sources=[{path: input.txt, weight: 1}, {path: tokenized, weight: 1}]"
     argv = ["prepare", "--config", "mix.yaml", "--out_dir", "run", "--set", sources]
     refused(capsys, mix_dir, cli.main, argv, "not this run's tokenizer")
+
+
+def test_datatrove_folder_with_empty_last_files_empty_or_beside_text(mix_dir, capsys):
+    pytest.importorskip("datatrove")
+    (mix_dir / "math").mkdir()
+    (mix_dir / "math" / "a.jsonl").write_text("\n".join(ARITHMETIC[:200]) + "\n")
+    assert prepare_data(load_config("mix.yaml"), "run", quiet=True)
+    tokenizer = mix_dir / "run" / "data" / "input-320" / "tokenizer.json"
+    # more tasks than input files (README's --tasks 8 on a small corpus): the last .ds files are empty
+    datatrove_tokenize(mix_dir / "math", tokenizer, mix_dir / "tokenized", mix_dir / "dt-logs", tasks=3)
+    assert sorted(f.stat().st_size for f in (mix_dir / "tokenized").glob("*.ds"))[:2] == [0, 0]
+    sources = "data.sources=[{path: input.txt, weight: 1}, {path: tokenized, weight: 1}]"
+    source = prepare_data(load_config("mix.yaml", [sources]), "run", quiet=True).sources[1]
+    assert len(source.val) > 0  # validation from the last file with tokens, not none
+    capsys.readouterr()  # datatrove's own log
+    (mix_dir / "empty").mkdir()
+    for file in (mix_dir / "tokenized").glob("*"):
+        if (mix_dir / "tokenized" / (file.name.split(".ds")[0] + ".ds")).stat().st_size == 0:
+            (mix_dir / "empty" / file.name).write_bytes(file.read_bytes())
+    (mix_dir / "tokenized" / "notes.txt").write_text("left out\n")
+    for folder, message in (
+        ("empty", "its .ds files hold no tokens"),
+        ("tokenized", "and notes.txt, which would be left out"),
+    ):
+        sources = f"data.sources=[{{path: input.txt, weight: 1}}, {{path: {folder}, weight: 1}}]"
+        argv = ["prepare", "--config", "mix.yaml", "--out_dir", "fresh", "--set", sources]
+        refused(capsys, mix_dir, cli.main, argv, message)
+        assert not (mix_dir / "fresh").exists()  # refused before the first source was prepared
 
 
 # ---------------------------------------------------------------------------------------------
