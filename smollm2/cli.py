@@ -171,7 +171,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from smollm2.trainer import data_pipeline
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if not 1 <= args.workers <= cores:  # a worker is a process of ~425 MiB: 500 of them would exhaust memory
+    if not 1 <= args.workers <= cores:  # each worker holds a tokenizer and batches in flight: 500 would exhaust memory
         raise UserError(f"--workers must be between 1 and this machine's {cores} CPU cores, got {args.workers}")
     config = read_config(args)
     data_pipeline(config).prepare(config, args.out_dir, workers=args.workers)
