@@ -382,11 +382,8 @@ class BatchLoader:
         prefetch: int = 4,
         eos_id: int | None = None,  # given: batches carry document_ids (data.document_mask)
     ) -> None:
-        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
-        self.eos_id = eos_id
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
-        self.prefetch = prefetch
+        self.tokens = tokens
+        self.set_up(batch_size, seq_len, seed, rank, world_size, device, prefetch, eos_id)
         self.n_windows = (len(tokens) - 1) // seq_len
         self.batches_per_epoch = self.n_windows // (batch_size * world_size)
         if self.batches_per_epoch == 0:
@@ -394,6 +391,15 @@ class BatchLoader:
                 f"the training data holds {self.n_windows} windows of {seq_len + 1} tokens, fewer than one "
                 f"global micro-batch of {batch_size * world_size}; lower train.batch_size or data.seq_len"
             )
+
+    def set_up(
+        self, batch_size: int, seq_len: int, seed: int, rank: int, world_size: int, device, prefetch: int, eos_id
+    ) -> None:
+        """What every loader shares: the order's inputs, the position, and the prefetching thread's state."""
+        self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.prefetch = prefetch
         self.step = 0  # micro-batches handed out so far
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()

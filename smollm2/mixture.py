@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import math
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,8 +272,7 @@ class MixtureLoader(BatchLoader):
         prefetch: int = 4,
         eos_id: int | None = None,
     ) -> None:
-        self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
-        self.rank, self.world_size, self.device, self.prefetch = rank, world_size, torch.device(device), prefetch
+        self.set_up(batch_size, seq_len, seed, rank, world_size, device, prefetch, eos_id)
         self.names = [s.source.name for s in data.sources]
         self.windows = [Windows(s.train, seq_len) for s in data.sources]
         self.counts = block_counts([s.source.weight for s in data.sources])
@@ -286,10 +284,6 @@ class MixtureLoader(BatchLoader):
                 )
         self.n_windows = sum(w.count for w in self.windows)
         self.batches_per_epoch = max(1, self.n_windows // (batch_size * world_size))
-        self.step = 0
-        self._queue = None
-        self._stop = threading.Event()
-        self._thread = None
         self._announced = self.source_epochs()
 
     def load_state_dict(self, state: dict) -> None:
