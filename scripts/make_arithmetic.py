@@ -13,6 +13,8 @@ import json
 import random
 from pathlib import Path
 
+from smollm2.files import write_atomic
+
 NAMES = ["Ada", "Ben", "Cleo", "Dev", "Emma", "Finn", "Gus", "Hana", "Ivo", "Jun", "Kira", "Leo"]
 THINGS = ["apples", "marbles", "books", "coins", "stamps", "pencils", "shells", "cards"]
 
@@ -102,9 +104,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    with open(Path(args.out), "w", encoding="utf-8") as out:
-        for _ in range(args.problems):
-            out.write(json.dumps({"text": rng.choice(KINDS)(rng)}) + "\n")
+    lines = [json.dumps({"text": rng.choice(KINDS)(rng)}) for _ in range(args.problems)]
+    write_atomic(Path(args.out), "\n".join(lines) + "\n")  # as make_conversations.py: never half a file
 
 
 if __name__ == "__main__":
