@@ -23,7 +23,7 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from smollm2.errors import UserError
-from smollm2.generation import Sampling
+from smollm2.generation import Sampling, check_new_tokens, check_text
 from smollm2.inference import seeded_generator, stream_pieces
 from smollm2.model import SmolLM2
 from smollm2.tokenizer import Tokenizer
@@ -153,20 +153,6 @@ def end_of_turn_id(tokenizer: Tokenizer) -> int | None:
     return end if end is not None else tokenizer.eos_id
 
 
-def check_text(text: str, what: str) -> str:
-    """Text from the command line or a terminal that was not UTF-8 arrives with surrogates."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserError(f"{what} is not valid UTF-8 text") from None
-    return text
-
-
-def check_reply_tokens(max_new_tokens: int) -> None:
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-
-
 def prompt_ids(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
     """The conversation so far, then the assistant's turn opened: what a reply continues."""
     return tokenizer.encode(render(tokenizer, messages, add_generation_prompt=True))
@@ -237,7 +223,7 @@ def chat_loop(
         tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True
     )  # refuse a template-less model now
     generator = seeded_generator(model, seed)
-    check_reply_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     if system is not None:
         check_text(system, "--system")
     conversation = Conversation(model, tokenizer, system, max_new_tokens)
@@ -287,7 +273,7 @@ def single_reply(
     model: SmolLM2, tokenizer: Tokenizer, user_text: str, max_new_tokens: int, sampling: Sampling, seed: int = 0
 ) -> Iterator[str]:
     """`generate --chat`: one user message through the template, the reply streamed."""
-    check_reply_tokens(max_new_tokens)
+    check_new_tokens(max_new_tokens)
     ids = prompt_ids(tokenizer, [{"role": "user", "content": check_text(user_text, "the prompt")}])
     context = model.config.max_seq_len
     if len(ids) >= context:

@@ -69,14 +69,24 @@ class Sampling:
             raise UserError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
 
 
+def check_text(text: str, what: str) -> str:
+    """Text from the command line or a terminal that was not UTF-8 arrives with surrogates: refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{what} is not valid UTF-8 text") from None
+    return text
+
+
+def check_new_tokens(max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+
+
 def prompt_ids(tokenizer: Tokenizer, prompt: str, max_seq_len: int) -> list[int]:
     """A prompt's token ids, with room for at least one new token; an empty prompt starts from
     end-of-text. A prompt that does not fit the context is refused, never silently cut."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:  # a command-line argument that was not UTF-8 arrives with surrogates
-        raise UserError("the prompt is not valid UTF-8 text") from None
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode(check_text(prompt, "the prompt"))
     if not ids and tokenizer.eos_id is not None:
         ids = [tokenizer.eos_id]
     if not ids:

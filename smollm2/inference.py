@@ -28,7 +28,7 @@ from torch import nn
 from smollm2.checkpoint import load_model_from_checkpoint
 from smollm2.config import SEED_LIMIT, ModelConfig
 from smollm2.errors import UserError
-from smollm2.generation import Sampling, prompt_ids, stream
+from smollm2.generation import Sampling, check_new_tokens, prompt_ids, stream
 from smollm2.hardware import Precision
 from smollm2.hf import load_pretrained
 from smollm2.model import MLP, Attention, SmolLM2
@@ -172,8 +172,7 @@ def stream_text(
     seed: int = 0,
 ) -> Iterator[str]:
     """Yield the continuation of `prompt` piece by piece, never splitting a multi-byte character."""
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    check_new_tokens(max_new_tokens)
     ids = prompt_ids(tokenizer, prompt, model.config.max_seq_len)
     generator = seeded_generator(model, seed)
     max_new = min(max_new_tokens, model.config.max_seq_len - len(ids))
