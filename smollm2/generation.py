@@ -12,30 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from smollm2.config import ModelConfig
 from smollm2.errors import UserError
-from smollm2.model import SmolLM2
+from smollm2.model import KVCache, SmolLM2
 from smollm2.tokenizer import Tokenizer
-
-# ---------------------------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache:
-    """Preallocated keys and values for every layer; `length` positions are filled."""
-
-    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
-        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype).unbind(0)  # a view per layer
-        self.values = torch.zeros(shape, device=device, dtype=dtype).unbind(0)
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + k.shape[2]
-        keys, values = self.keys[layer], self.values[layer]
-        keys[:, :, self.length : end] = k
-        values[:, :, self.length : end] = v
-        return keys[:, :, :end], values[:, :, :end]
 
 
 def padding_mask(valid: torch.Tensor, start: int, end: int) -> torch.Tensor:

@@ -10,16 +10,12 @@ conversion to and from transformers is a renaming of the prefix, nothing more.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from smollm2.config import ModelConfig
-
-if TYPE_CHECKING:  # smollm2.generation imports this module
-    from smollm2.generation import KVCache
 
 try:  # the flash-attn package: used on CUDA when installed and model.attention = flash_attn2
     from flash_attn import flash_attn_func
@@ -78,6 +74,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     roll(x) = (x2, x1), and the sign lives in sin's first half: one op instead of four.
     """
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache (decoding keeps each layer's keys and values here)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer; `length` positions are filled."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype) -> None:
+        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype).unbind(0)  # a view per layer
+        self.values = torch.zeros(shape, device=device, dtype=dtype).unbind(0)
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
 
 # ---------------------------------------------------------------------------------------------
