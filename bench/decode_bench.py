@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from smollm2.config import load_config
+from smollm2.cpu_packing import pack_for_cpu_inference
 from smollm2.generation import Sampling, generate
-from smollm2.inference import pack_for_cpu_inference
 from smollm2.model import SmolLM2
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "smollm2-135m.yaml"

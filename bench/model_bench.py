@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from smollm2.config import load_config
+from smollm2.cpu_packing import pack_for_cpu_inference
 from smollm2.generation import Sampling, generate
 from smollm2.hardware import flops_per_token, keep_freed_memory_on_cpu, measure_cpu_matmul_flops
 from smollm2.hf import to_hf_state_dict, to_llama_config
-from smollm2.inference import pack_for_cpu_inference
 from smollm2.model import SmolLM2
 from smollm2.trainer import make_optimizer, optimizer_step
 
@@ -322,7 +322,7 @@ def generation_table(generate: dict) -> list[str]:
         f"weights; at the {generate['bandwidth'] / 1e9:.1f} GB/s a large sum reaches here that is "
         f"{limit:.1f} tokens/s. The fastest above reaches {NEW_TOKENS / best / limit:.0%} of it.",
         "",
-        "What each change bought: `ours (packed)` is `smollm2.inference.pack_for_cpu_inference` (what "
+        "What each change bought: `ours (packed)` is `smollm2.cpu_packing.pack_for_cpu_inference` (what "
         "`smollm2 generate` and the Space use): every linear weight reordered once into oneDNN's blocked layout, "
         "q/k/v and gate/up fused into one matrix each. Decoding is a matrix-vector product per weight, and "
         "MKL's (plain PyTorch) streams weights at ~11 GB/s on this CPU against ~20 GB/s for packed oneDNN. "

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from smollm2.cpu_packing import PackedLinear, PackedSmolLM2, can_pack, pack_for_cpu_inference
 from smollm2.generation import Sampling, generate
-from smollm2.inference import PackedLinear, PackedSmolLM2, can_pack, pack_for_cpu_inference
 from smollm2.model import SmolLM2
 from tests.conftest import small_config
 

@@ -1,0 +1,120 @@
+"""A model transform for faster generation on CPU: linear weights prepacked for oneDNN (beside
+`distributed.parallelize`, the transform for training on many devices).
+
+Decoding one token at a time multiplies every weight matrix by a single row, so its speed is the
+speed at which weights stream from memory. On the CPUs we measured, MKL's matrix-vector path
+reaches about half the memory bandwidth that oneDNN reaches with weights reordered once into its
+blocked layout (bench/model_bench.py, BENCHMARKS.md). This is what torch.compile's "freezing" does
+for CPU inference; doing it directly keeps generation free of compilation and of shape guards.
+
+Packing leaves the model as it was and makes a new one, a PackedSmolLM2: SmolLM2's forward over
+layers whose attention and MLP hold packed weights, q/k/v and gate/up fused into one matrix each.
+It shares the embedding and the norms with the model it was made from (frozen), so once that model
+is dropped its linear weights are freed; only a tied output head, which is also the embedding, costs
+a packed copy. It is for inference only (fp32 or bf16 weights, no gradients); num_parameters() counts the model it
+was made from, and state_dict() is refused, since the linear weights are no longer parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smollm2.config import ModelConfig
+from smollm2.model import MLP, Attention, SmolLM2
+
+
+def can_pack(model: SmolLM2) -> bool:
+    weight = model.embed_tokens.weight
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T with W held in oneDNN's blocked layout; several linears of one input become one W."""
+
+    def __init__(self, *linears: nn.Linear) -> None:
+        super().__init__()
+        weight = torch.cat([linear.weight.detach() for linear in linears])
+        # The hint (1 row) picks the layout for decoding; longer inputs (the prompt) use it too.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+class PackedAttention(Attention):
+    """Attention with q, k and v from one packed matrix: one matmul where there were three."""
+
+    def __init__(self, attention: Attention) -> None:
+        with torch.device("meta"):  # an Attention's settings, and linears without weights that go below
+            super().__init__(attention.config, attention.layer_index)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = PackedLinear(attention.q_proj, attention.k_proj, attention.v_proj)
+        self.o_proj = PackedLinear(attention.o_proj)
+        self.sizes = [linear.out_features for linear in (attention.q_proj, attention.k_proj, attention.v_proj)]
+
+    def forward(self, x, cos, sin, mask, cache) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        return self.o_proj(self.attend(q, k, v, cos, sin, mask, cache))
+
+
+class PackedMLP(MLP):
+    """The MLP with packed weights; swiglu's gate and up from one matrix."""
+
+    def __init__(self, mlp: MLP, config: ModelConfig) -> None:
+        with torch.device("meta"):  # an MLP's settings, and linears without weights that go below
+            super().__init__(config)
+        if self.swiglu:
+            del self.gate_proj, self.up_proj
+            self.gate_up_proj = PackedLinear(mlp.gate_proj, mlp.up_proj)
+        else:
+            self.up_proj = PackedLinear(mlp.up_proj)
+        self.down_proj = PackedLinear(mlp.down_proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.swiglu:
+            return super().forward(x)  # down(gelu(up(x))), up and down packed
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class PackedSmolLM2(SmolLM2):
+    """SmolLM2's forward over packed layers and head, made from a model that it leaves as it was."""
+
+    def __init__(self, model: SmolLM2) -> None:
+        # The model's modules, copied over its own tensors (parameters detached and frozen): every
+        # attribute of a SmolLM2, and no weight copied yet. No SmolLM2.__init__: it would allocate.
+        shared = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in model.parameters()}
+        shared |= {id(b): b for b in model.buffers()} | {id(model.config): model.config}
+        vars(self).update(copy.deepcopy(vars(model), shared))
+        self.parameters_before_packing = model.num_parameters()
+        for layer in self.layers:
+            layer.self_attn = PackedAttention(layer.self_attn)
+            layer.mlp = PackedMLP(layer.mlp, self.config)
+        self.lm_head = PackedLinear(self.lm_head)
+        self.eval()
+
+    def num_parameters(self) -> int:
+        return self.parameters_before_packing  # the model's it was made from, the packed ones included
+
+    def state_dict(self, *args, **kwargs):
+        raise TypeError(
+            "a packed model holds its linear weights in oneDNN's layout, not as parameters: "
+            "take the state_dict of the model it was packed from"
+        )
+
+
+def pack_for_cpu_inference(model: SmolLM2) -> SmolLM2:
+    """`model` packed for CPU inference (a new PackedSmolLM2; `model` is left as it was), or `model`
+    itself where oneDNN can't help or it is packed already."""
+    if isinstance(model, PackedSmolLM2) or not can_pack(model):
+        return model
+    return PackedSmolLM2(model)
