@@ -8,30 +8,23 @@ from pathlib import Path
 
 import torch
 
-from smollm2.checkpoint import load_model_from_checkpoint
 from smollm2.config import SEED_LIMIT, ModelConfig
 from smollm2.cpu_packing import pack_for_cpu_inference
 from smollm2.errors import UserError
 from smollm2.generation import Sampling, check_new_tokens, prompt_ids, stream
 from smollm2.hardware import Precision
-from smollm2.hf import load_pretrained
 from smollm2.model import SmolLM2
+from smollm2.model_source import ModelSource
 from smollm2.tokenizer import Tokenizer
 
 
 def load_for_inference(
     source: str | Path, device: str = "cpu", precision: str = "fp32", pack: bool = True
 ) -> tuple[SmolLM2, Tokenizer]:
-    """A model and its tokenizer from a checkpoint (.pt), a run's final/ folder or a HF Llama folder.
+    """A model and its tokenizer from a checkpoint (.pt), a run folder, its final/ or a HF Llama folder.
     pack=False for scoring many tokens at once (evaluation): the packed layout, chosen for one row
     at a time, made batches of prompts 2-5x slower here."""
-    path = Path(source)
-    if path.is_file():
-        model, tokenizer = load_model_from_checkpoint(path)
-    elif path.is_dir():
-        model, tokenizer = load_pretrained(path)
-    else:
-        raise UserError(f"{source}: no such checkpoint file or model folder")
+    model, tokenizer = ModelSource.open(source).load()
     if tokenizer is None:
         raise UserError(f"{source}: no tokenizer found beside the model")
     chosen = choose_decode_precision(precision, model.config, torch.device(device))

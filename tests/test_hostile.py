@@ -525,10 +525,13 @@ def test_chat_input_that_is_not_utf8_and_bad_reply_lengths(workspace):
     one_line(run_python(*argv, "--prompt", "hi", "--max_new_tokens", "0", cwd=workspace), b"at least 1, got 0")
 
 
-@pytest.mark.parametrize(
-    "command", [["eval", "--text", "mine/notes.txt"], ["chat"], ["generate", "--chat", "--prompt", "hi"]]
-)
-def test_a_run_folder_given_as_a_model_names_its_final(workspace, capsys, command):
-    main_refused(
-        capsys, workspace, [*command, "--model", "run"], "run: a run folder, not a model folder: give run/final"
-    )
+def test_a_run_folder_given_as_a_model_is_its_final_model(workspace):
+    greedy = ["-m", "smollm2", "generate", "--prompt", "ROMEO:", "--max_new_tokens", "8", "--temperature", "0"]
+    from_run = run_python(*greedy, "--model", "run", cwd=workspace)
+    from_final = run_python(*greedy, "--model", "run/final", cwd=workspace)
+    assert from_run.returncode == 0 and from_final.returncode == 0, from_run.stderr
+    assert from_run.stdout == from_final.stdout and from_run.stdout.strip()
+
+
+def test_a_folder_that_is_neither_a_model_nor_a_run(workspace, capsys):
+    main_refused(capsys, workspace, ["chat", "--model", "mine"], "model mine: no config.json, final/ or checkpoints")
