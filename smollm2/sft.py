@@ -25,7 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smollm2.chat import IGNORE, Message, check_messages, encode_conversation, render_template, training_targets
+from smollm2.chat_template import (
+    IGNORE,
+    Message,
+    check_messages,
+    encode_conversation,
+    render_template,
+    training_targets,
+)
 from smollm2.config import Config
 from smollm2.data import Batch, BatchLoader, _is_val_piece, resolve_sources
 from smollm2.errors import UserError, error_reason

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from smollm2 import chat, distributed, mixture, sft
+from smollm2 import chat_template, distributed, mixture, sft
 from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rng, restore_rng
 from smollm2.config import Config, TrainConfig
 from smollm2.data import PreparedData, to_device
@@ -194,14 +194,14 @@ class Predictor:
         self.tokenizer = data.tokenizer
         self.max_seq_len = config.model.max_seq_len
         self.chat = config.data.format == "chat"  # then a prompt is a user's message, the sample its reply
-        self.stop_id = chat.end_of_turn_id(self.tokenizer) if self.chat else self.tokenizer.eos_id
+        self.stop_id = chat_template.end_of_turn_id(self.tokenizer) if self.chat else self.tokenizer.eos_id
         # Checked now, not at the first prediction hours in: a prompt that does not fit is refused.
         self.prompts = [(prompt, self.encode(prompt)) for prompt in config.train.prompts]
 
     def encode(self, prompt: str) -> list[int]:
         if not self.chat:
             return prompt_ids(self.tokenizer, prompt, self.max_seq_len)
-        ids = chat.prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
+        ids = chat_template.prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
         if len(ids) >= self.max_seq_len:
             raise UserError(f"train.prompts: {prompt[:40]!r} is {len(ids)} tokens with the chat template, too long")
         return ids
@@ -226,7 +226,7 @@ class Predictor:
                 )[0]
             ended = self.chat and len(out) < min(self.tokens, self.max_seq_len - len(ids))
             # A reply shows its end-of-turn token when it produced one: the sign that the format is learnt.
-            samples.append((prompt, self.tokenizer.decode(out) + (chat.END_OF_TURN if ended else "")))
+            samples.append((prompt, self.tokenizer.decode(out) + (chat_template.END_OF_TURN if ended else "")))
         return samples
 
 

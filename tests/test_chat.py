@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from smollm2 import chat, cli, sft
+from smollm2 import chat, chat_template, cli, sft
 from smollm2.checkpoint import load_checkpoint
 from smollm2.config import load_config
 from smollm2.errors import UserError
@@ -39,7 +39,7 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def tokenizer():
     lines = (ROOT / "examples" / "conversations.jsonl").read_text().splitlines()[:300]
-    texts = [chat.render_template(CHATML_TEMPLATE, json.loads(line)["messages"]) for line in lines]
+    texts = [chat_template.render_template(CHATML_TEMPLATE, json.loads(line)["messages"]) for line in lines]
     return train_tokenizer(texts, 400)
 
 
@@ -63,8 +63,8 @@ def test_our_chatml_renders_as_transformers_renders_it(hf_folder, generation_pro
     assert ours.chat_template == CHATML_TEMPLATE  # saved with the tokenizer, read back
     for messages in CONVERSATIONS:
         expected = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        assert chat.render(ours, messages, generation_prompt) == expected
-    assert chat.render(ours, CONVERSATIONS[0]) == (
+        assert chat_template.render(ours, messages, generation_prompt) == expected
+    assert chat_template.render(ours, CONVERSATIONS[0]) == (
         "<|im_start|>user\nWhat is 2 plus 2?<|im_end|>\n<|im_start|>assistant\n2 plus 2 is 4.<|im_end|>\n"
     )
 
@@ -78,32 +78,37 @@ def test_the_published_instruct_template_renders_as_in_transformers(generation_p
     ours = load_tokenizer(INSTRUCT)
     for messages in CONVERSATIONS:
         expected = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        assert chat.render(ours, messages, generation_prompt) == expected
-        ids, _ = chat.encode_conversation(ours, messages)
+        assert chat_template.render(ours, messages, generation_prompt) == expected
+        ids, _ = chat_template.encode_conversation(ours, messages)
         assert ids == theirs.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    assert "You are a helpful AI assistant named SmolLM" in chat.render(ours, CONVERSATIONS[0])
+    assert "You are a helpful AI assistant named SmolLM" in chat_template.render(ours, CONVERSATIONS[0])
     tokens = "{{ bos_token }}|{{ eos_token }}|{{ unk_token }}|{{ pad_token }}"  # what transformers hands a template
     ours.chat_template = tokens
     expected = theirs.apply_chat_template(CONVERSATIONS[0], chat_template=tokens, tokenize=False)
-    assert chat.render(ours, CONVERSATIONS[0]) == expected == "<|im_start|>|<|im_end|>|<|endoftext|>|<|im_end|>"
+    assert (
+        chat_template.render(ours, CONVERSATIONS[0]) == expected == "<|im_start|>|<|im_end|>|<|endoftext|>|<|im_end|>"
+    )
 
 
 def test_templates_get_transformers_globals_and_filters(tokenizer):
     template = "{{ messages | tojson }}{% if messages|length > 1 %}{{ raise_exception('one only') }}{% endif %}"
     tokenizer_with = type(tokenizer)(tokenizer.backend, chat_template=template)
-    assert chat.render(tokenizer_with, [{"role": "user", "content": "é<"}]) == '[{"role": "user", "content": "é<"}]'
+    assert (
+        chat_template.render(tokenizer_with, [{"role": "user", "content": "é<"}])
+        == '[{"role": "user", "content": "é<"}]'
+    )
     with pytest.raises(UserError, match="one only"):
-        chat.render(tokenizer_with, CONVERSATIONS[0])
+        chat_template.render(tokenizer_with, CONVERSATIONS[0])
 
 
 def test_only_assistant_tokens_and_their_end_marker_are_learnt(tokenizer):
-    ids, is_assistant = chat.encode_conversation(tokenizer, CONVERSATIONS[1])
-    assert ids == tokenizer.encode(chat.render(tokenizer, CONVERSATIONS[1]))
+    ids, is_assistant = chat_template.encode_conversation(tokenizer, CONVERSATIONS[1])
+    assert ids == tokenizer.encode(chat_template.render(tokenizer, CONVERSATIONS[1]))
     learnt = [i for i, mine in zip(ids, is_assistant, strict=True) if mine]
     assert tokenizer.decode(learnt) == "Cold.<|im_end|>Small.<|im_end|>"
-    targets = chat.training_targets(ids, is_assistant)
-    assert len(targets) == len(ids) and targets[-1] == chat.IGNORE
-    assert [t for t in targets if t != chat.IGNORE] == learnt
+    targets = chat_template.training_targets(ids, is_assistant)
+    assert len(targets) == len(ids) and targets[-1] == chat_template.IGNORE
+    assert [t for t in targets if t != chat_template.IGNORE] == learnt
 
 
 def test_packing_keeps_conversations_apart_and_ignores_padding():
@@ -251,7 +256,9 @@ def test_history_keeps_to_the_context_dropping_the_oldest_exchanges(chat_model, 
         assert len(ids) + 20 <= 96
         conversation.answered(f"{number} plus {number} is {2 * number}.")
     assert dropped > 0 and conversation.turns[0]["role"] == "user"
-    assert chat.render(tokenizer, conversation.system + conversation.turns).startswith("<|im_start|>system\nBe brief.")
+    assert chat_template.render(tokenizer, conversation.system + conversation.turns).startswith(
+        "<|im_start|>system\nBe brief."
+    )
 
 
 def typed(*lines: str):
@@ -305,7 +312,9 @@ def test_chat_and_generate_chat_on_the_command_line(chat_dir):
 def test_an_empty_system_message_is_kept_and_one_too_long_is_refused_at_the_start(chat_model, tokenizer):
     conversation = chat.Conversation(chat_model, tokenizer, system="", reply_tokens=20)
     conversation.prompt("hi")  # an empty system message, not none: templates put a default in for none
-    assert chat.render(tokenizer, conversation.system + conversation.turns).startswith("<|im_start|>system\n<|im_end|>")
+    assert chat_template.render(tokenizer, conversation.system + conversation.turns).startswith(
+        "<|im_start|>system\n<|im_end|>"
+    )
     read, pending = typed("hi")
     with pytest.raises(UserError, match=r"^--system is \d+ tokens with the chat template, the model's context is 96"):
         chat.chat_loop(chat_model, tokenizer, "word " * 200, 12, Sampling(temperature=0), read=read)

@@ -7,7 +7,7 @@ import json
 import torch
 import yaml
 
-from smollm2 import chat, sft
+from smollm2 import chat, chat_template, sft
 from smollm2.config import load_config
 from smollm2.generation import Sampling
 from smollm2.hf import load_pretrained
@@ -27,7 +27,7 @@ def test_greedy_chat_reply_equals_transformers_generate():
     import transformers
 
     model, tokenizer = load_for_inference(FOLDER, precision="fp32")
-    ids = chat.prompt_ids(tokenizer, MESSAGES)
+    ids = chat_template.prompt_ids(tokenizer, MESSAGES)
     ours = "".join(chat.stream_reply(model, tokenizer, ids, 24, Sampling(temperature=0)))
     theirs_tokenizer = transformers.AutoTokenizer.from_pretrained(FOLDER)
     theirs_model = transformers.AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.float32).eval()
@@ -36,7 +36,7 @@ def test_greedy_chat_reply_equals_transformers_generate():
     )
     assert inputs["input_ids"][0].tolist() == ids
     out = theirs_model.generate(**inputs, max_new_tokens=24, do_sample=False)[0, len(ids) :].tolist()
-    end = chat.end_of_turn_id(tokenizer)
+    end = chat_template.end_of_turn_id(tokenizer)
     reply = out[: out.index(end)] if end in out else out
     assert ours == theirs_tokenizer.decode(reply)
     assert "Rome" in ours  # the real model, really loaded
