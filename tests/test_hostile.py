@@ -677,3 +677,25 @@ def test_a_signal_in_the_middle_of_a_swap_hides_nothing(workspace, capsys, monke
     code = cli.main([*argv[:2], "run/checkpoints/step_4.pt", *argv[3:]])
     assert code == (130 if not renameat2 else 0), capsys.readouterr().err
     assert (snapshot(workspace / "hf") == before) != renameat2 and not leftovers(workspace)
+
+
+def test_the_demo_run_twice_deletes_nothing_and_continues_its_own_run(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(save_every=2, eval_every=2)))
+    (tmp_path / "input.txt").write_text(CORPUS)
+    shutil.copy(ROOT / "train.py", tmp_path)
+    demo = tmp_path / "runs" / "demo"
+    demo.mkdir(parents=True)
+    (demo / "notes.txt").write_text("mine\n")
+    (demo / ".smollm2").write_text(
+        '{"kind": "run"}\n'
+    )  # an older smollm2 marked folders of the user's; the demo rm -rf'd them
+    env = os.environ | {"PY": sys.executable, "STEPS": "2", "MORE": "1", "PYTHONPATH": str(ROOT)}
+    for _ in range(2):
+        result = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "demo.sh")], cwd=tmp_path, env=env, capture_output=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert b"continuing it" in result.stdout and b"(step 4)" in result.stdout
+    assert (demo / "notes.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in (demo / "checkpoints").iterdir()) == ["step_2.pt", "step_3.pt", "step_4.pt"]
