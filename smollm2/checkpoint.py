@@ -309,6 +309,7 @@ class Checkpointer:
     def mark_if_empty(self) -> bool:
         """Mark the run folder as a run's when it is empty (this run made it, or the user gave an
         empty one); a folder that already holds anything is never marked. True when marked."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)  # RunLock made it, where it can lock
         if any(self.out_dir.iterdir()):
             return False
         mark(self.out_dir, "run")

@@ -112,13 +112,15 @@ def unrecorded(folder: Path, marker: dict) -> str | None:
         for name in sorted(dirs + names):
             path = Path(root, name)
             relative = path.relative_to(folder).as_posix()
-            if relative == MARKER:
-                continue
-            if path.is_symlink() or (
-                relative not in folders if path.is_dir() else not same_file(path, files.get(relative))
-            ):
+            if relative != MARKER and not is_recorded(path, files.get(relative), relative in folders):
                 return relative
     return None
+
+
+def is_recorded(path: Path, recorded_file, recorded_folder: bool) -> bool:
+    if path.is_symlink():
+        return False
+    return recorded_folder if path.is_dir() else same_file(path, recorded_file)
 
 
 def same_file(path: Path, recorded) -> bool:

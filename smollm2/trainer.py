@@ -407,9 +407,7 @@ class Trainer:
 
     def weights_are_finite(self) -> bool:
         """On every rank under FSDP (each checks its shards), else on the calling rank alone."""
-        shards = (
-            p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()
-        )  # DTensors: this rank's
+        shards = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]  # FSDP: DTensors
         local = all(bool(torch.isfinite(shard).all()) for shard in shards)
         if not distributed.is_sharded(self.model):
             return local
