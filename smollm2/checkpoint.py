@@ -213,10 +213,15 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return [file for step, file in sorted(found) if step is not None]
 
 
-def prune_checkpoints(folder: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step_N.pt files."""
-    for file in list_checkpoints(folder)[:-keep_last]:
-        file.unlink(missing_ok=True)
+def checkpoint_run_id(path: Path) -> str | None:
+    """The run id a checkpoint file holds (read without loading its tensors); None when it has none
+    or is not a readable checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises many kinds for a file that is not a checkpoint
+        return None
+    run_id = state.get("run_id") if isinstance(state, dict) else None
+    return run_id if isinstance(run_id, str) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +234,11 @@ class Checkpointer:
     A folder holds one run. A fresh run refuses a folder that holds another; a resumed run refuses
     one whose checkpoints are newer than its own or belong to another run, so nothing of a run is
     ever pruned or replaced by a different one.
+
+    A checkpoint is good once a loss computed from its weights was finite: the next step's, or for
+    the last checkpoint of a session, which no step follows, the validation loss at its step. Until
+    then it is pending, and only a good checkpoint lets older ones go; pruning deletes only
+    checkpoints that hold this run's id.
     """
 
     def __init__(self, out_dir: str | Path, train: TrainConfig, is_main: bool) -> None:
@@ -237,6 +247,10 @@ class Checkpointer:
         self.final = self.out_dir / "final"
         self.save_every, self.keep_last = train.save_every, train.keep_last
         self.is_main = is_main
+        self.run_id: str | None = None
+        self.start = 0  # the step this session began at
+        self.pending: Path | None = None  # written, not yet shown good
+        self.good: Path | None = None  # the newest checkpoint shown good in this session
 
     def check_folder(self, resume: Checkpoint | None) -> None:
         """Refuse, before anything is written, a folder this run would damage."""
@@ -264,11 +278,24 @@ class Checkpointer:
             owner = read_marker(self.out_dir).get("run_id")
             if owner and resume.progress.run_id and owner != resume.progress.run_id:
                 raise UserError(f"{self.out_dir} holds another run: continue this one into a new --out_dir")
+            self.check_same_run(resume.progress.run_id, existing)
             if logged and not owner and not existing:  # logs that no run of ours can be shown to have written
                 raise UserError(
                     f"{self.out_dir} holds logs of an unknown run ({logged[0]}): continue into a new --out_dir"
                 )
         check_replaceable(self.final, "model", "the run's final/", MODEL_FILES)
+
+    def check_same_run(self, run_id: str | None, existing: list[Path]) -> None:
+        """Checkpoints and final/ of another run (a copy of its folder has no marker) are refused."""
+        strangers = [p for p in existing if checkpoint_run_id(p) != run_id]
+        if strangers:
+            raise UserError(
+                f"{self.folder} holds checkpoints of another run ({strangers[-1].name}): "
+                "continue this one into a new --out_dir"
+            )
+        final_run = read_marker(self.final).get("run_id")
+        if final_run and final_run != run_id:
+            raise UserError(f"{self.final} holds the model of another run: continue this one into a new --out_dir")
 
     def check_not_inside_another_folder(self) -> None:
         """A run folder is never a folder smollm2 wrote for something else, nor a part of a run."""
@@ -279,38 +306,74 @@ class Checkpointer:
         if self.out_dir.resolve().name in RUN_PARTS and read_marker(parent).get("kind") == "run":
             raise UserError(f"{self.out_dir} is part of the run in {parent}: choose another --out_dir")
 
+    def mark_if_empty(self) -> bool:
+        """Mark the run folder as a run's when it is empty (this run made it, or the user gave an
+        empty one); a folder that already holds anything is never marked. True when marked."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)  # RunLock made it, where it can lock
+        if any(self.out_dir.iterdir()):
+            return False
+        mark(self.out_dir, "run")
+        return True
+
     def claim(self, run_id: str | None) -> None:
-        """Mark the run folder as this run's and clear what killed runs left behind."""
+        """Name this run in the folder's marker (only a folder marked as a run's) and clear what
+        killed runs left behind."""
+        self.run_id = run_id
         if not self.is_main:
             return
         clean_leftovers(self.out_dir, {self.final.name, MARKER})  # the run folder may be the user's own
         for folder in (self.folder, self.out_dir / "logs"):
             clean_leftovers(folder)
-        if run_id:
+        if run_id and read_marker(self.out_dir).get("kind") == "run":
             mark(self.out_dir, "run", run_id=run_id)
+
+    def begin(self, step: int) -> None:
+        """A session starts at `step`: the checkpoint it resumed from, when it lies here, is pending."""
+        self.start = step
+        path = checkpoint_path(self.out_dir, step)
+        self.pending = path if step and path.is_file() else None
 
     def due(self, step: int, end: int) -> bool:
         return step % self.save_every == 0 and step < end
 
-    def save(self, checkpoint: Checkpoint, prune: bool = True) -> Path | None:
-        """Write the checkpoint (rank 0) and prune old ones; None when its weights are not all finite:
-        such weights are never written, and never push a good checkpoint out."""
+    def save(self, checkpoint: Checkpoint) -> Path | None:
+        """Write the checkpoint (rank 0), pending until shown good; None when its weights are not all
+        finite: such weights are never written."""
         path = checkpoint_path(self.out_dir, checkpoint.progress.step)
         written = checkpoint.weights_are_finite()
         if self.is_main and written:
             checkpoint.save(path)
-            if prune:
-                prune_checkpoints(self.folder, self.keep_last)
         distributed.barrier()
+        if written:
+            self.pending = path
         return path if written else None
 
-    def latest(self) -> Path | None:
-        existing = list_checkpoints(self.folder)
-        return existing[-1] if existing else None
+    def confirm(self) -> None:
+        """A finite loss came from the pending checkpoint's weights: it is good, and older ones may go."""
+        if self.pending is None:
+            return
+        self.good, self.pending = self.pending, None
+        if self.is_main:
+            self.prune(step_of(self.good))
+
+    def prune(self, upto: int) -> None:
+        """Delete all but the newest `keep_last` of this run's checkpoints up to step `upto`."""
+        if self.run_id is None:  # a run older than run ids: nothing proves a checkpoint is its own
+            return
+        ours = [p for p in list_checkpoints(self.folder) if step_of(p) <= upto and checkpoint_run_id(p) == self.run_id]
+        for file in ours[: -self.keep_last]:
+            file.unlink(missing_ok=True)
+
+    def last_good(self) -> Path | None:
+        """The newest checkpoint shown good in this session, else the newest from before it."""
+        if self.good is not None:
+            return self.good
+        before = [p for p in list_checkpoints(self.folder) if step_of(p) <= self.start]
+        return before[-1] if before else None
 
     def export_final(self, model: SmolLM2, tokenizer: Tokenizer) -> tuple[Path, str]:
         """final/: built beside the old one and swapped in, so an old final/ survives until the new is whole."""
-        return self.final, write_model_folder(model, self.final, tokenizer)
+        return self.final, write_model_folder(model, self.final, tokenizer, run_id=self.run_id)
 
 
 def _is_empty(path: Path) -> bool:

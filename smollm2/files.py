@@ -4,9 +4,11 @@
   a crash leaves the old file or the new one, never half of either (`write_atomic`).
 - A folder is built beside its target, then swapped in; the old one survives until the new one
   is complete (`build_folder`).
-- We replace or delete only what we provably wrote: a folder carries a `.smollm2` marker that
-  names its kind ("model", "data", "space", "run"), and a folder is replaced only when it holds
-  nothing but what smollm2 writes into one of its kind (`check_replaceable`).
+- We replace or delete only what we provably wrote: a folder we build carries a `.smollm2` marker
+  that names its kind ("model", "data", "space") and records every file we wrote into it (size,
+  mtime, sha256). A folder is replaced only when its marker names the kind and everything in it is
+  something the marker records, unchanged (`check_replaceable`); names alone prove nothing, and an
+  unmarked folder that is not empty is never replaced.
 - Leftovers of killed processes (`.NAME.tmp-PID`, `.NAME.old-PID`) are cleaned by the next run
   (`clean_leftovers`), and one run holds a folder at a time (`RunLock`).
 """
@@ -14,6 +16,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import hashlib
 import json
 import os
 import re
@@ -65,7 +70,7 @@ def write_atomic(path: str | Path, content: bytes | str | Callable[[BinaryIO], N
 # Folders we own
 
 
-def mark(folder: Path, kind: str, **fields: str) -> None:
+def mark(folder: Path, kind: str, **fields: object) -> None:
     write_atomic(folder / MARKER, json.dumps({"kind": kind} | fields) + "\n")
 
 
@@ -78,11 +83,62 @@ def read_marker(folder: Path) -> dict:
     return marker if isinstance(marker, dict) else {}
 
 
+def record(folder: Path) -> dict:
+    """What we wrote into `folder`: every file (size, mtime_ns, sha256) and subfolder, by relative path."""
+    files, folders = {}, []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if name == MARKER:
+            continue
+        if path.is_dir():
+            folders.append(name)
+        else:
+            stat = path.stat()
+            files[name] = [stat.st_size, stat.st_mtime_ns, file_sha256(path)]
+    return {"files": files, "folders": folders}
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def unrecorded(folder: Path, marker: dict) -> str | None:
+    """The first entry of `folder` that its marker does not record as written by us, as it is now."""
+    files, folders = marker.get("files"), marker.get("folders", [])
+    if not isinstance(files, dict) or not isinstance(folders, list):
+        return MARKER
+    for root, dirs, names in os.walk(folder):
+        for name in sorted(dirs + names):
+            path = Path(root, name)
+            relative = path.relative_to(folder).as_posix()
+            if relative != MARKER and not is_recorded(path, files.get(relative), relative in folders):
+                return relative
+    return None
+
+
+def is_recorded(path: Path, recorded_file, recorded_folder: bool) -> bool:
+    if path.is_symlink():
+        return False
+    return recorded_folder if path.is_dir() else same_file(path, recorded_file)
+
+
+def same_file(path: Path, recorded) -> bool:
+    """The file is the one we recorded: same size and mtime, or (a copy, say) the same bytes."""
+    if not (isinstance(recorded, list) and len(recorded) == 3):
+        return False
+    stat = path.stat()
+    if stat.st_size != recorded[0]:
+        return False
+    return stat.st_mtime_ns == recorded[1] or file_sha256(path) == recorded[2]
+
+
 def check_replaceable(folder: Path, kind: str, what: str, known_names: frozenset[str]) -> None:
     """Refuse, in one line, to replace `folder` unless it is absent, empty, or provably ours.
 
-    Ours: it holds nothing but the names smollm2 writes into a folder of this kind (`known_names`),
-    and its marker, if any, names this kind (folders of earlier versions have no marker).
+    Ours: its marker names this kind and records everything in it, unchanged. A marker of an older
+    smollm2 records no files: its folder is ours when it holds nothing but plain files with the names
+    smollm2 writes into one of its kind (`known_names`), none inside a subfolder.
     """
     if not folder.exists() and not folder.is_symlink():
         return
@@ -90,25 +146,46 @@ def check_replaceable(folder: Path, kind: str, what: str, known_names: frozenset
         raise UserError(f"{what} {folder} is a symlink: refusing to replace it (give the real folder)")
     if not folder.is_dir():
         raise UserError(f"{what} {folder} exists and is not a folder: refusing to replace it")
-    names = {p.name for p in folder.iterdir()}
-    kind_found = read_marker(folder).get("kind") if MARKER in names else kind
-    foreign = sorted(names - known_names - {MARKER})
-    if kind_found == kind and not foreign:
+    names = sorted(p.name for p in folder.iterdir())
+    if not names:
         return
-    example = f" ({foreign[0]})" if foreign else ""
+    marker = read_marker(folder) if MARKER in names else {}
+    if marker and marker.get("kind") != kind:
+        raise UserError(
+            f"{what} {folder} is a {marker.get('kind')} folder smollm2 wrote, not a {kind} folder: "
+            "refusing to replace it (choose a new or empty folder)"
+        )
+    foreign = unrecorded(folder, marker) if "files" in marker else legacy_foreign(folder, names, known_names, marker)
+    if foreign is None:
+        return
+    changed = ", changed since smollm2 wrote it" if foreign in marker.get("files", {}) else ""
     raise UserError(
-        f"{what} {folder} holds files smollm2 did not write{example}: refusing to replace it "
-        "(choose a new or empty folder)"
+        f"{what} {folder} holds files smollm2 did not write ({foreign}{changed}): refusing to replace it "
+        "(choose a new or empty folder, or move it away)"
     )
 
 
+def legacy_foreign(folder: Path, names: list[str], known_names: frozenset[str], marker: dict) -> str | None:
+    """The first entry that an older marker (or no marker) cannot vouch for; None if there is none."""
+    others = [name for name in names if name != MARKER]
+    if not marker:
+        return others[0] if others else None
+    for name in others:
+        path = folder / name
+        if name not in known_names or path.is_symlink() or not path.is_file():
+            return name
+    return None
+
+
 @contextlib.contextmanager
-def build_folder(target: Path, kind: str) -> Iterator[Path]:
-    """Yield a staging folder beside `target`; on success mark it and swap it in place of `target`.
+def build_folder(target: Path, kind: str, **fields: object) -> Iterator[Path]:
+    """Yield a staging folder beside `target`; on success mark it (recording what it holds) and swap
+    it in place of `target`.
 
     The caller checks `check_replaceable` first. On failure (or a signal) the staging folder is
-    removed and `target` is untouched. The swap is two renames: a crash between them leaves the old
-    folder as `.NAME.old-PID`, which the next run puts back (`clean_leftovers`).
+    removed and `target` is untouched. The swap is one atomic exchange where the kernel has it;
+    elsewhere two renames, undone on a signal between them, and after a crash between them the old
+    folder, left as `.NAME.old-PID`, is put back by the next run (`clean_leftovers`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -118,21 +195,48 @@ def build_folder(target: Path, kind: str) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-        mark(staging, kind)
+        mark(staging, kind, **fields, **record(staging))
         swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+RENAME_EXCHANGE = 2  # linux/fs.h
+AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where it is not available."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library older than glibc 2.28
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):  # an old kernel, a file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def swap_in(staging: Path, target: Path) -> None:
-    if target.exists():
+    """Put `staging` in place of `target`; the old `target` is removed once the new one is in."""
+    if not target.exists():
+        staging.rename(target)
+        fsync_folder(target.parent)
+        return
+    if exchange(staging, target):
+        old = staging  # the exchange left the old folder under the staging name
+    else:
         old = staging_name(target, "old")
         target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except BaseException:  # a signal between the two renames: the old folder goes back
+            old.rename(target)
+            raise
     fsync_folder(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def clean_leftovers(folder: Path, names: set[str] | None = None) -> list[Path]:
@@ -218,3 +322,11 @@ def remove_empty_folders(*folders: Path) -> None:
     for folder in folders:
         with contextlib.suppress(OSError):
             folder.rmdir()
+
+
+def unmark_if_alone(folder: Path) -> bool:
+    """Remove the marker of a folder that holds nothing else (a run that failed before writing)."""
+    if [p.name for p in folder.iterdir()] != [MARKER]:
+        return False
+    (folder / MARKER).unlink()
+    return True

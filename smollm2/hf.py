@@ -148,12 +148,15 @@ def save_pretrained(model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | N
     return kind
 
 
-def write_model_folder(model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | None = None) -> str:
+def write_model_folder(
+    model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | None = None, run_id: str | None = None
+) -> str:
     """save_pretrained into a new folder built beside `folder` and swapped in: no stale file of an
-    older model survives, and a folder smollm2 did not write is refused, not replaced."""
+    older model survives, and a folder smollm2 did not write is refused, not replaced. A run's
+    final/ records the run's id in its marker."""
     folder = Path(folder)
     check_replaceable(folder, "model", "the model folder", MODEL_FILES)
-    with build_folder(folder, "model") as staging:
+    with build_folder(folder, "model", **({"run_id": run_id} if run_id else {})) as staging:
         kind = save_pretrained(model, staging, tokenizer)
     return kind
 

@@ -25,7 +25,7 @@ from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rn
 from smollm2.config import Config, TrainConfig
 from smollm2.data import PreparedData, to_device
 from smollm2.errors import UserError
-from smollm2.files import RunLock, remove_empty_folders
+from smollm2.files import RunLock, remove_empty_folders, unmark_if_alone
 from smollm2.generation import Sampling, generate, prompt_ids
 from smollm2.hardware import (
     Precision,
@@ -233,15 +233,16 @@ class Predictor:
 class DivergenceGuard:
     """Non-finite losses or gradients skip their update; MAX_BAD_STEPS in a row stop the run.
 
-    While steps are bad no periodic checkpoint is written, so weights that went bad (even finite
-    ones, after a huge update) never push the last good checkpoint out."""
+    While steps are bad no periodic checkpoint is written, and a checkpoint whose next step was bad
+    is never shown good, so weights that went bad (even finite ones, after a huge update) never push
+    the last good checkpoint out."""
 
     def __init__(self) -> None:
         self.in_a_row = 0
 
     @property
     def healthy(self) -> bool:
-        """No bad step since the last good one: only then may a save prune older checkpoints."""
+        """No bad step since the last good one: the last step's loss shows its weights were good."""
         return self.in_a_row == 0
 
     def check(self, step: int, loss: float, grad_norm: float, reporter) -> bool:
@@ -319,12 +320,15 @@ class Trainer:
     def run(self, train_steps: int, resume_hint: str) -> None:
         start, end = self.progress.step, self.progress.step + train_steps
         reporter = self.make_reporter(start, end)
+        self.checkpointer.begin(start)
         with StopRequest() as stop:
             while self.progress.step < end:
                 row = self.train_step()
                 step = row["step"]
                 if self.guard.check(step, row["loss"], row["grad_norm"], reporter):
                     self.stop_diverged(step, reporter)
+                if self.guard.healthy:  # this step's loss came from the newest checkpoint's weights
+                    self.checkpointer.confirm()
                 if self.validator.due(step, end):
                     row |= self.validator.run(self.model, self.autocast)
                     self.progress.last_val_loss = row.get("val_loss", self.progress.last_val_loss)
@@ -335,7 +339,12 @@ class Trainer:
                     break
                 if self.checkpointer.due(step, end) and self.guard.healthy:
                     self.save()
-        path = self.save(prune=self.guard.healthy)
+        path = self.save()
+        good = path is not None and self.guard.healthy and math.isfinite(row.get("val_loss", 0.0))
+        if good and "val_loss" in row:  # no step follows the last checkpoint: its validation loss shows it good
+            self.checkpointer.confirm()
+        if not good and self.progress.step == end:
+            self.refuse_final(path, reporter)
         self.finish(reporter, path, start, end, stopped_early=self.progress.step < end, resume_hint=resume_hint)
 
     def train_step(self) -> dict:
@@ -390,8 +399,19 @@ class Trainer:
     def predict(self, step: int, reporter) -> None:
         # Under FSDP every rank joins the forward passes; otherwise only rank 0 predicts.
         if self.world.is_main or distributed.is_sharded(self.model):
+            if not self.weights_are_finite():  # sampling from them would fail: the run goes on to its end
+                reporter.warn(f"step {step}: the weights are not finite; no predictions")
+                return
             samples = self.predictor.run(self.model, self.autocast)
             reporter.predictions(step, self.progress.last_loss, self.progress.last_val_loss, samples)
+
+    def weights_are_finite(self) -> bool:
+        """On every rank under FSDP (each checks its shards), else on the calling rank alone."""
+        shards = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]  # FSDP: DTensors
+        local = all(bool(torch.isfinite(shard).all()) for shard in shards)
+        if not distributed.is_sharded(self.model):
+            return local
+        return distributed.mean_across_ranks(float(local), self.device) == 1.0
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -410,17 +430,28 @@ class Trainer:
             chat_template=self.data.tokenizer.chat_template,
         )
 
-    def save(self, prune: bool = True) -> Path | None:
+    def save(self) -> Path | None:
         self.last_snapshot = self.snapshot()
-        return self.checkpointer.save(self.last_snapshot, prune)
+        return self.checkpointer.save(self.last_snapshot)
 
     def stop_diverged(self, step: int, reporter) -> None:
         """Nothing is saved: the newest checkpoint stays the last good one, ready to resume from."""
         reporter.close()
-        latest = self.checkpointer.latest()
+        latest = self.checkpointer.last_good()
         where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written"
         raise UserError(
             f"the loss was not finite for {MAX_BAD_STEPS} steps in a row (to step {step}); {where}: "
+            "lower train.lr or check the data"
+        )
+
+    def refuse_final(self, path: Path | None, reporter) -> None:
+        """The last weights were not finite, or a loss from them was not: final/ is left as it was."""
+        reporter.close()
+        what = "are not finite" if path is None else f"gave a non-finite loss (kept as {path})"
+        latest = self.checkpointer.last_good()
+        where = f"the last good checkpoint is {latest}" if latest else "no good checkpoint was written"
+        raise UserError(
+            f"the weights at step {self.progress.step} {what}, so final/ was not written; {where}: "
             "lower train.lr or check the data"
         )
 
@@ -529,9 +560,11 @@ def train(
     # What this run creates, it may remove again: only these, only if it made them, only if empty.
     new_folders = [f for f in (out_dir / "data", out_dir / "checkpoints", out_dir) if not f.exists()]
     is_main = distributed.setup().is_main
+    marked = False
     try:
         with RunLock(out_dir) if is_main else contextlib.nullcontext():
             checkpointer.check_folder(resume)  # again, now that no other run can change the folder
+            marked = is_main and checkpointer.mark_if_empty()
             trainer = Trainer(config, out_dir, resume, train_steps)
             try:
                 trainer.run(train_steps, resume_hint)
@@ -541,6 +574,8 @@ def train(
         # A run that failed before writing anything (a data error, say) leaves no empty folders.
         if is_main:
             remove_empty_folders(*new_folders)
+            if marked and unmark_if_alone(out_dir):
+                remove_empty_folders(*new_folders)
         raise
     finally:
         distributed.teardown()

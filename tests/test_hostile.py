@@ -8,6 +8,7 @@ and 4, final/, logs/), and a folder of the user's own, mine/.
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -97,7 +98,7 @@ def main_refused(capsys, folder, argv, message) -> str:
         (".", "holds the run"),  # the folder holding the run
         ("run", "holds the run"),  # the run itself
         ("mine", "did not write (notes.txt)"),  # an unrelated folder
-        ("run/final", "did not write"),  # a model folder is not a Space folder
+        ("run/final", "is a model folder smollm2 wrote, not a space folder"),
         ("input.txt", "is not a folder"),
     ],
 )
@@ -107,9 +108,9 @@ def test_export_space_never_replaces_what_it_did_not_write(workspace, capsys, ou
 
 def test_export_space_replaces_its_own_folder_whole(workspace):
     assert cli.main(["export-space", "--run", "run", "--out", "space"]) == 0
-    (workspace / "space" / "model" / "stale.bin").write_bytes(b"old")  # inside its own model/: replaced
+    (workspace / "space" / "model" / "config.json").unlink()  # what we wrote may be gone: still ours
     assert cli.main(["export-space", "--run", "run", "--out", "space"]) == 0
-    assert not (workspace / "space" / "model" / "stale.bin").exists()
+    assert (workspace / "space" / "model" / "config.json").is_file()
     assert not leftovers(workspace)
 
 
@@ -135,7 +136,7 @@ def test_export_into_its_own_folder_leaves_no_stale_file(workspace):
     ("settings", "message"),
     [
         (["data.path=corpus/a.txt", "data.prepared_dir=corpus"], "holds the corpus itself"),
-        (["data.prepared_dir=run"], "did not write"),
+        (["data.prepared_dir=run"], "is a run folder smollm2 wrote"),
         (["data.prepared_dir=mine"], "did not write (notes.txt)"),
     ],
 )
@@ -147,14 +148,13 @@ def test_prepared_dir_never_replaces_a_users_folder(workspace, capsys, settings,
     main_refused(capsys, workspace, ["prepare", *TRAIN, "--set", *settings], message)
 
 
-def test_a_truncated_meta_json_is_rebuilt(workspace):
+def test_a_hand_edited_meta_json_is_refused_not_rebuilt(workspace, capsys):
     prepared = next((workspace / "run" / "data").iterdir())
-    train_bin = (prepared / "train.bin").read_bytes()
     meta = prepared / "meta.json"
     meta.write_text(meta.read_text()[:40])
-    assert cli.main(["prepare", *TRAIN, "--out_dir", "run"]) == 0
-    assert json.loads(meta.read_text())["train_tokens"] * 2 == len(train_bin)  # uint16 ids
-    assert (prepared / "train.bin").read_bytes() == train_bin
+    main_refused(
+        capsys, workspace, ["prepare", *TRAIN, "--out_dir", "run"], "(meta.json, changed since smollm2 wrote it)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,3 +535,170 @@ def test_a_run_folder_given_as_a_model_is_its_final_model(workspace):
 
 def test_a_folder_that_is_neither_a_model_nor_a_run(workspace, capsys):
     main_refused(capsys, workspace, ["chat", "--model", "mine"], "model mine: no config.json, final/ or checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 27: what "never destroy" still missed
+
+
+def resume_argv(steps: int, out_dir: str = "run", checkpoint: str = "run/checkpoints/step_4.pt") -> list[str]:
+    return [*TRAIN, "--train_steps", str(steps), "--checkpoint_path", checkpoint, "--out_dir", out_dir]
+
+
+def test_a_checkpoint_whose_next_step_diverged_never_prunes_a_good_one(workspace, capsys):
+    good = (workspace / "run" / "checkpoints" / "step_4.pt").read_bytes()
+    settings = ["train.lr=1e30", "train.save_every=1", "train.keep_last=1", "train.schedule_steps=100"]
+    code = cli.train_main([*resume_argv(10), "--set", *settings])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "not finite for 3 steps in a row" in last, last
+    # step_5's weights are finite (a huge update, clipped), but the step after them is not
+    assert "the last good checkpoint is run/checkpoints/step_4.pt" in last, last
+    assert (workspace / "run" / "checkpoints" / "step_4.pt").read_bytes() == good
+    rows = [json.loads(line) for line in (workspace / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(rows[4]["loss"] + rows[4]["grad_norm"]), rows[4]  # step 5: from step_4's weights
+    assert not math.isfinite(rows[5]["loss"] + rows[5]["grad_norm"]), rows[5]  # step 6: from step_5's
+
+
+def test_final_is_never_replaced_by_non_finite_weights(workspace, capsys):
+    final = {name: digest for name, digest in snapshot(workspace).items() if name.startswith("run/final/")}
+    code = cli.train_main([*resume_argv(2), "--set", "train.lr=1e39", "train.schedule_steps=100"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "final/ was not written" in last and "run/checkpoints/step_4.pt" in last, last
+    after = snapshot(workspace)
+    assert all(after.get(name) == digest for name, digest in final.items())
+    assert (workspace / "run" / "checkpoints" / "step_4.pt").is_file()
+
+
+def test_export_space_never_replaces_an_unmarked_project_of_known_names(workspace, capsys):
+    project = workspace / "gradio"
+    (project / "logs").mkdir(parents=True)
+    (project / "README.md").write_text("# my Space\n")
+    (project / "app.py").write_text("import gradio\n")
+    (project / "logs" / "notes.txt").write_text("what I tried\n")
+    main_refused(capsys, workspace, ["export-space", "--run", "run", "--out", "gradio"], "did not write (README.md)")
+
+
+def test_export_never_replaces_an_unmarked_copy_of_a_published_model(workspace, capsys):
+    published = workspace / "SmolLM2-135M-Instruct"
+    published.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (published / name).write_bytes(f"{name} of the published model".encode())
+    argv = ["export", "--checkpoint", "run/checkpoints/step_4.pt", "--out", str(published.name)]
+    main_refused(capsys, workspace, argv, "did not write (config.json)")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda f: (f / "logs" / "notes.txt").write_text("mine\n"), "did not write (logs/notes.txt)"),
+        (lambda f: (f / "model" / "stale.bin").write_bytes(b"old"), "did not write (model/stale.bin)"),
+        (lambda f: (f / "app.py").write_text("# my own app\n"), "(app.py, changed since smollm2 wrote it)"),
+        (lambda f: (f / "extra").mkdir(), "did not write (extra)"),
+    ],
+)
+def test_export_space_never_replaces_what_the_user_put_in_its_own_folder(workspace, capsys, change, message):
+    assert cli.main(["export-space", "--run", "run", "--out", "space"]) == 0
+    change(workspace / "space")
+    main_refused(capsys, workspace, ["export-space", "--run", "run", "--out", "space"], message)
+
+
+def test_an_export_copied_elsewhere_is_still_ours_and_a_legacy_one_is_replaced(workspace):
+    argv = ["export", "--checkpoint", "run/checkpoints/step_2.pt", "--out"]
+    assert cli.main([*argv, "hf"]) == 0
+    shutil.copytree(workspace / "hf", workspace / "copy")  # new mtimes, same bytes
+    assert cli.main([*argv, "copy"]) == 0
+    (workspace / "legacy").mkdir()  # an export of an older smollm2: a marker without a record
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        shutil.copy(workspace / "hf" / name, workspace / "legacy" / name)
+    (workspace / "legacy" / ".smollm2").write_text('{"kind": "model"}\n')
+    assert cli.main([*argv, "legacy"]) == 0
+    assert "files" in json.loads((workspace / "legacy" / ".smollm2").read_text())
+
+
+def test_a_resume_into_a_copy_of_another_run_is_refused(workspace, capsys):
+    assert cli.train_main([*TRAIN, "--train_steps", "6", "--out_dir", "other"]) == 0
+    copy = workspace / "copy"
+    copy.mkdir()
+    for entry in (workspace / "run").iterdir():  # cp -r run/* copy: the marker, a dotfile, stays behind
+        if not entry.name.startswith("."):
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, copy / entry.name)
+    argv = resume_argv(2, "copy", "other/checkpoints/step_6.pt")
+    train_refused(capsys, workspace, argv, "holds checkpoints of another run (step_4.pt)")
+    shutil.rmtree(copy / "checkpoints")  # its final/ alone still names run's id
+    train_refused(capsys, workspace, argv, "holds the model of another run")
+
+
+def test_a_fresh_run_marks_only_a_folder_it_made_or_an_empty_one(workspace):
+    assert cli.train_main([*TRAIN, "--train_steps", "2", "--out_dir", "mine"]) == 0
+    assert not (workspace / "mine" / ".smollm2").exists()
+    assert (workspace / "mine" / "notes.txt").read_text() == "a week of notes\n"
+    (workspace / "empty").mkdir()
+    assert cli.train_main([*TRAIN, "--train_steps", "2", "--out_dir", "empty"]) == 0
+    assert json.loads((workspace / "empty" / ".smollm2").read_text())["kind"] == "run"
+    # The unmarked folder still resumes, and prunes only its own checkpoints.
+    (workspace / "mine" / "checkpoints" / "step_1.pt").write_bytes(b"the user's own file")
+    argv = resume_argv(4, "mine", "mine/checkpoints/step_2.pt")
+    assert cli.train_main([*argv, "--set", "train.keep_last=1"]) == 2  # a step file this run did not write
+    os.remove(workspace / "mine" / "checkpoints" / "step_1.pt")
+    assert cli.train_main([*argv, "--set", "train.keep_last=1"]) == 0
+    assert sorted(p.name for p in (workspace / "mine" / "checkpoints").iterdir()) == ["step_6.pt"]
+
+
+def test_pruning_never_deletes_a_checkpoint_of_another_run(workspace):
+    from smollm2.checkpoint import Checkpointer
+    from smollm2.config import TrainConfig
+
+    folder = workspace / "run" / "checkpoints"
+    other = torch.load(folder / "step_2.pt", weights_only=True) | {"run_id": "another-run"}
+    torch.save(other, folder / "step_1.pt")
+    (folder / "step_3.pt").write_bytes(b"the user's, named like ours")
+    checkpointer = Checkpointer(workspace / "run", TrainConfig(keep_last=1), is_main=True)
+    checkpointer.claim(torch.load(folder / "step_4.pt", weights_only=True)["run_id"])
+    checkpointer.begin(4)
+    checkpointer.confirm()
+    assert sorted(p.name for p in folder.iterdir()) == ["step_1.pt", "step_3.pt", "step_4.pt"]
+
+
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_a_signal_in_the_middle_of_a_swap_hides_nothing(workspace, capsys, monkeypatch, renameat2):
+    import smollm2.files
+
+    argv = ["export", "--checkpoint", "run/checkpoints/step_2.pt", "--out", "hf"]
+    assert cli.main(argv) == 0
+    before = snapshot(workspace / "hf")
+    if not renameat2:  # a kernel or file system without RENAME_EXCHANGE: two renames
+        monkeypatch.setattr(smollm2.files, "exchange", lambda a, b: False)
+    renames, real = [], Path.rename
+
+    def interrupted(self, target):
+        renames.append(self)
+        if len(renames) == 2:  # SIGINT between the first rename and the second
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    code = cli.main([*argv[:2], "run/checkpoints/step_4.pt", *argv[3:]])
+    assert code == (130 if not renameat2 else 0), capsys.readouterr().err
+    assert (snapshot(workspace / "hf") == before) != renameat2 and not leftovers(workspace)
+
+
+def test_the_demo_run_twice_deletes_nothing_and_continues_its_own_run(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "tiny.yaml").write_text(yaml.safe_dump(tiny_config(save_every=2, eval_every=2)))
+    (tmp_path / "input.txt").write_text(CORPUS)
+    shutil.copy(ROOT / "train.py", tmp_path)
+    demo = tmp_path / "runs" / "demo"
+    demo.mkdir(parents=True)
+    (demo / "notes.txt").write_text("mine\n")
+    (demo / ".smollm2").write_text(
+        '{"kind": "run"}\n'
+    )  # an older smollm2 marked folders of the user's; the demo rm -rf'd them
+    env = os.environ | {"PY": sys.executable, "STEPS": "2", "MORE": "1", "PYTHONPATH": str(ROOT)}
+    for _ in range(2):
+        result = subprocess.run(
+            ["bash", str(ROOT / "scripts" / "demo.sh")], cwd=tmp_path, env=env, capture_output=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert b"continuing it" in result.stdout and b"(step 4)" in result.stdout
+    assert (demo / "notes.txt").read_text() == "mine\n"
+    assert sorted(p.name for p in (demo / "checkpoints").iterdir()) == ["step_2.pt", "step_3.pt", "step_4.pt"]
