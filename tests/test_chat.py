@@ -12,11 +12,12 @@ import yaml
 
 from smollm2 import chat, cli, sft
 from smollm2.checkpoint import load_checkpoint
-from smollm2.config import load_config
+from smollm2.config import config_from_dict, load_config
 from smollm2.errors import UserError
 from smollm2.generation import Sampling
-from smollm2.hf import load_pretrained
+from smollm2.hf import load_pretrained, write_model_folder
 from smollm2.model import SmolLM2
+from smollm2.pretrained import resolve_init_from
 from smollm2.tokenizer import CHATML_TEMPLATE, load_tokenizer, train_tokenizer
 from smollm2.trainer import train
 from tests.conftest import small_config
@@ -320,3 +321,19 @@ def test_a_message_too_long_for_the_context_keeps_the_conversation(chat_model, t
     with pytest.raises(UserError, match="the message is"):
         conversation.prompt("word " * 200)
     assert conversation.turns == kept  # not silently forgotten on the way to the refusal
+
+
+def test_init_from_compares_numbers_with_a_tolerance(tmp_path, tokenizer):
+    """A GGUF conversion stores norm_eps as float32 (9.999999747e-06): still 1e-05 to a config."""
+    float32_eps = float(torch.tensor(1e-5, dtype=torch.float32))
+    assert float32_eps != 1e-5
+    write_model_folder(SmolLM2(small_config(vocab_size=400, norm_eps=float32_eps)), tmp_path / "gguf", tokenizer)
+    same = config_from_dict(
+        {"model": {"init_from": str(tmp_path / "gguf"), "norm_eps": 1e-5}, "data": {"seq_len": 64}}, "published.yaml"
+    )
+    assert resolve_init_from(same).model.norm_eps == pytest.approx(1e-5, rel=1e-6)
+    other = config_from_dict(
+        {"model": {"init_from": str(tmp_path / "gguf"), "norm_eps": 1.1e-5}, "data": {"seq_len": 64}}, "published.yaml"
+    )
+    with pytest.raises(UserError, match="model.norm_eps=1.1e-05 in published.yaml contradicts"):
+        resolve_init_from(other)
