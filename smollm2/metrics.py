@@ -21,7 +21,7 @@ from tqdm import tqdm
 matplotlib.use("Agg")  # headless: the plot is a file, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from smollm2.errors import error_reason  # noqa: E402
+from smollm2.errors import error_reason, read_utf8  # noqa: E402
 from smollm2.files import write_atomic  # noqa: E402
 
 
@@ -235,17 +235,18 @@ def read_metrics(path: Path) -> list[dict]:
 SAMPLES_TITLE = "# Predictions during training\n"
 
 
-def samples_up_to(path: Path, last_step: int) -> str:
-    """samples.md without the sections of steps after `last_step` (all of them for a fresh run)."""
+def samples_up_to(path: Path, last_step: int) -> bytes:
+    """samples.md without the sections of steps after `last_step` (all of them for a fresh run);
+    the bytes kept as they are, whatever a user's editor put there."""
     if not last_step or not path.is_file():
-        return SAMPLES_TITLE
+        return SAMPLES_TITLE.encode()
     kept, keep = [], True
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if match := re.match(r"## step (\d+) \(", line):
+    for line in path.read_bytes().splitlines(keepends=True):
+        if match := re.match(rb"## step (\d+) \(", line):
             keep = int(match[1]) <= last_step
         if keep:
             kept.append(line)
-    return "".join(kept).rstrip("\n") + "\n"
+    return b"".join(kept).rstrip(b"\n") + b"\n"
 
 
 @dataclass
@@ -261,7 +262,7 @@ def read_samples(path: Path) -> list[Predictions]:
         return []
     found: list[Predictions] = []
     block: list[str] | None = None
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_utf8(path).splitlines():
         if block is not None:
             if line == "```":
                 found[-1].texts.append("\n".join(block))

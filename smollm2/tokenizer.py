@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from smollm2.errors import UserError, error_reason
+from smollm2.errors import UserError, error_reason, read_utf8
 from smollm2.files import write_atomic
 
 END_OF_TEXT = "<|endoftext|>"
@@ -166,7 +166,7 @@ def read_chat_template(folder: Path) -> str | None:
     then tokenizer_config.json's chat_template (a string, or named templates: the "default" one)."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        return read_utf8(jinja)
     config_file = folder / "tokenizer_config.json"
     template = read_tokenizer_config(config_file).get("chat_template")
     if isinstance(template, list):

@@ -337,3 +337,10 @@ def test_init_from_compares_numbers_with_a_tolerance(tmp_path, tokenizer):
     )
     with pytest.raises(UserError, match="model.norm_eps=1.1e-05 in published.yaml contradicts"):
         resolve_init_from(other)
+
+
+def test_a_chat_template_that_is_not_utf8_is_one_line(tmp_path, tokenizer, capsys):
+    write_model_folder(SmolLM2(small_config(vocab_size=400)), tmp_path / "model", tokenizer)
+    (tmp_path / "model" / "chat_template.jinja").write_bytes(b"{{ messages }}\xff\n")
+    argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "hi", "--chat", "--max_new_tokens", "2"]
+    refused(capsys, tmp_path, cli.main, argv, "chat_template.jinja: not UTF-8 text (byte 14 is not)")

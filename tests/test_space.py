@@ -394,3 +394,27 @@ def test_in_a_browser_the_chat_tab_answers(app_url):
         bot.wait_for(timeout=60_000)
         page.wait_for_function("el => el.innerText.trim().length > 0", arg=bot.element_handle(), timeout=60_000)
         assert page.get_by_text("Who are you?").first.is_visible()
+
+
+def test_export_of_a_run_whose_samples_are_not_utf8_is_one_line(space, tmp_path, capsys):
+    from smollm2 import cli
+    from tests.test_hostile import refused
+
+    shutil.copytree(space / "run", tmp_path / "run")
+    with open(tmp_path / "run" / "logs" / "samples.md", "ab") as f:
+        f.write(b"caf\xe9\n")
+    argv = ["export-space", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")]
+    refused(capsys, tmp_path, cli.main, argv, "samples.md: not UTF-8 text (byte ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_run_keeps_the_bytes_of_its_samples(tmp_path):
+    from smollm2.metrics import samples_up_to
+
+    samples = tmp_path / "samples.md"
+    samples.write_bytes(
+        b"# Predictions during training\n\n## step 5 (loss 1)\n\n```text\ncaf\xe9\n```\n\n## step 9 (loss 2)\n"
+    )
+    assert (
+        samples_up_to(samples, 5) == b"# Predictions during training\n\n## step 5 (loss 1)\n\n```text\ncaf\xe9\n```\n"
+    )
