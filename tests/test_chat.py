@@ -344,3 +344,62 @@ def test_a_chat_template_that_is_not_utf8_is_one_line(tmp_path, tokenizer, capsy
     (tmp_path / "model" / "chat_template.jinja").write_bytes(b"{{ messages }}\xff\n")
     argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "hi", "--chat", "--max_new_tokens", "2"]
     refused(capsys, tmp_path, cli.main, argv, "chat_template.jinja: not UTF-8 text (byte 14 is not)")
+
+
+def alone_tokens(tokenizer, message: str) -> int:
+    return len(chat.prompt_ids(tokenizer, [{"role": "user", "content": message}]))
+
+
+def test_a_reply_budget_that_leaves_no_room_keeps_the_conversation(chat_model, tokenizer):
+    room = 96 - alone_tokens(tokenizer, "And 3 plus 3?")
+    conversation = chat.Conversation(chat_model, tokenizer, system=None, reply_tokens=room)
+    conversation.turns = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2."}]
+    ids, dropped = conversation.prompt("And 3 plus 3?")  # fits alone with its full reply budget: the rest goes
+    assert (len(ids), dropped) == (96 - room, 2) and len(conversation.turns) == 1
+    conversation.answered("6.")
+    kept = list(conversation.turns)
+    conversation.reply_tokens = room + 1  # now not even the message alone fits with room for the reply
+    with pytest.raises(UserError, match=f"with room for a reply of {room + 1} tokens .* the conversation is kept "
+                                        rf"\(a shorter message, or max_new_tokens {room} or less, fits\)"):  # fmt: skip
+        conversation.prompt("And 3 plus 3?")
+    assert conversation.turns == kept
+
+
+def test_a_chat_whose_max_new_tokens_fills_the_context_is_refused_at_the_start(chat_model, tokenizer):
+    read, pending = typed("hi")
+    alone = alone_tokens(tokenizer, "")
+    with pytest.raises(UserError, match=rf"^--max_new_tokens 96 leaves no room .* use at most {95 - alone}$"):
+        chat.chat_loop(chat_model, tokenizer, None, 96, Sampling(temperature=0), read=read)
+    assert pending == ["hi"]
+
+
+def test_history_trimming_renders_the_conversation_a_logarithmic_number_of_times(chat_model, tokenizer, monkeypatch):
+    history = [turn for n in range(500) for turn in ({"role": "user", "content": f"What is {n} plus {n}?"},
+                                                     {"role": "assistant", "content": f"{2 * n}."})]  # fmt: skip
+    question = {"role": "user", "content": "And 1?"}
+    fitting = [
+        s for s in range(0, len(history) + 1, 2) if len(chat.prompt_ids(tokenizer, [*history[s:], question])) <= 76
+    ]
+    renders = []
+    monkeypatch.setattr(chat, "prompt_ids", lambda *args: renders.append(1) or chat_prompt_ids(*args))
+    conversation = chat.Conversation(chat_model, tokenizer, system=None, reply_tokens=20)
+    conversation.turns = list(history)
+    ids, dropped = conversation.prompt("And 1?")
+    assert dropped == fitting[0] and conversation.turns == [
+        *history[fitting[0] :],
+        {"role": "user", "content": "And 1?"},
+    ]
+    assert len(renders) <= 12  # 500 exchanges, most ruled out by their length; the old loop rendered 490 times
+
+
+chat_prompt_ids = chat.prompt_ids
+
+
+def test_a_message_longer_than_the_context_can_hold_is_refused_before_it_is_tokenized(chat_model, tokenizer):
+    conversation = chat.Conversation(chat_model, tokenizer, system=None, reply_tokens=20)
+    most = tokenizer.max_chars(95)
+    assert len(tokenizer.encode("x" * most)) <= most  # no text of `most` characters or fewer is ruled out unseen
+    with pytest.raises(
+        UserError, match=f"^the message is 20,000,000 characters, more than the 95 tokens left .*at most {most:,}"
+    ):
+        conversation.prompt("x" * 20_000_000)
