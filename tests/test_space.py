@@ -418,3 +418,31 @@ def test_a_resumed_run_keeps_the_bytes_of_its_samples(tmp_path):
     assert (
         samples_up_to(samples, 5) == b"# Predictions during training\n\n## step 5 (loss 1)\n\n```text\ncaf\xe9\n```\n"
     )
+
+
+def test_the_app_refuses_a_prompt_longer_than_the_context_holds_before_tokenizing_it(app_url, space):
+    """A 2-million-character prompt or message: refused by its length (the old refusal, after tokenizing
+    it whole, said "N tokens"); the UI says the limit and the browser stops typing there."""
+    from gradio_client import Client
+
+    _, tokenizer = load_for_inference(space / "out" / "model")
+    most = tokenizer.max_chars(63)
+    client = Client(app_url, verbose=False)
+    with pytest.raises(Exception, match=f"the prompt is 2,000,000 characters, .*at most {most:,} characters"):
+        client.predict("a" * 2_000_000, 12, 0.0, 0, 1.0, 0, api_name="/generate")
+    with pytest.raises(Exception, match=f"the message is 2,000,000 characters, .*at most {most:,} characters"):
+        client.predict("a" * 2_000_000, 10, 0.0, api_name="/chat")
+    assert client.predict("ROMEO:", 4, 0.0, 0, 1.0, 0, api_name="/generate").startswith("ROMEO:")  # still serving
+    boxes = [c["props"] for c in client.config["components"] if c["type"] == "textbox" and c["props"].get("max_length")]
+    assert [box["max_length"] for box in boxes] == [most, most]  # the prompt's and the chat's
+    shown = [c["props"].get("value") for c in client.config["components"] if c["type"] == "markdown"]
+    assert any(f"at most {most:,} characters" in str(text) and "up to 16 wait in line" in str(text) for text in shown)
+
+
+def test_the_apps_queue_is_bounded_and_runs_one_request_at_a_time(space):
+    from smollm2.app import QUEUE_SIZE, build_app
+
+    app = build_app(space / "out" / "model", None)
+    assert app._queue.max_size == QUEUE_SIZE == 16
+    assert {fn.concurrency_limit for fn in app.fns.values()} == {"default"}
+    assert app._queue.default_concurrency_limit == 1
