@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import matplotlib
 from tqdm import tqdm
@@ -314,6 +316,24 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+WANDB_PROBE_SECONDS = 3.0
+
+
+def wandb_unreachable() -> tuple[str, str | None]:
+    """The wandb server (WANDB_BASE_URL, else wandb's cloud), and why a connection to it (or to the
+    HTTPS proxy in the way) fails within a few seconds; None when it connects."""
+    server = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    scheme = urlsplit(server).scheme
+    proxy = os.environ.get(f"{scheme.upper()}_PROXY") or os.environ.get(f"{scheme}_proxy")
+    target = urlsplit(proxy or server)
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname or "", port), timeout=WANDB_PROBE_SECONDS).close()
+    except (OSError, ValueError) as exc:
+        return server, error_reason(exc, 80)
+    return server, None
+
+
 def plot_benchmarks(ax, benchmarks: dict[str, list[tuple[int, float]]]) -> None:
     for name, points in benchmarks.items():
         ax.plot(*zip(*points, strict=True), label=name, marker="o", linewidth=1.5)
@@ -324,16 +344,28 @@ def plot_benchmarks(ax, benchmarks: dict[str, list[tuple[int, float]]]) -> None:
 
 
 def start_wandb(folder: Path, config: dict, project: str):
-    """wandb when it can run; offline (files under logs/wandb) without a key; never required."""
+    """wandb when it can run; offline (files under logs/wandb) without a key, or when its server cannot
+    be reached (wandb itself would retry for its 90-second init_timeout before giving up); never
+    required. A mode the user set (WANDB_MODE) is theirs: no check, no fallback."""
     try:
         import wandb
     except ImportError:
         print("warning: wandb is not installed; logging to logs/metrics.jsonl only", file=sys.stderr)
         return None
+    mode = None  # wandb's choice: WANDB_MODE, else online
     if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
-        os.environ["WANDB_MODE"] = "offline"
+        mode = "offline"
+    elif "WANDB_MODE" not in os.environ:
+        server, reason = wandb_unreachable()
+        if reason:
+            print(
+                f"warning: wandb cannot reach {server} ({reason}); logging offline to {folder / 'wandb'} "
+                "(upload it later with `wandb sync`)",
+                file=sys.stderr,
+            )
+            mode = "offline"
     try:
-        return wandb.init(project=project, dir=str(folder), config=config, reinit="finish_previous")
+        return wandb.init(project=project, dir=str(folder), config=config, reinit="finish_previous", mode=mode)
     except Exception as exc:  # wandb has many failure modes (network, auth); the run goes on without it
         print(f"warning: wandb could not start ({error_reason(exc, 100)}); continuing without it", file=sys.stderr)
         return None
