@@ -157,10 +157,10 @@ def text_metrics(
     of `window` tokens (default: the model's context) moved by `stride` tokens (default: half the
     window); the first token is scored after the tokenizer's end-of-text token."""
     context = model.config.max_seq_len
-    window = window or context
+    window = context if window is None else window
     if not 2 <= window <= context:
         raise UserError(f"--window must be between 2 and the model's context ({context}), got {window}")
-    stride = stride or window // 2
+    stride = window // 2 if stride is None else stride
     if not 1 <= stride <= window:
         raise UserError(f"--stride must be between 1 and the window ({window} tokens), got {stride}")
     if tokenizer.eos_id is None:
@@ -358,15 +358,14 @@ def load_tasks(names: Iterable[str], include_path: str | None = None, allow_code
     for name in files:
         if not Path(name).is_file():
             raise UserError(f"task file {name}: no such file")
-    if not allow_code:
-        refuse_task_code(files, include_path)
+    check_task_files(files, include_path, allow_code)
     manager = task_manager(include_path, with_lm_eval_tasks=len(files) < len(names))
     for name in names:
         if name not in files and not manager.match_tasks([name]):
             raise UserError(
                 f"unknown task {name!r} (`lm-eval ls tasks` lists them; a task of your own: its .yaml path)"
             )
-    specs = [load_yaml(str(Path(name).absolute()), resolve_func=True) if name in files else name for name in names]
+    specs = [load_task_file(name) if name in files else name for name in names]
     return Tasks(manager, specs)
 
 
@@ -388,43 +387,69 @@ def _note_function(loader: _TaskYamlLoader, node: yaml.Node) -> str:
 _TaskYamlLoader.add_constructor("!function", _note_function)
 
 
-def task_code(path: Path, seen: frozenset[Path] = frozenset()) -> str | None:
+def task_code(path: Path, strict: bool = True, seen: frozenset[Path] = frozenset()) -> str | None:
     """The first `!function NAME` of a task file or of the files it includes: Python that lm-eval
     imports from beside the file (and runs) when it loads the task. None when there is none; lm-eval's
-    own task files are not counted."""
+    own task files are not counted. `strict`: a file that is not a task file is one line, else skipped."""
     path = path.expanduser().resolve()
-    if path in seen or path.is_relative_to(LM_EVAL_TASKS) or not path.is_file():
-        return None  # a cycle or a missing include: lm-eval says so when it loads the task
+    if path in seen or path.is_relative_to(LM_EVAL_TASKS):
+        return None  # an include cycle (lm-eval names it when it loads the task), or lm-eval's own file
     try:
-        loader = _TaskYamlLoader(read_utf8(path))
-        loader.functions = []
-        config = loader.get_single_data()
-    except yaml.YAMLError as exc:
-        raise UserError(f"task file {path}: not valid YAML ({error_reason(exc, 120)})") from None
-    finally:
-        loader.dispose()
-    if loader.functions:
-        return f"!function {loader.functions[0]}"
-    includes = config.get("include") if isinstance(config, dict) else None
+        config, functions = read_task_file(path)
+    except UserError:
+        if strict:
+            raise
+        return None
+    if functions:
+        return f"!function {functions[0]}"
+    includes = config.get("include")
     for include in includes if isinstance(includes, list) else [includes] if includes else []:
-        found = task_code(path.parent / str(include), seen | {path})
+        found = task_code(path.parent / str(include), strict, seen | {path})
         if found:
             return found
     return None
 
 
-def refuse_task_code(files: list[str], include_path: str | None) -> None:
-    """Task files (named, or anywhere in --include_path) that would run Python code are refused."""
-    candidates = [Path(name) for name in files]
+def read_task_file(path: Path) -> tuple[dict, list[str]]:
+    """A task file's settings and the `!function` names in it (noted, not imported)."""
+    if not path.is_file():
+        raise UserError(f"task file {path}: no such file")
+    loader = _TaskYamlLoader(read_utf8(path))
+    loader.functions = []
+    try:
+        config = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise UserError(f"task file {path}: not valid YAML ({where}{getattr(exc, 'problem', None) or exc})") from None
+    finally:
+        loader.dispose()
+    if not isinstance(config, dict):
+        raise UserError(f"task file {path}: expected a YAML mapping of task settings, got {type(config).__name__}")
+    return config, loader.functions
+
+
+def check_task_files(files: list[str], include_path: str | None, allow_code: bool) -> None:
+    """Named task files (and the files they include) must be task files; those, or any in
+    --include_path, that would run Python code are refused unless `allow_code`."""
+    candidates = [(Path(name), True) for name in files]
     if include_path is not None:
-        candidates += sorted(Path(include_path).rglob("*.yaml"))
-    for path in candidates:
-        code = task_code(path)
-        if code:
+        candidates += [(path, False) for path in sorted(Path(include_path).rglob("*.yaml"))]
+    for path, strict in candidates:
+        code = task_code(path, strict)
+        if code and not allow_code:
             raise UserError(
                 f"task file {path} runs Python code ({code}, imported from beside the file): "
                 f"if you trust it, allow it with {CODE_FLAGS}"
             )
+
+
+def load_task_file(name: str) -> dict:
+    """lm-eval's reading of a task file (its !function code imported); its failures are one line."""
+    try:
+        return load_yaml(str(Path(name).absolute()), resolve_func=True)
+    except (ValueError, ImportError, AttributeError, OSError, yaml.YAMLError) as exc:
+        raise UserError(f"task file {name}: {error_reason(exc, 160)}") from None
 
 
 def run_tasks(

@@ -168,6 +168,11 @@ def workspace(model_folder, tmp_path, monkeypatch) -> Path:
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (tmp_path / "notes.txt").write_text("a week of notes\n")
     (tmp_path / "results").mkdir()
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "broken.yaml").write_text("task: [unclosed\n")
+    (tmp_path / "includes_list.yaml").write_text("include: list.yaml\ntask: x\n")
+    (tmp_path / "includes_nothing.yaml").write_text("include: missing.yaml\ntask: y\n")
+    (tmp_path / "no_module.yaml").write_text("task: z\ncustom_dataset: !function nowhere.data\n")
     (tmp_path / "mine.json").write_text('{"model": "gpt-2", "notes": "my own table of models"}\n')
     (tmp_path / "looks_ours.json").write_text('{"format": "smollm2-eval/1", "model": "gpt-2", "text": "mine"}\n')
     monkeypatch.chdir(tmp_path)
@@ -193,9 +198,20 @@ def workspace(model_folder, tmp_path, monkeypatch) -> Path:
         (["--text", "results"], "--text results: a folder"),
         (["--tasks", str(TASKS / "multiple_choice.yaml"), "--num_fewshot", "-1"], "--num_fewshot must be 0 or more"),
         ([], "nothing to evaluate"),
+        (["--tasks", "list.yaml"], "task file {}/list.yaml: expected a YAML mapping of task settings, got list"),
+        (
+            ["--tasks", "broken.yaml", "--allow_code"],
+            "task file {}/broken.yaml: not valid YAML (line 2: expected ',' or ']'",
+        ),
+        (["--tasks", "includes_list.yaml"], "task file {}/list.yaml: expected a YAML mapping"),
+        (["--tasks", "includes_nothing.yaml"], "task file {}/missing.yaml: no such file"),
+        (["--tasks", "no_module.yaml", "--allow_code"], "task file no_module.yaml: Cannot import module 'nowhere'"),
+        (["--text", "notes.txt", "--stride", "0"], "--stride must be between 1 and the window (64 tokens), got 0"),
+        (["--text", "notes.txt", "--window", "0"], "--window must be between 2 and the model's context (64), got 0"),
     ],
 )
 def test_eval_refuses_bad_input_in_one_line(workspace, model_folder, capsys, flags, message):
+    message = message.format(workspace.resolve())
     refused(capsys, workspace, cli.main, ["eval", "--model", str(model_folder), *flags], message)
 
 
