@@ -64,7 +64,7 @@ class RunLog:
             f.write("".join(lines))
 
     def plot(self) -> None:
-        plot_losses(read_metrics(self.metrics_path), self.plot_path)
+        plot_losses(numeric_rows(read_metrics(self.metrics_path)), self.plot_path)
 
     def close(self) -> None:
         self.metrics_file.close()
@@ -232,6 +232,16 @@ def read_metrics(path: Path) -> list[dict]:
         if isinstance(row, dict) and isinstance(row.get("step"), int):  # anything else is not a row of ours
             rows.append(row)
     return rows
+
+
+def numeric_rows(rows: list[dict]) -> list[dict]:
+    """The rows with their numbers only (and the step): what the plots and the Space's tables read.
+    A value edited into something else ("loss": "abc") is left out rather than stopping them."""
+    return [{key: value for key, value in row.items() if key == "step" or is_number(value)} for row in rows]
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 SAMPLES_TITLE = "# Predictions during training\n"

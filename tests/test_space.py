@@ -446,3 +446,14 @@ def test_the_apps_queue_is_bounded_and_runs_one_request_at_a_time(space):
     assert app._queue.max_size == QUEUE_SIZE == 16
     assert {fn.concurrency_limit for fn in app.fns.values()} == {"default"}
     assert app._queue.default_concurrency_limit == 1
+
+
+def test_export_of_a_run_whose_metrics_hold_a_non_number_still_writes_the_card(space, tmp_path):
+    shutil.copytree(space / "run", tmp_path / "run")
+    last = json.loads((tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
+    with open(tmp_path / "run" / "logs" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 11, "loss": "abc", "tokens": "many", "val_loss": None}) + "\n")
+    result = cli("export-space", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| final train loss | {last['loss']:.4f} |" in card and "| tokens seen | " not in card
