@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -403,3 +404,14 @@ def test_a_message_longer_than_the_context_can_hold_is_refused_before_it_is_toke
         UserError, match=f"^the message is 20,000,000 characters, more than the 95 tokens left .*at most {most:,}"
     ):
         conversation.prompt("x" * 20_000_000)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [("{% for i in range(10**9) %}x{% endfor %}", "(OverflowError: Range too big."),
+     ("{{ 1 / 0 }}", "(ZeroDivisionError: division by zero)"),
+     ("{{ '%d' % messages[0]['content'] }}", "(TypeError: %d format: a real number is required, not str)")],
+)  # fmt: skip
+def test_a_chat_template_whose_code_fails_is_one_line(template, message):
+    with pytest.raises(UserError, match=rf"^the chat template failed on the conversation {re.escape(message)}"):
+        chat.render_template(template, [{"role": "user", "content": "hi"}])
