@@ -43,7 +43,7 @@ WINDOW = 512
 def timed(lm, task: str) -> tuple[float, int, dict]:
     from lm_eval import simple_evaluate
 
-    tasks = evaluation.load_tasks([task])
+    tasks = evaluation.load_tasks([task], allow_code=True)  # the local tasks read their data with local_data.py
     start = time.perf_counter()
     results = simple_evaluate(
         model=lm, tasks=tasks.specs, task_manager=tasks.manager, bootstrap_iters=0, verbosity="ERROR"

@@ -25,11 +25,17 @@ from smollm2.metrics import benchmark_points
 from smollm2.space import DEFAULT_MODEL, RunRecord, logs_beside, opening_prompt, read_record, short_count
 
 MAX_NEW_TOKENS = 512
+# One request computes at a time (a CPU Space has few cores); this many more may wait their turn,
+# and past that a request is turned away at once rather than left waiting without end.
+QUEUE_SIZE = 16
 
 
 def build_app(model_path: Path, logs: Path | None, precision: str = "fp32") -> gr.Blocks:
     model, tokenizer = load_for_inference(model_path, precision=precision)
     record = read_record(model.config, model.num_parameters(), logs)
+    # The most characters a prompt that fits the context can have: the browser stops typing there, and
+    # the server refuses anything longer (an API call skips the browser) before tokenizing it.
+    most = tokenizer.max_chars(model.config.max_seq_len - 1)
 
     def generate(prompt: str, max_new_tokens: float, temperature: float, top_k: float, top_p: float, seed: float):
         text = prompt
@@ -42,9 +48,18 @@ def build_app(model_path: Path, logs: Path | None, precision: str = "fp32") -> g
             raise gr.Error(str(exc)) from None
 
     with gr.Blocks(title="SmolLM2") as app:
-        gr.Markdown(f"# SmolLM2, {short_count(record.parameters)} parameters\n{describe(record)}")
+        gr.Markdown(
+            f"# SmolLM2, {short_count(record.parameters)} parameters\n{describe(record)}\n\n{limits(model, most)}"
+        )
         with gr.Tab("Generate"):
-            prompt = gr.Textbox(label="Prompt", value=opening_prompt(model_path), lines=3)
+            prompt = gr.Textbox(
+                label="Prompt",
+                value=opening_prompt(model_path),
+                lines=3,
+                max_length=most,
+                info=f"at most {most:,} characters; the prompt and the new tokens share the model's "
+                f"{model.config.max_seq_len:,}-token context",
+            )
             with gr.Row():
                 longest = min(MAX_NEW_TOKENS, model.config.max_seq_len - 1)
                 max_new = gr.Slider(1, longest, value=min(120, longest), step=1, label="max new tokens")
@@ -57,13 +72,21 @@ def build_app(model_path: Path, logs: Path | None, precision: str = "fp32") -> g
             button.click(generate, [prompt, max_new, temperature, top_k, top_p, seed], output, api_name="generate")
         if tokenizer.chat_template:
             with gr.Tab("Chat"):
-                chat_tab(model, tokenizer)
+                chat_tab(model, tokenizer, most)
         with gr.Tab("Training"):
             training_tab(record)
-    return app
+    return app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
 
 
-def chat_tab(model, tokenizer) -> None:
+def limits(model, most: int) -> str:
+    return (
+        f"*Limits: a prompt or message of at most {most:,} characters; the oldest chat messages are dropped when "
+        f"the conversation outgrows the {model.config.max_seq_len:,}-token context; one request runs at a time "
+        f"and up to {QUEUE_SIZE} wait in line (when the line is full, try again shortly).*"
+    )
+
+
+def chat_tab(model, tokenizer, most: int) -> None:
     """A conversation through the model's chat template (smollm2.chat), replies streamed."""
 
     def respond(message: str, history: list[dict], max_new_tokens: float, temperature: float):
@@ -76,6 +99,7 @@ def chat_tab(model, tokenizer) -> None:
     longest = min(MAX_NEW_TOKENS, model.config.max_seq_len - 1)
     gr.ChatInterface(
         respond,
+        textbox=gr.Textbox(max_length=most, placeholder=f"a message of at most {most:,} characters", render=False),
         additional_inputs=[
             gr.Slider(1, longest, value=min(128, longest), step=1, label="max new tokens", render=False),
             gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)", render=False),
@@ -192,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
-        app.queue().launch(server_name=args.host, server_port=args.port)
+        app.launch(server_name=args.host, server_port=args.port)
     except OSError as exc:  # the port is taken, or the host is not this machine's
         print(f"error: cannot serve on {args.host}:{args.port} ({error_reason(exc, 120)})", file=sys.stderr)
         raise SystemExit(2) from None

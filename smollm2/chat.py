@@ -11,7 +11,7 @@ import torch
 
 from smollm2.chat_template import Message, end_of_turn_id, prompt_ids, render
 from smollm2.errors import UserError
-from smollm2.generation import Sampling, check_new_tokens, check_text
+from smollm2.generation import Sampling, check_chars, check_new_tokens, check_text
 from smollm2.inference import seeded_generator, stream_pieces
 from smollm2.model import SmolLM2
 from smollm2.tokenizer import Tokenizer
@@ -33,8 +33,9 @@ def stream_reply(
 
 
 class Conversation:
-    """A chat's history, kept within the model's context: the oldest turns are dropped (and said so)
-    when the next prompt and its reply would not fit; a system message stays."""
+    """A chat's history, kept within the model's context: the oldest exchanges are dropped (and said
+    so) when the next prompt and room for its reply (reply_tokens) would not fit; a system message
+    stays. A message that cannot fit with that room even alone is refused and the history kept."""
 
     def __init__(self, model: SmolLM2, tokenizer: Tokenizer, system: str | None, reply_tokens: int) -> None:
         self.model, self.tokenizer, self.reply_tokens = model, tokenizer, reply_tokens
@@ -46,20 +47,50 @@ class Conversation:
         self.turns = []
 
     def prompt(self, user_text: str) -> tuple[list[int], int]:
-        """The ids to continue for this user message, and how many earlier exchanges were dropped to fit."""
-        before = self.turns
-        self.turns = [*before, {"role": "user", "content": check_text(user_text, "the message")}]
-        context = self.model.config.max_seq_len
-        ids = prompt_ids(self.tokenizer, self.system + self.turns)
-        dropped = 0
-        while len(ids) + self.reply_tokens > context and len(self.turns) > 1:
-            self.turns = self.turns[2:]  # the oldest exchange: a user message and its reply
-            dropped += 1
-            ids = prompt_ids(self.tokenizer, self.system + self.turns)
-        if len(ids) >= context:
-            self.turns = before  # a message that cannot fit costs the conversation nothing
-            raise UserError(f"the message is {len(ids)} tokens with the template, the model's context is {context}")
-        return ids, dropped
+        """The ids to continue for this user message, and how many earlier messages were dropped to fit.
+
+        Linear in the history: exchanges that cannot fit by their characters alone go uncounted, then
+        a binary search over where the kept history starts renders O(log n) candidates."""
+        context, room = self.model.config.max_seq_len, min(self.reply_tokens, self.model.config.max_seq_len - 1)
+        check_chars(self.tokenizer, user_text, "the message", context - 1)
+        turns = [*self.turns, {"role": "user", "content": check_text(user_text, "the message")}]
+        starts = [i for i, turn in enumerate(turns) if i == 0 or turn["role"] == "user"]  # where exchanges begin
+        starts = starts[self.first_possible(turns, starts, context - room) :]
+        encoded: dict[int, list[int]] = {}
+
+        def fits(start: int) -> bool:
+            encoded[start] = prompt_ids(self.tokenizer, self.system + turns[start:])
+            return len(encoded[start]) + room <= context
+
+        if not fits(starts[-1]):  # a message that cannot fit costs the conversation nothing
+            raise UserError(self.no_room(len(encoded[starts[-1]]), context))
+        low, high = 0, len(starts) - 1  # starts[high] fits; find the earliest that does
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if fits(starts[middle]) else (middle + 1, high)
+        self.turns = turns[starts[high] :]
+        return encoded[starts[high]], starts[high]
+
+    def first_possible(self, turns: list[Message], starts: list[int], tokens: int) -> int:
+        """The index into `starts` of the earliest exchange whose text, with all after it, could
+        still be held by `tokens` tokens (by characters: nothing is rendered or tokenized); the last
+        (the new message) at the latest, which the caller measures in tokens."""
+        most, total = self.tokenizer.max_chars(tokens), 0
+        for index in range(len(starts) - 1, -1, -1):
+            end = starts[index + 1] if index + 1 < len(starts) else len(turns)
+            total += sum(len(turn["content"]) for turn in turns[starts[index] : end])
+            if total > most:
+                return min(index + 1, len(starts) - 1)
+        return 0
+
+    def no_room(self, tokens: int, context: int) -> str:
+        if tokens >= context:
+            return f"the message is {tokens} tokens with the template, the model's context is {context}"
+        return (
+            f"the message is {tokens} tokens with the template: with room for a reply of {self.reply_tokens} tokens "
+            f"(max_new_tokens) it does not fit the model's context of {context}; the conversation is kept "
+            f"(a shorter message, or max_new_tokens {context - tokens} or less, fits)"
+        )
 
     def answered(self, reply: str) -> None:
         self.turns.append({"role": "assistant", "content": reply})
@@ -89,6 +120,11 @@ def chat_loop(
     alone = len(prompt_ids(tokenizer, conversation.system + [{"role": "user", "content": ""}]))
     if alone >= context:
         raise UserError(f"--system is {alone} tokens with the chat template, the model's context is {context}")
+    if alone + max_new_tokens >= context:  # no message could ever be answered: say so now, not at every one
+        raise UserError(
+            f"--max_new_tokens {max_new_tokens} leaves no room for a message in the model's context of {context} "
+            f"tokens (the chat template alone takes {alone}): use at most {context - alone - 1}"
+        )
     print("chat: /reset forgets the conversation, /quit leaves; Ctrl-C stops a reply", file=sys.stderr)
     while True:
         try:

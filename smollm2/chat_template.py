@@ -84,6 +84,8 @@ def render_template(template: str, messages: list[Message], add_generation_promp
         )
     except jinja2.TemplateError as exc:
         raise UserError(f"the chat template refused the conversation: {exc}") from None
+    except (ArithmeticError, LookupError, TypeError, ValueError) as exc:  # the template's own code failed
+        raise UserError(f"the chat template failed on the conversation ({type(exc).__name__}: {exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,6 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         out=args.out,
         download=args.download,
         precision=args.precision,
+        allow_code=args.allow_code,
     )
 
 
@@ -321,7 +322,7 @@ def add_eval(commands: Subcommands) -> None:
         examples(
             "python -m smollm2 eval --model runs/mine/final --tasks hellaswag,arc_easy --limit 200 --out results.json",
             "python -m smollm2 eval --checkpoint runs/mine/checkpoints/step_600.pt --text held_out.txt",
-            "python -m smollm2 eval --model runs/mine/final --tasks tests/eval_tasks/multiple_choice.yaml",
+            "python -m smollm2 eval --model runs/mine/final --tasks tests/eval_tasks/multiple_choice.yaml --allow_code",
         ),
     )
     source = evaluate.add_mutually_exclusive_group(required=True)
@@ -344,6 +345,11 @@ def add_eval(commands: Subcommands) -> None:
         choices=["auto", "fp32", "bf16"],
         default="auto",
         help="weights; auto: bf16 on CUDA, fp32 on a CPU",
+    )
+    evaluate.add_argument(
+        "--allow_code",
+        action="store_true",
+        help="let task files run the Python files beside them (lm-eval's !function): only for tasks you trust",
     )
     evaluate.set_defaults(run=cmd_eval)
 

@@ -119,6 +119,7 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "smollm2"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun
+    eval_allow_code: bool = False  # eval_tasks files may run the Python beside them (lm-eval's !function)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -27,3 +28,11 @@ def os_error_line(exc: OSError) -> str:
         reason = exc.strerror or error_reason(exc)
     where = exc.filename
     return f"{where}: {reason.lower()}" if where else reason.lower()
+
+
+def read_utf8(path: str | Path) -> str:
+    """A text file a user may have edited (a template, a log): bytes that are not UTF-8 are one line."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start} is not); save it as UTF-8") from None

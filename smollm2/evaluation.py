@@ -14,17 +14,21 @@ is not there is one line, never a hang on a machine without network.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
+import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import lm_eval.models  # noqa: F401 - lm-eval's own models first: it reads an empty registry as "import them"
+import lm_eval.tasks
 import torch
+import yaml
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
@@ -37,7 +41,8 @@ from lm_eval.utils import (
     simple_parse_args_string,
 )
 
-from smollm2.errors import UserError, error_reason
+from smollm2.config import TrainConfig
+from smollm2.errors import UserError, error_reason, read_utf8
 from smollm2.files import write_atomic
 from smollm2.generation import Sampling, stream
 from smollm2.metrics import EVAL_PREFIX
@@ -152,10 +157,10 @@ def text_metrics(
     of `window` tokens (default: the model's context) moved by `stride` tokens (default: half the
     window); the first token is scored after the tokenizer's end-of-text token."""
     context = model.config.max_seq_len
-    window = window or context
+    window = context if window is None else window
     if not 2 <= window <= context:
         raise UserError(f"--window must be between 2 and the model's context ({context}), got {window}")
-    stride = stride or window // 2
+    stride = window // 2 if stride is None else stride
     if not 1 <= stride <= window:
         raise UserError(f"--stride must be between 1 and the window ({window} tokens), got {stride}")
     if tokenizer.eos_id is None:
@@ -341,8 +346,9 @@ def task_manager(include_path: str | None, with_lm_eval_tasks: bool) -> TaskMana
     return TaskManager(include_path=include_path, include_defaults=with_lm_eval_tasks)
 
 
-def load_tasks(names: Iterable[str], include_path: str | None = None) -> Tasks:
-    """lm-eval task names (or paths of task YAML files), each checked to exist."""
+def load_tasks(names: Iterable[str], include_path: str | None = None, allow_code: bool = False) -> Tasks:
+    """lm-eval task names (or paths of task YAML files), each checked to exist; task files that run
+    Python code (see `task_code`) are refused unless `allow_code`, before any of it is imported."""
     names = [name.strip() for name in names if name.strip()]
     if not names:
         raise UserError("--tasks names no task (e.g. --tasks hellaswag,arc_easy)")
@@ -352,14 +358,98 @@ def load_tasks(names: Iterable[str], include_path: str | None = None) -> Tasks:
     for name in files:
         if not Path(name).is_file():
             raise UserError(f"task file {name}: no such file")
+    check_task_files(files, include_path, allow_code)
     manager = task_manager(include_path, with_lm_eval_tasks=len(files) < len(names))
     for name in names:
         if name not in files and not manager.match_tasks([name]):
             raise UserError(
                 f"unknown task {name!r} (`lm-eval ls tasks` lists them; a task of your own: its .yaml path)"
             )
-    specs = [load_yaml(str(Path(name).absolute()), resolve_func=True) if name in files else name for name in names]
+    specs = [load_task_file(name) if name in files else name for name in names]
     return Tasks(manager, specs)
+
+
+LM_EVAL_TASKS = Path(lm_eval.tasks.__file__).resolve().parent  # lm-eval's own tasks: installed code, trusted as such
+CODE_FLAGS = "--allow_code (eval) or train.eval_allow_code: true (training)"
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Reads a task file as lm-eval does, but a `!function` tag is only noted, never imported."""
+
+    functions: list[str]
+
+
+def _note_function(loader: _TaskYamlLoader, node: yaml.Node) -> str:
+    loader.functions.append(str(loader.construct_scalar(node)))
+    return ""
+
+
+_TaskYamlLoader.add_constructor("!function", _note_function)
+
+
+def task_code(path: Path, strict: bool = True, seen: frozenset[Path] = frozenset()) -> str | None:
+    """The first `!function NAME` of a task file or of the files it includes: Python that lm-eval
+    imports from beside the file (and runs) when it loads the task. None when there is none; lm-eval's
+    own task files are not counted. `strict`: a file that is not a task file is one line, else skipped."""
+    path = path.expanduser().resolve()
+    if path in seen or path.is_relative_to(LM_EVAL_TASKS):
+        return None  # an include cycle (lm-eval names it when it loads the task), or lm-eval's own file
+    try:
+        config, functions = read_task_file(path)
+    except UserError:
+        if strict:
+            raise
+        return None
+    if functions:
+        return f"!function {functions[0]}"
+    includes = config.get("include")
+    for include in includes if isinstance(includes, list) else [includes] if includes else []:
+        found = task_code(path.parent / str(include), strict, seen | {path})
+        if found:
+            return found
+    return None
+
+
+def read_task_file(path: Path) -> tuple[dict, list[str]]:
+    """A task file's settings and the `!function` names in it (noted, not imported)."""
+    if not path.is_file():
+        raise UserError(f"task file {path}: no such file")
+    loader = _TaskYamlLoader(read_utf8(path))
+    loader.functions = []
+    try:
+        config = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise UserError(f"task file {path}: not valid YAML ({where}{getattr(exc, 'problem', None) or exc})") from None
+    finally:
+        loader.dispose()
+    if not isinstance(config, dict):
+        raise UserError(f"task file {path}: expected a YAML mapping of task settings, got {type(config).__name__}")
+    return config, loader.functions
+
+
+def check_task_files(files: list[str], include_path: str | None, allow_code: bool) -> None:
+    """Named task files (and the files they include) must be task files; those, or any in
+    --include_path, that would run Python code are refused unless `allow_code`."""
+    candidates = [(Path(name), True) for name in files]
+    if include_path is not None:
+        candidates += [(path, False) for path in sorted(Path(include_path).rglob("*.yaml"))]
+    for path, strict in candidates:
+        code = task_code(path, strict)
+        if code and not allow_code:
+            raise UserError(
+                f"task file {path} runs Python code ({code}, imported from beside the file): "
+                f"if you trust it, allow it with {CODE_FLAGS}"
+            )
+
+
+def load_task_file(name: str) -> dict:
+    """lm-eval's reading of a task file (its !function code imported); its failures are one line."""
+    try:
+        return load_yaml(str(Path(name).absolute()), resolve_func=True)
+    except (ValueError, ImportError, AttributeError, OSError, yaml.YAMLError) as exc:
+        raise UserError(f"task file {name}: {error_reason(exc, 160)}") from None
 
 
 def run_tasks(
@@ -370,18 +460,42 @@ def run_tasks(
     from lm_eval import simple_evaluate
 
     try:
-        return simple_evaluate(
-            model=lm,
-            tasks=tasks.specs,
-            task_manager=tasks.manager,
-            limit=limit,
-            num_fewshot=num_fewshot,
-            log_samples=log_samples,
-            bootstrap_iters=1000,
-            verbosity="WARNING",
-        )
+        with quiet_git_hash():
+            return simple_evaluate(
+                model=lm,
+                tasks=tasks.specs,
+                task_manager=tasks.manager,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                log_samples=log_samples,
+                bootstrap_iters=1000,
+                verbosity="WARNING",
+            )
     except OSError as exc:  # datasets' ConnectionError and FileNotFoundError among them
         raise data_error(exc) from None
+
+
+@contextlib.contextmanager
+def quiet_git_hash() -> Iterator[None]:
+    """simple_evaluate records the git commit of the current folder by running `git describe`, whose
+    "fatal: not a git repository" lands on the user's terminal outside a checkout. lm-eval has no
+    setting for it, so its evaluator gets, for the call, the same lookup with git's stderr discarded."""
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_hash() -> str | None:
+        try:
+            found = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+            return found.stdout.strip()
+        except (subprocess.CalledProcessError, OSError):
+            return get_commit_from_path(os.getcwd())
+
+    original = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
 
 
 def data_error(exc: OSError) -> UserError:
@@ -398,10 +512,10 @@ class TaskScores:
     (the same ones each time), as eval/<task>/<metric> figures for metrics.jsonl, wandb and loss.png.
     Data sets come from the local cache only; they are read when this is made, before training."""
 
-    def __init__(self, names: list[str], limit: int, tokenizer: Tokenizer, batch_size: int) -> None:
+    def __init__(self, settings: TrainConfig, tokenizer: Tokenizer) -> None:
         stay_offline()
-        self.limit, self.tokenizer, self.batch_size = limit, tokenizer, batch_size
-        tasks = load_tasks(names)
+        self.limit, self.tokenizer, self.batch_size = settings.eval_limit, tokenizer, settings.batch_size
+        tasks = load_tasks(settings.eval_tasks, allow_code=settings.eval_allow_code)
         try:
             self.tasks = tasks.manager.load(tasks.specs)
         except OSError as exc:
@@ -443,19 +557,28 @@ def format_table(rows: list[tuple[str, str, float, float | None]]) -> str:
     return "\n".join(lines)
 
 
+REPORT_FORMAT = "smollm2-eval/1"  # the first key of every --out report; no other writer puts it there
+
+
 def _is_our_report(path: Path) -> bool:
-    """An --out that `eval` wrote (a JSON object naming the model), and so may be replaced."""
+    """An --out that `eval` wrote, and so may be replaced: a JSON object that starts with our format
+    marker and has the shape our writer gives it (the model as a string, lm-eval's results and/or
+    the text's figures as objects). A user's JSON that merely names a "model" is not one."""
     if not path.is_file():
         return False
     try:
         report = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return False
-    return isinstance(report, dict) and "model" in report
+    if not isinstance(report, dict) or next(iter(report), None) != "format" or report["format"] != REPORT_FORMAT:
+        return False
+    parts = [report.get(key) for key in ("results", "text") if key in report]
+    return isinstance(report.get("model"), str) and bool(parts) and all(isinstance(p, dict) for p in parts)
 
 
 def write_results(path: str | Path, results: dict) -> None:
-    write_atomic(path, json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+    report = {"format": REPORT_FORMAT} | {key: value for key, value in results.items() if key != "format"}
+    write_atomic(path, json.dumps(report, indent=2, default=handle_non_serializable) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +598,7 @@ def evaluate(
     out: str | None = None,
     download: bool = False,
     precision: str = "auto",
+    allow_code: bool = False,
 ) -> dict:
     """Evaluate a checkpoint or model folder on lm-eval tasks and/or a text file; print the table,
     write the JSON to `out`. Every input is checked before the model is loaded."""
@@ -495,7 +619,7 @@ def evaluate(
         raise UserError(f"--out {out}: {blocked} is a file, not a folder")
     if out is not None and Path(out).exists() and not _is_our_report(Path(out)):
         raise UserError(f"--out {out} exists and is not results smollm2 wrote: give a new file name")
-    chosen = load_tasks(tasks.split(","), include_path) if tasks else None
+    chosen = load_tasks(tasks.split(","), include_path, allow_code) if tasks else None
     held_out = read_text(text) if text else None
     model, tokenizer = load_for_inference(source, precision=precision, pack=False)
     report: dict = {"model": str(source)}

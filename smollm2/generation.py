@@ -57,6 +57,16 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
+def check_chars(tokenizer: Tokenizer, text: str, what: str, tokens: int) -> None:
+    """Refuse a text with more characters than `tokens` tokens can hold, without tokenizing it."""
+    most = tokenizer.max_chars(tokens)
+    if len(text) > most:
+        raise UserError(
+            f"{what} is {len(text):,} characters, more than the {tokens:,} tokens left in the model's context can "
+            f"hold (at most {most:,} characters)"
+        )
+
+
 def check_new_tokens(max_new_tokens: int) -> None:
     if max_new_tokens < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -64,7 +74,9 @@ def check_new_tokens(max_new_tokens: int) -> None:
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str, max_seq_len: int) -> list[int]:
     """A prompt's token ids, with room for at least one new token; an empty prompt starts from
-    end-of-text. A prompt that does not fit the context is refused, never silently cut."""
+    end-of-text. A prompt that does not fit the context is refused, never silently cut (one far too
+    long by its characters alone, before it is tokenized)."""
+    check_chars(tokenizer, prompt, "the prompt", max_seq_len - 1)
     ids = tokenizer.encode(check_text(prompt, "the prompt"))
     if not ids and tokenizer.eos_id is not None:
         ids = [tokenizer.eos_id]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import matplotlib
 from tqdm import tqdm
@@ -21,7 +23,7 @@ from tqdm import tqdm
 matplotlib.use("Agg")  # headless: the plot is a file, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from smollm2.errors import error_reason  # noqa: E402
+from smollm2.errors import error_reason, read_utf8  # noqa: E402
 from smollm2.files import write_atomic  # noqa: E402
 
 
@@ -62,7 +64,7 @@ class RunLog:
             f.write("".join(lines))
 
     def plot(self) -> None:
-        plot_losses(read_metrics(self.metrics_path), self.plot_path)
+        plot_losses(numeric_rows(read_metrics(self.metrics_path)), self.plot_path)
 
     def close(self) -> None:
         self.metrics_file.close()
@@ -232,20 +234,31 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def numeric_rows(rows: list[dict]) -> list[dict]:
+    """The rows with their numbers only (and the step): what the plots and the Space's tables read.
+    A value edited into something else ("loss": "abc") is left out rather than stopping them."""
+    return [{key: value for key, value in row.items() if key == "step" or is_number(value)} for row in rows]
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 SAMPLES_TITLE = "# Predictions during training\n"
 
 
-def samples_up_to(path: Path, last_step: int) -> str:
-    """samples.md without the sections of steps after `last_step` (all of them for a fresh run)."""
+def samples_up_to(path: Path, last_step: int) -> bytes:
+    """samples.md without the sections of steps after `last_step` (all of them for a fresh run);
+    the bytes kept as they are, whatever a user's editor put there."""
     if not last_step or not path.is_file():
-        return SAMPLES_TITLE
+        return SAMPLES_TITLE.encode()
     kept, keep = [], True
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if match := re.match(r"## step (\d+) \(", line):
+    for line in path.read_bytes().splitlines(keepends=True):
+        if match := re.match(rb"## step (\d+) \(", line):
             keep = int(match[1]) <= last_step
         if keep:
             kept.append(line)
-    return "".join(kept).rstrip("\n") + "\n"
+    return b"".join(kept).rstrip(b"\n") + b"\n"
 
 
 @dataclass
@@ -261,7 +274,7 @@ def read_samples(path: Path) -> list[Predictions]:
         return []
     found: list[Predictions] = []
     block: list[str] | None = None
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_utf8(path).splitlines():
         if block is not None:
             if line == "```":
                 found[-1].texts.append("\n".join(block))
@@ -313,6 +326,24 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+WANDB_PROBE_SECONDS = 3.0
+
+
+def wandb_unreachable() -> tuple[str, str | None]:
+    """The wandb server (WANDB_BASE_URL, else wandb's cloud), and why a connection to it (or to the
+    HTTPS proxy in the way) fails within a few seconds; None when it connects."""
+    server = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    scheme = urlsplit(server).scheme
+    proxy = os.environ.get(f"{scheme.upper()}_PROXY") or os.environ.get(f"{scheme}_proxy")
+    target = urlsplit(proxy or server)
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname or "", port), timeout=WANDB_PROBE_SECONDS).close()
+    except (OSError, ValueError) as exc:
+        return server, error_reason(exc, 80)
+    return server, None
+
+
 def plot_benchmarks(ax, benchmarks: dict[str, list[tuple[int, float]]]) -> None:
     for name, points in benchmarks.items():
         ax.plot(*zip(*points, strict=True), label=name, marker="o", linewidth=1.5)
@@ -323,16 +354,28 @@ def plot_benchmarks(ax, benchmarks: dict[str, list[tuple[int, float]]]) -> None:
 
 
 def start_wandb(folder: Path, config: dict, project: str):
-    """wandb when it can run; offline (files under logs/wandb) without a key; never required."""
+    """wandb when it can run; offline (files under logs/wandb) without a key, or when its server cannot
+    be reached (wandb itself would retry for its 90-second init_timeout before giving up); never
+    required. A mode the user set (WANDB_MODE) is theirs: no check, no fallback."""
     try:
         import wandb
     except ImportError:
         print("warning: wandb is not installed; logging to logs/metrics.jsonl only", file=sys.stderr)
         return None
+    mode = None  # wandb's choice: WANDB_MODE, else online
     if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
-        os.environ["WANDB_MODE"] = "offline"
+        mode = "offline"
+    elif "WANDB_MODE" not in os.environ:
+        server, reason = wandb_unreachable()
+        if reason:
+            print(
+                f"warning: wandb cannot reach {server} ({reason}); logging offline to {folder / 'wandb'} "
+                "(upload it later with `wandb sync`)",
+                file=sys.stderr,
+            )
+            mode = "offline"
     try:
-        return wandb.init(project=project, dir=str(folder), config=config, reinit="finish_previous")
+        return wandb.init(project=project, dir=str(folder), config=config, reinit="finish_previous", mode=mode)
     except Exception as exc:  # wandb has many failure modes (network, auth); the run goes on without it
         print(f"warning: wandb could not start ({error_reason(exc, 100)}); continuing without it", file=sys.stderr)
         return None

@@ -9,6 +9,7 @@ state of a run, continued.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ def resolve_init_from(config: Config) -> Config:
     source = source_architecture(Path(spec))
     for key in sorted(config.model_keys_set - set(FREE_KEYS)):
         ours, theirs = getattr(config.model, key), getattr(source, key)
-        if ours != theirs:
+        if not same_value(ours, theirs):
             raise ConfigError(
                 f"model.{key}={ours!r} in {config.source} contradicts model.init_from {spec} ({key}={theirs!r}): "
                 f"the architecture comes from the weights; leave model.{key} out"
@@ -50,6 +51,18 @@ def resolve_init_from(config: Config) -> Config:
     resolved = dataclasses.replace(config, model=model, data=data)
     validate(resolved, f"{config.source} (with model.init_from {spec})")
     return resolved
+
+
+def same_value(ours: object, theirs: object) -> bool:
+    """Equal, numbers within a relative 1e-6: a float32 copy (a GGUF conversion's 9.999999747e-06)
+    is the same norm_eps as a config's 1e-05."""
+    if isinstance(ours, float) or isinstance(theirs, float):
+        return (
+            isinstance(ours, (int, float))
+            and isinstance(theirs, (int, float))
+            and math.isclose(ours, theirs, rel_tol=1e-6)
+        )
+    return ours == theirs
 
 
 def resolve_tokenizer(config: Config, spec: str) -> str:

@@ -29,7 +29,7 @@ from smollm2.config import ModelConfig
 from smollm2.errors import UserError, error_reason
 from smollm2.files import build_folder, check_replaceable, is_inside, write_atomic
 from smollm2.hf import llama_incompatibility, load_pretrained, save_pretrained
-from smollm2.metrics import Predictions, read_metrics, read_samples
+from smollm2.metrics import Predictions, numeric_rows, read_metrics, read_samples
 
 PACKAGE = Path(__file__).resolve().parent
 DEFAULT_MODEL = Path("runs/demo/final")
@@ -99,7 +99,8 @@ def short_count(n: int) -> str:
 def read_record(config: ModelConfig, parameters: int, logs: Path | None) -> RunRecord:
     if logs is None:
         return RunRecord(config, parameters, [], [])
-    return RunRecord(config, parameters, read_metrics(logs / "metrics.jsonl"), read_samples(logs / "samples.md"))
+    metrics = numeric_rows(read_metrics(logs / "metrics.jsonl"))
+    return RunRecord(config, parameters, metrics, read_samples(logs / "samples.md"))
 
 
 def logs_beside(model: Path) -> Path | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from smollm2.errors import UserError, error_reason
+from smollm2.errors import UserError, error_reason, read_utf8
 from smollm2.files import write_atomic
 
 END_OF_TEXT = "<|endoftext|>"
@@ -50,6 +51,19 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """Characters in the vocabulary's longest token (byte-level: its bytes), special tokens included."""
+        return max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=1)
+
+    def max_chars(self, tokens: int) -> int:
+        """The most characters `tokens` tokens can hold: a text longer than this cannot encode to
+        `tokens` tokens or fewer, so it is refused by its length alone, before it is tokenized (a
+        20-million-character prompt took 17 s and 3.8 GB to tokenize only to be refused). A token holds
+        at most `longest_token` bytes (byte-level) or characters, and a character is at least one byte.
+        (A normalizer that deletes characters could let a longer text fit; none of SmolLM2's does.)"""
+        return max(tokens, 0) * self.longest_token
 
     @property
     def hash(self) -> str:
@@ -166,7 +180,7 @@ def read_chat_template(folder: Path) -> str | None:
     then tokenizer_config.json's chat_template (a string, or named templates: the "default" one)."""
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        return read_utf8(jinja)
     config_file = folder / "tokenizer_config.json"
     template = read_tokenizer_config(config_file).get("chat_template")
     if isinstance(template, list):

@@ -145,7 +145,7 @@ class Validator:
         if settings.eval_tasks:
             from smollm2.evaluation import TaskScores  # lm-eval is a heavy import: only when asked for
 
-            self.tasks = TaskScores(settings.eval_tasks, settings.eval_limit, data.tokenizer, settings.batch_size)
+            self.tasks = TaskScores(settings, data.tokenizer)
 
     def due(self, step: int, end: int) -> bool:
         return step % self.every == 0 or step == end
@@ -552,7 +552,7 @@ def train(
     if config.train.eval_tasks:  # an unknown task is refused before anything is written
         from smollm2.evaluation import load_tasks
 
-        load_tasks(config.train.eval_tasks)
+        load_tasks(config.train.eval_tasks, allow_code=config.train.eval_allow_code)
     resume_hint = resume_hint or resume_command(config.source, out_dir=out_dir)
     out_dir = Path(out_dir)
     checkpointer = Checkpointer(out_dir, config.train, is_main=True)

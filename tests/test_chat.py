@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,12 @@ import yaml
 
 from smollm2 import chat, chat_template, cli, sft
 from smollm2.checkpoint import load_checkpoint
-from smollm2.config import load_config
+from smollm2.config import config_from_dict, load_config
 from smollm2.errors import UserError
 from smollm2.generation import Sampling
-from smollm2.hf import load_pretrained
+from smollm2.hf import load_pretrained, write_model_folder
 from smollm2.model import SmolLM2
+from smollm2.pretrained import resolve_init_from
 from smollm2.tokenizer import CHATML_TEMPLATE, load_tokenizer, train_tokenizer
 from smollm2.trainer import train
 from tests.conftest import small_config
@@ -329,3 +331,96 @@ def test_a_message_too_long_for_the_context_keeps_the_conversation(chat_model, t
     with pytest.raises(UserError, match="the message is"):
         conversation.prompt("word " * 200)
     assert conversation.turns == kept  # not silently forgotten on the way to the refusal
+
+
+def test_init_from_compares_numbers_with_a_tolerance(tmp_path, tokenizer):
+    """A GGUF conversion stores norm_eps as float32 (9.999999747e-06): still 1e-05 to a config."""
+    float32_eps = float(torch.tensor(1e-5, dtype=torch.float32))
+    assert float32_eps != 1e-5
+    write_model_folder(SmolLM2(small_config(vocab_size=400, norm_eps=float32_eps)), tmp_path / "gguf", tokenizer)
+    same = config_from_dict(
+        {"model": {"init_from": str(tmp_path / "gguf"), "norm_eps": 1e-5}, "data": {"seq_len": 64}}, "published.yaml"
+    )
+    assert resolve_init_from(same).model.norm_eps == pytest.approx(1e-5, rel=1e-6)
+    other = config_from_dict(
+        {"model": {"init_from": str(tmp_path / "gguf"), "norm_eps": 1.1e-5}, "data": {"seq_len": 64}}, "published.yaml"
+    )
+    with pytest.raises(UserError, match="model.norm_eps=1.1e-05 in published.yaml contradicts"):
+        resolve_init_from(other)
+
+
+def test_a_chat_template_that_is_not_utf8_is_one_line(tmp_path, tokenizer, capsys):
+    write_model_folder(SmolLM2(small_config(vocab_size=400)), tmp_path / "model", tokenizer)
+    (tmp_path / "model" / "chat_template.jinja").write_bytes(b"{{ messages }}\xff\n")
+    argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "hi", "--chat", "--max_new_tokens", "2"]
+    refused(capsys, tmp_path, cli.main, argv, "chat_template.jinja: not UTF-8 text (byte 14 is not)")
+
+
+def alone_tokens(tokenizer, message: str) -> int:
+    return len(chat_template.prompt_ids(tokenizer, [{"role": "user", "content": message}]))
+
+
+def test_a_reply_budget_that_leaves_no_room_keeps_the_conversation(chat_model, tokenizer):
+    room = 96 - alone_tokens(tokenizer, "And 3 plus 3?")
+    conversation = chat.Conversation(chat_model, tokenizer, system=None, reply_tokens=room)
+    conversation.turns = [{"role": "user", "content": "What is 1 plus 1?"}, {"role": "assistant", "content": "2."}]
+    ids, dropped = conversation.prompt("And 3 plus 3?")  # fits alone with its full reply budget: the rest goes
+    assert (len(ids), dropped) == (96 - room, 2) and len(conversation.turns) == 1
+    conversation.answered("6.")
+    kept = list(conversation.turns)
+    conversation.reply_tokens = room + 1  # now not even the message alone fits with room for the reply
+    with pytest.raises(UserError, match=f"with room for a reply of {room + 1} tokens .* the conversation is kept "
+                                        rf"\(a shorter message, or max_new_tokens {room} or less, fits\)"):  # fmt: skip
+        conversation.prompt("And 3 plus 3?")
+    assert conversation.turns == kept
+
+
+def test_a_chat_whose_max_new_tokens_fills_the_context_is_refused_at_the_start(chat_model, tokenizer):
+    read, pending = typed("hi")
+    alone = alone_tokens(tokenizer, "")
+    with pytest.raises(UserError, match=rf"^--max_new_tokens 96 leaves no room .* use at most {95 - alone}$"):
+        chat.chat_loop(chat_model, tokenizer, None, 96, Sampling(temperature=0), read=read)
+    assert pending == ["hi"]
+
+
+def test_history_trimming_renders_the_conversation_a_logarithmic_number_of_times(chat_model, tokenizer, monkeypatch):
+    history = [turn for n in range(500) for turn in ({"role": "user", "content": f"What is {n} plus {n}?"},
+                                                     {"role": "assistant", "content": f"{2 * n}."})]  # fmt: skip
+    question = {"role": "user", "content": "And 1?"}
+    fitting = [
+        s for s in range(0, len(history) + 1, 2) if len(chat_template.prompt_ids(tokenizer, [*history[s:], question])) <= 76
+    ]
+    renders = []
+    monkeypatch.setattr(chat, "prompt_ids", lambda *args: renders.append(1) or chat_prompt_ids(*args))
+    conversation = chat.Conversation(chat_model, tokenizer, system=None, reply_tokens=20)
+    conversation.turns = list(history)
+    ids, dropped = conversation.prompt("And 1?")
+    assert dropped == fitting[0] and conversation.turns == [
+        *history[fitting[0] :],
+        {"role": "user", "content": "And 1?"},
+    ]
+    assert len(renders) <= 12  # 500 exchanges, most ruled out by their length; the old loop rendered 490 times
+
+
+chat_prompt_ids = chat.prompt_ids
+
+
+def test_a_message_longer_than_the_context_can_hold_is_refused_before_it_is_tokenized(chat_model, tokenizer):
+    conversation = chat.Conversation(chat_model, tokenizer, system=None, reply_tokens=20)
+    most = tokenizer.max_chars(95)
+    assert len(tokenizer.encode("x" * most)) <= most  # no text of `most` characters or fewer is ruled out unseen
+    with pytest.raises(
+        UserError, match=f"^the message is 20,000,000 characters, more than the 95 tokens left .*at most {most:,}"
+    ):
+        conversation.prompt("x" * 20_000_000)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [("{% for i in range(10**9) %}x{% endfor %}", "(OverflowError: Range too big."),
+     ("{{ 1 / 0 }}", "(ZeroDivisionError: division by zero)"),
+     ("{{ '%d' % messages[0]['content'] }}", "(TypeError: %d format: a real number is required, not str)")],
+)  # fmt: skip
+def test_a_chat_template_whose_code_fails_is_one_line(template, message):
+    with pytest.raises(UserError, match=rf"^the chat template failed on the conversation {re.escape(message)}"):
+        chat_template.render_template(template, [{"role": "user", "content": "hi"}])

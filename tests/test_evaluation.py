@@ -4,6 +4,8 @@ its refusals, and benchmark figures during training."""
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,7 +78,7 @@ def assert_same_evaluation(ours: dict, theirs: dict) -> None:
 def evaluate_both(folder: Path, tasks: list[str], limit: int | None, **hf_args) -> tuple[dict, dict]:
     from lm_eval import simple_evaluate
 
-    chosen = evaluation.load_tasks(tasks)
+    chosen = evaluation.load_tasks(tasks, allow_code=True)  # the local tasks read their data with local_data.py
     ours = evaluation.SmolLM2Harness.create_from_arg_obj({"model": str(folder), "precision": "fp32"}, {"batch_size": 4})
     our_results = evaluation.run_tasks(ours, chosen, limit, log_samples=True)
     their_results = simple_evaluate(
@@ -148,7 +150,7 @@ def test_eval_command_prints_the_table_and_writes_json(model_folder, tmp_path, c
     text = tmp_path / "held_out.txt"
     text.write_text((ROOT / "input.txt").read_text()[:3000])
     tasks = f"{TASKS / 'multiple_choice.yaml'},{TASKS / 'generation.yaml'}"
-    argv = ["eval", "--model", str(model_folder), "--tasks", tasks, "--limit", "3", "--text", str(text)]
+    argv = ["eval", "--model", str(model_folder), "--tasks", tasks, "--limit", "3", "--text", str(text), "--allow_code"]
     assert cli.main([*argv, "--stride", "16", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "local_multiple_choice" in printed and "acc_norm" in printed and "bits/byte" in printed
@@ -156,6 +158,8 @@ def test_eval_command_prints_the_table_and_writes_json(model_folder, tmp_path, c
     assert report["results"]["local_multiple_choice"]["sample_len"] == 3
     assert report["text"]["stride"] == 16 and report["text"]["window"] == 64
     assert report["text"]["bytes"] == len(text.read_bytes())
+    assert cli.main([*argv, "--stride", "8", "--out", str(out)]) == 0  # its own report: replaced
+    assert json.loads(out.read_text())["text"]["stride"] == 8
 
 
 @pytest.fixture
@@ -164,6 +168,13 @@ def workspace(model_folder, tmp_path, monkeypatch) -> Path:
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (tmp_path / "notes.txt").write_text("a week of notes\n")
     (tmp_path / "results").mkdir()
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "broken.yaml").write_text("task: [unclosed\n")
+    (tmp_path / "includes_list.yaml").write_text("include: list.yaml\ntask: x\n")
+    (tmp_path / "includes_nothing.yaml").write_text("include: missing.yaml\ntask: y\n")
+    (tmp_path / "no_module.yaml").write_text("task: z\ncustom_dataset: !function nowhere.data\n")
+    (tmp_path / "mine.json").write_text('{"model": "gpt-2", "notes": "my own table of models"}\n')
+    (tmp_path / "looks_ours.json").write_text('{"format": "smollm2-eval/1", "model": "gpt-2", "text": "mine"}\n')
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -181,18 +192,31 @@ def workspace(model_folder, tmp_path, monkeypatch) -> Path:
         (["--text", "notes.txt", "--limit", "0"], "--limit must be at least 1"),
         (["--text", "notes.txt", "--out", "results"], "is a folder"),
         (["--text", "notes.txt", "--out", "notes.txt"], "exists and is not results smollm2 wrote"),
+        (["--text", "notes.txt", "--out", "mine.json"], "exists and is not results smollm2 wrote"),
+        (["--text", "notes.txt", "--out", "looks_ours.json"], "exists and is not results smollm2 wrote"),
         (["--text", "notes.txt", "--out", "notes.txt/eval.json"], "--out notes.txt/eval.json: notes.txt is a file"),
         (["--text", "results"], "--text results: a folder"),
         (["--tasks", str(TASKS / "multiple_choice.yaml"), "--num_fewshot", "-1"], "--num_fewshot must be 0 or more"),
         ([], "nothing to evaluate"),
+        (["--tasks", "list.yaml"], "task file {}/list.yaml: expected a YAML mapping of task settings, got list"),
+        (
+            ["--tasks", "broken.yaml", "--allow_code"],
+            "task file {}/broken.yaml: not valid YAML (line 2: expected ',' or ']'",
+        ),
+        (["--tasks", "includes_list.yaml"], "task file {}/list.yaml: expected a YAML mapping"),
+        (["--tasks", "includes_nothing.yaml"], "task file {}/missing.yaml: no such file"),
+        (["--tasks", "no_module.yaml", "--allow_code"], "task file no_module.yaml: Cannot import module 'nowhere'"),
+        (["--text", "notes.txt", "--stride", "0"], "--stride must be between 1 and the window (64 tokens), got 0"),
+        (["--text", "notes.txt", "--window", "0"], "--window must be between 2 and the model's context (64), got 0"),
     ],
 )
 def test_eval_refuses_bad_input_in_one_line(workspace, model_folder, capsys, flags, message):
+    message = message.format(workspace.resolve())
     refused(capsys, workspace, cli.main, ["eval", "--model", str(model_folder), *flags], message)
 
 
 def test_eval_refuses_a_checkpoint_that_is_not_one(workspace, capsys):
-    argv = ["eval", "--checkpoint", "notes.txt", "--tasks", str(TASKS / "multiple_choice.yaml")]
+    argv = ["eval", "--checkpoint", "notes.txt", "--tasks", str(TASKS / "multiple_choice.yaml"), "--allow_code"]
     refused(capsys, workspace, cli.main, argv, "notes.txt")
 
 
@@ -207,7 +231,7 @@ def test_eval_tasks_during_training_go_to_the_logs(run_folder):
     from PIL import Image
 
     task = str(TASKS / "multiple_choice.yaml")
-    config = config_from_dict(tiny_config(eval_every=2, eval_tasks=[task], eval_limit=4), "tiny")
+    config = config_from_dict(tiny_config(eval_every=2, eval_tasks=[task], eval_limit=4, eval_allow_code=True), "tiny")
     train(config, 4, None, "run")
     rows = [json.loads(line) for line in (run_folder / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
     evaluated = {row["step"]: row for row in rows if "val_loss" in row}
@@ -250,3 +274,53 @@ def test_lm_evals_own_command_line_runs_our_model(model_folder, monkeypatch, cap
     assert evaluation.lm_eval_main() == 0
     table = capsys.readouterr().out
     assert "local_multiple_choice" in table and "acc_norm" in table
+
+
+@pytest.fixture
+def code_task(tmp_path) -> Path:
+    """A task file whose data comes from the Python beside it, which leaves a mark when it runs."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "local_data.py").write_text(
+        (TASKS / "local_data.py").read_text().replace("HERE = ", f"Path({str(tmp_path / 'ran')!r}).touch()\nHERE = ")
+    )
+    for name in ("multiple_choice.yaml", "multiple_choice.jsonl"):
+        (folder / name).write_bytes((TASKS / name).read_bytes())
+    (folder / "inherits.yaml").write_text("include: multiple_choice.yaml\ntask: inherited\n")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--tasks", "tasks/multiple_choice.yaml"], ["--tasks", "tasks/inherits.yaml"],
+     ["--tasks", "local_multiple_choice", "--include_path", "tasks"]],
+)  # fmt: skip
+def test_task_code_runs_only_when_allowed(code_task, model_folder, capsys, monkeypatch, flags):
+    monkeypatch.chdir(code_task.parent)
+    message = "runs Python code (!function local_data.multiple_choice, imported from beside the file)"
+    refused(capsys, code_task.parent, cli.main, ["eval", "--model", str(model_folder), *flags], message)
+    assert not (code_task.parent / "ran").exists()
+    assert cli.main(["eval", "--model", str(model_folder), *flags, "--limit", "2", "--allow_code"]) == 0
+    assert (code_task.parent / "ran").exists()
+
+
+def test_training_runs_task_code_only_when_the_config_allows_it(code_task, capsys, monkeypatch):
+    monkeypatch.chdir(code_task.parent)
+    (code_task.parent / "input.txt").write_text(CORPUS)
+    config = tiny_config(eval_tasks=["tasks/multiple_choice.yaml"], eval_every=2, eval_limit=2)
+    (code_task.parent / "tiny.yaml").write_text(yaml.safe_dump(config))
+    argv = ["--config", "tiny.yaml", "--train_steps", "2", "--out_dir", "run"]
+    refused(capsys, code_task.parent, cli.train_main, argv, "train.eval_allow_code: true")
+    assert not (code_task.parent / "ran").exists() and not (code_task.parent / "run").exists()
+    assert cli.train_main([*argv, "--set", "train.eval_allow_code=true"]) == 0
+    assert (code_task.parent / "ran").exists()
+
+
+def test_eval_outside_a_git_checkout_prints_no_git_error(model_folder, tmp_path):
+    task = str(TASKS / "multiple_choice.yaml")
+    argv = ["eval", "--model", str(model_folder), "--tasks", task, "--limit", "1", "--allow_code"]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}  # this checkout's smollm2, run from a folder outside any git checkout
+    command = [sys.executable, "-m", "smollm2", *argv]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "not a git repository" not in result.stderr and "fatal" not in result.stderr, result.stderr

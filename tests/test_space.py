@@ -394,3 +394,66 @@ def test_in_a_browser_the_chat_tab_answers(app_url):
         bot.wait_for(timeout=60_000)
         page.wait_for_function("el => el.innerText.trim().length > 0", arg=bot.element_handle(), timeout=60_000)
         assert page.get_by_text("Who are you?").first.is_visible()
+
+
+def test_export_of_a_run_whose_samples_are_not_utf8_is_one_line(space, tmp_path, capsys):
+    from smollm2 import cli
+    from tests.test_hostile import refused
+
+    shutil.copytree(space / "run", tmp_path / "run")
+    with open(tmp_path / "run" / "logs" / "samples.md", "ab") as f:
+        f.write(b"caf\xe9\n")
+    argv = ["export-space", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out")]
+    refused(capsys, tmp_path, cli.main, argv, "samples.md: not UTF-8 text (byte ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_run_keeps_the_bytes_of_its_samples(tmp_path):
+    from smollm2.metrics import samples_up_to
+
+    samples = tmp_path / "samples.md"
+    samples.write_bytes(
+        b"# Predictions during training\n\n## step 5 (loss 1)\n\n```text\ncaf\xe9\n```\n\n## step 9 (loss 2)\n"
+    )
+    assert (
+        samples_up_to(samples, 5) == b"# Predictions during training\n\n## step 5 (loss 1)\n\n```text\ncaf\xe9\n```\n"
+    )
+
+
+def test_the_app_refuses_a_prompt_longer_than_the_context_holds_before_tokenizing_it(app_url, space):
+    """A 2-million-character prompt or message: refused by its length (the old refusal, after tokenizing
+    it whole, said "N tokens"); the UI says the limit and the browser stops typing there."""
+    from gradio_client import Client
+
+    _, tokenizer = load_for_inference(space / "out" / "model")
+    most = tokenizer.max_chars(63)
+    client = Client(app_url, verbose=False)
+    with pytest.raises(Exception, match=f"the prompt is 2,000,000 characters, .*at most {most:,} characters"):
+        client.predict("a" * 2_000_000, 12, 0.0, 0, 1.0, 0, api_name="/generate")
+    with pytest.raises(Exception, match=f"the message is 2,000,000 characters, .*at most {most:,} characters"):
+        client.predict("a" * 2_000_000, 10, 0.0, api_name="/chat")
+    assert client.predict("ROMEO:", 4, 0.0, 0, 1.0, 0, api_name="/generate").startswith("ROMEO:")  # still serving
+    boxes = [c["props"] for c in client.config["components"] if c["type"] == "textbox" and c["props"].get("max_length")]
+    assert [box["max_length"] for box in boxes] == [most, most]  # the prompt's and the chat's
+    shown = [c["props"].get("value") for c in client.config["components"] if c["type"] == "markdown"]
+    assert any(f"at most {most:,} characters" in str(text) and "up to 16 wait in line" in str(text) for text in shown)
+
+
+def test_the_apps_queue_is_bounded_and_runs_one_request_at_a_time(space):
+    from smollm2.app import QUEUE_SIZE, build_app
+
+    app = build_app(space / "out" / "model", None)
+    assert app._queue.max_size == QUEUE_SIZE == 16
+    assert {fn.concurrency_limit for fn in app.fns.values()} == {"default"}
+    assert app._queue.default_concurrency_limit == 1
+
+
+def test_export_of_a_run_whose_metrics_hold_a_non_number_still_writes_the_card(space, tmp_path):
+    shutil.copytree(space / "run", tmp_path / "run")
+    last = json.loads((tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
+    with open(tmp_path / "run" / "logs" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 11, "loss": "abc", "tokens": "many", "val_loss": None}) + "\n")
+    result = cli("export-space", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"| final train loss | {last['loss']:.4f} |" in card and "| tokens seen | " not in card
