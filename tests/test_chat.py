@@ -388,7 +388,9 @@ def test_history_trimming_renders_the_conversation_a_logarithmic_number_of_times
                                                      {"role": "assistant", "content": f"{2 * n}."})]  # fmt: skip
     question = {"role": "user", "content": "And 1?"}
     fitting = [
-        s for s in range(0, len(history) + 1, 2) if len(chat_template.prompt_ids(tokenizer, [*history[s:], question])) <= 76
+        s
+        for s in range(0, len(history) + 1, 2)
+        if len(chat_template.prompt_ids(tokenizer, [*history[s:], question])) <= 76
     ]
     renders = []
     monkeypatch.setattr(chat, "prompt_ids", lambda *args: renders.append(1) or chat_prompt_ids(*args))
