@@ -149,10 +149,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from smollm2.checkpoint import load_model_from_checkpoint
     from smollm2.hf import export_llama
+    from smollm2.model_source import ModelSource
 
-    model, tokenizer = load_model_from_checkpoint(args.checkpoint)
+    model, tokenizer = ModelSource.open(args.checkpoint, "--checkpoint").load()
     export_llama(model, args.out, tokenizer)
     print(f"wrote {args.out} (transformers: AutoModelForCausalLM.from_pretrained({str(args.out)!r}))")
 

@@ -25,23 +25,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from smollm2.errors import error_reason, read_utf8  # noqa: E402
 from smollm2.files import write_atomic  # noqa: E402
+from smollm2.run_folder import RunFolder  # noqa: E402
 
 
 class RunLog:
     """Append-only metrics and samples; a resumed run keeps the rows up to its checkpoint's step."""
 
     def __init__(self, out_dir: Path, start_step: int, config: dict, use_wandb: bool, project: str) -> None:
-        self.folder = Path(out_dir) / "logs"
+        run = RunFolder(out_dir)
+        self.folder = run.logs
         self.start_step = start_step
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.folder / "metrics.jsonl"
-        self.samples_path = self.folder / "samples.md"
-        self.plot_path = self.folder / "loss.png"
+        self.metrics_path, self.samples_path, self.plot_path = run.metrics, run.samples, run.plot
         # A resumed run goes on from its checkpoint's step: what was logged after it is cut back.
         rows = [r for r in read_metrics(self.metrics_path) if r["step"] <= start_step] if start_step else []
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         write_atomic(self.samples_path, samples_up_to(self.samples_path, start_step))
-        self.summary_path = self.folder / "summary.json"
+        self.summary_path = run.summary
         self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.wandb = start_wandb(self.folder, config, project) if use_wandb else None
 

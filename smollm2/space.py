@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from smollm2.checkpoint import list_checkpoints, load_model_from_checkpoint
 from smollm2.config import ModelConfig
 from smollm2.errors import UserError, error_reason
 from smollm2.files import build_folder, check_replaceable, is_inside, write_atomic
-from smollm2.hf import llama_incompatibility, load_pretrained, save_pretrained
+from smollm2.hf import llama_incompatibility, save_pretrained
 from smollm2.metrics import Predictions, numeric_rows, read_metrics, read_samples
+from smollm2.model_source import ModelSource
+from smollm2.run_folder import RunFolder
 
 PACKAGE = Path(__file__).resolve().parent
 DEFAULT_MODEL = Path("runs/demo/final")
@@ -151,8 +152,8 @@ def run_facts(run: Path) -> RunFacts:
 
 def last_config(run: Path) -> dict:
     """The config of the run's latest checkpoint; {} when there is none to read."""
-    checkpoints = list_checkpoints(Path(run) / "checkpoints")
-    return checkpoint_config(checkpoints[-1]) if checkpoints else {}
+    latest = RunFolder(run).latest_checkpoint()
+    return checkpoint_config(latest) if latest else {}
 
 
 def checkpoint_config(path: Path) -> dict:
@@ -247,14 +248,14 @@ def export_space(run: Path, out: Path) -> Path:
         raise UserError(f"{APP_PY} not found: export-space works from a clone of the repository")
     model, tokenizer = load_run_model(run)
     facts = run_facts(run)
-    logs = run / "logs"
+    logs = RunFolder(run).logs
     with build_folder(out, "space") as staging:
         save_pretrained(model, staging / "model", tokenizer)
         if logs.is_dir():
             (staging / "logs").mkdir()
-            for name in ("metrics.jsonl", "samples.md", "loss.png"):
-                if (logs / name).is_file():
-                    shutil.copy2(logs / name, staging / "logs" / name)
+            for path in (RunFolder(run).metrics, RunFolder(run).samples, RunFolder(run).plot):
+                if path.is_file():
+                    shutil.copy2(path, staging / "logs" / path.name)
         shutil.copytree(PACKAGE, staging / "smollm2", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copy2(APP_PY, staging / "app.py")
         write_atomic(staging / "requirements.txt", SPACE_REQUIREMENTS)
@@ -266,12 +267,9 @@ def export_space(run: Path, out: Path) -> Path:
 
 def load_run_model(run: Path):
     """The run's final/ model, or its latest checkpoint's when the run never finished."""
-    if (run / "final").is_dir():
-        return load_pretrained(run / "final")
-    checkpoints = list_checkpoints(run / "checkpoints")
-    if not checkpoints:
+    if not RunFolder(run).looks_like_a_run():
         raise UserError(f"{run}: neither final/ nor checkpoints/step_N.pt found (is it a training run's folder?)")
-    return load_model_from_checkpoint(checkpoints[-1])
+    return ModelSource.open(run, "--run").load()
 
 
 def front_matter(record: RunRecord) -> str:
