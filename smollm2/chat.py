@@ -11,7 +11,7 @@ import torch
 
 from smollm2.chat_template import Message, end_of_turn_id, prompt_ids, render
 from smollm2.errors import UserError
-from smollm2.generation import Sampling, check_chars, check_new_tokens, check_text
+from smollm2.generation import Sampling, check_chars, check_fits, check_new_tokens, check_text, fit_new_tokens
 from smollm2.inference import seeded_generator, stream_pieces
 from smollm2.model import SmolLM2
 from smollm2.tokenizer import Tokenizer
@@ -117,9 +117,8 @@ def chat_loop(
         check_text(system, "--system")
     conversation = Conversation(model, tokenizer, system, max_new_tokens)
     context = model.config.max_seq_len
-    alone = len(prompt_ids(tokenizer, conversation.system + [{"role": "user", "content": ""}]))
-    if alone >= context:
-        raise UserError(f"--system is {alone} tokens with the chat template, the model's context is {context}")
+    system_alone = prompt_ids(tokenizer, conversation.system + [{"role": "user", "content": ""}])
+    alone = len(check_fits(system_alone, context, "--system with the chat template"))
     if alone + max_new_tokens >= context:  # no message could ever be answered: say so now, not at every one
         raise UserError(
             f"--max_new_tokens {max_new_tokens} leaves no room for a message in the model's context of {context} "
@@ -151,7 +150,7 @@ def chat_loop(
         reply = ""
         out.write("assistant> ")
         try:
-            budget = min(max_new_tokens, model.config.max_seq_len - len(ids))
+            budget = fit_new_tokens(ids, max_new_tokens, model.config.max_seq_len)
             for piece in stream_reply(model, tokenizer, ids, budget, sampling, generator):
                 reply += piece
                 out.write(piece)
@@ -170,10 +169,9 @@ def single_reply(
     check_new_tokens(max_new_tokens)
     ids = prompt_ids(tokenizer, [{"role": "user", "content": check_text(user_text, "the prompt")}])
     context = model.config.max_seq_len
-    if len(ids) >= context:
-        raise UserError(f"the prompt is {len(ids)} tokens with the chat template, the model's context is {context}")
+    check_fits(ids, context, "the prompt with the chat template")
     generator = seeded_generator(model, seed)
-    return stream_reply(model, tokenizer, ids, min(max_new_tokens, context - len(ids)), sampling, generator)
+    return stream_reply(model, tokenizer, ids, fit_new_tokens(ids, max_new_tokens, context), sampling, generator)
 
 
 def message_text(content: object) -> str:
@@ -202,7 +200,7 @@ def reply_after(
         if isinstance(m, dict) and m.get("role") in ("user", "assistant")
     ]
     ids, _ = conversation.prompt(message)
-    budget = min(max_new_tokens, model.config.max_seq_len - len(ids))
+    budget = fit_new_tokens(ids, max_new_tokens, model.config.max_seq_len)
     text = ""
     for piece in stream_reply(model, tokenizer, ids, budget, sampling, seeded_generator(model, seed)):
         text += piece

@@ -82,12 +82,22 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, max_seq_len: int) -> list[int]
         ids = [tokenizer.eos_id]
     if not ids:
         raise UserError("the prompt is empty and the tokenizer has no end-of-text token to start from")
-    if len(ids) >= max_seq_len:
+    return check_fits(ids, max_seq_len, "the prompt")
+
+
+def check_fits(ids: list[int], context: int, what: str) -> list[int]:
+    """`ids`, when they leave room for at least one new token in the model's context; else one line."""
+    if len(ids) >= context:
         raise UserError(
-            f"the prompt is {len(ids)} tokens, but the model's context is {max_seq_len}: shorten it to at most "
-            f"{max_seq_len - 1} tokens"
+            f"{what} is {len(ids)} tokens, but the model's context is {context}: shorten it to at most "
+            f"{context - 1} tokens"
         )
     return ids
+
+
+def fit_new_tokens(ids: list[int], max_new_tokens: int, context: int) -> int:
+    """How many new tokens may follow `ids`: max_new_tokens, or what the context has left."""
+    return min(max_new_tokens, context - len(ids))
 
 
 def sample(

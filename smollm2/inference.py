@@ -11,7 +11,7 @@ import torch
 from smollm2.config import SEED_LIMIT, ModelConfig
 from smollm2.cpu_packing import pack_for_cpu_inference
 from smollm2.errors import UserError
-from smollm2.generation import Sampling, check_new_tokens, prompt_ids, stream
+from smollm2.generation import Sampling, check_new_tokens, fit_new_tokens, prompt_ids, stream
 from smollm2.hardware import Precision
 from smollm2.model import SmolLM2
 from smollm2.model_source import ModelSource
@@ -55,7 +55,7 @@ def stream_text(
     check_new_tokens(max_new_tokens)
     ids = prompt_ids(tokenizer, prompt, model.config.max_seq_len)
     generator = seeded_generator(model, seed)
-    max_new = min(max_new_tokens, model.config.max_seq_len - len(ids))
+    max_new = fit_new_tokens(ids, max_new_tokens, model.config.max_seq_len)
     if max_new < max_new_tokens:
         print(
             f"note: the continuation is cut to {max_new} tokens by the model's context "

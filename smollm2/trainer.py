@@ -26,7 +26,7 @@ from smollm2.config import Config, TrainConfig
 from smollm2.data import PreparedData, to_device
 from smollm2.errors import UserError
 from smollm2.files import RunLock, remove_empty_folders, unmark_if_alone
-from smollm2.generation import Sampling, generate, prompt_ids
+from smollm2.generation import Sampling, check_fits, fit_new_tokens, generate, prompt_ids
 from smollm2.hardware import (
     Precision,
     choose_precision,
@@ -40,7 +40,6 @@ from smollm2.model import SmolLM2
 from smollm2.pretrained import initial_weights, resolve_init_from
 
 MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops
-PREDICTION_SAMPLING = Sampling(temperature=0.8, top_k=50, top_p=0.95)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,9 +201,7 @@ class Predictor:
         if not self.chat:
             return prompt_ids(self.tokenizer, prompt, self.max_seq_len)
         ids = chat_template.prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
-        if len(ids) >= self.max_seq_len:
-            raise UserError(f"train.prompts: {prompt[:40]!r} is {len(ids)} tokens with the chat template, too long")
-        return ids
+        return check_fits(ids, self.max_seq_len, f"train.prompts: {prompt[:40]!r} with the chat template")
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -215,16 +212,12 @@ class Predictor:
         generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(self.seed)
         samples = []
         for prompt, ids in self.prompts:
+            budget = fit_new_tokens(ids, self.tokens, self.max_seq_len)
             with autocast():
-                out = generate(
-                    model,
-                    [ids],
-                    min(self.tokens, self.max_seq_len - len(ids)),
-                    sampling=self.SAMPLING,
-                    eos_id=self.stop_id,
-                    generator=generator,
-                )[0]
-            ended = self.chat and len(out) < min(self.tokens, self.max_seq_len - len(ids))
+                out = generate(model, [ids], budget, sampling=self.SAMPLING, eos_id=self.stop_id, generator=generator)[
+                    0
+                ]
+            ended = self.chat and len(out) < budget
             # A reply shows its end-of-turn token when it produced one: the sign that the format is learnt.
             samples.append((prompt, self.tokenizer.decode(out) + (chat_template.END_OF_TURN if ended else "")))
         return samples

@@ -318,7 +318,9 @@ def test_an_empty_system_message_is_kept_and_one_too_long_is_refused_at_the_star
         "<|im_start|>system\n<|im_end|>"
     )
     read, pending = typed("hi")
-    with pytest.raises(UserError, match=r"^--system is \d+ tokens with the chat template, the model's context is 96"):
+    with pytest.raises(
+        UserError, match=r"^--system with the chat template is \d+ tokens, but the model's context is 96"
+    ):
         chat.chat_loop(chat_model, tokenizer, "word " * 200, 12, Sampling(temperature=0), read=read)
     assert pending == ["hi"]  # refused before reading, not "the message is N tokens" for every message
 
