@@ -1,9 +1,10 @@
 """From corpus to batches.
 
 prepare(): text files / jsonl / parquet -> tokenizer.json, train.bin, val.bin, meta.json (token ids
-as uint16 or uint32, read back with numpy memmap). The corpus is read in pieces cut where the
-byte-level pre-tokenizer cuts anyway (after a newline followed by a printable ASCII character), so
-the token files equal the direct encoding of the whole text, while memory stays bounded.
+as uint16 or uint32, read back with numpy memmap). The corpus is read in pieces of at most twice
+piece_bytes, whatever its text (CRLF, any script, one line without an end), cut where the byte-level
+pre-tokenizer cuts anyway (where whitespace follows a word), so the token files equal the direct
+encoding of the whole text; only text without any whitespace is cut between two characters.
 
 BatchLoader: (input, target) windows in an order that is a pure function of (seed, epoch, step,
 rank, world size), so its state is one integer and a resumed run sees exactly the same batches.
@@ -29,7 +30,7 @@ from smollm2.errors import UserError, error_reason
 from smollm2.files import build_folder, check_replaceable, clean_leftovers, is_inside
 from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pieces cut at any text, the split by tokens (1: only between ASCII lines)
 PREPARED_FILES = frozenset({"meta.json", "tokenizer.json", "train.bin", "val.bin"})
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 ENCODE_BATCH_BYTES = 4 << 20  # text handed to the (parallel) batch encoder at once
@@ -90,18 +91,50 @@ def read_pieces(files: list[Path], piece_bytes: int, bad_bytes: dict[str, int], 
             yield from _parquet_pieces(file, text_field)
 
 
-def _safe_cut(block: bytes) -> int:
-    """The last offset where the pre-tokenizer cuts anyway: 'x\\n|y' with x and y printable ASCII.
+ASCII_SPACE = b" \t\n\r\x0b\x0c"
 
-    Whitespace on either side would join the newline into a longer whitespace pre-token.
+
+def _cut(data: bytes) -> int:
+    """Where a piece of `data` ends (the rest is carried into the next), in its second half, so a
+    piece is never over twice piece_bytes whatever the text.
+
+    First choice: where a run of whitespace holding a newline begins after a word, then one holding
+    a space. The byte-level pre-tokenizer (GPT-2's pattern) ends a pre-token there anyway, so the
+    pieces' tokens are the whole text's. Text without whitespace is cut between two characters.
     """
-    at = len(block) - 1
-    while True:
-        at = block.rfind(b"\n", 1, at)
-        if at < 0:
-            return -1
-        if 0x21 <= block[at - 1] < 0x7F and 0x21 <= block[at + 1] < 0x7F:
-            return at + 1
+    half = len(data) // 2
+    for separator in (b"\n", b" "):
+        at = _word_end(data, separator, half)
+        if at > 0:
+            return at
+    at = len(data) - 1
+    while at > max(half, len(data) - 4) and 0x80 <= data[at] < 0xC0:  # a UTF-8 continuation byte
+        at -= 1
+    return at
+
+
+def _word_end(data: bytes, separator: bytes, low: int) -> int:
+    """The last offset above `low` where a run of ASCII whitespace holding `separator` follows a
+    character that is not whitespace; -1 if there is none."""
+    at = data.rfind(separator, low)
+    while at > low:
+        start = at
+        while start > low and data[start - 1] in ASCII_SPACE:
+            start -= 1
+        if start > low and not _ends_in_space(data, start):
+            return start
+        at = data.rfind(separator, low, start)
+    return -1
+
+
+def _ends_in_space(data: bytes, end: int) -> bool:
+    """Whether the character before `end` is whitespace beyond ASCII (U+00A0, U+3000, ...)."""
+    if data[end - 1] < 0x80:
+        return False
+    start = end - 1
+    while start > end - 4 and 0x80 <= data[start] < 0xC0:
+        start -= 1
+    return data[start:end].decode("utf-8", errors="replace").isspace()
 
 
 def _decode(raw: bytes, file: Path, bad_bytes: dict[str, int]) -> str:
@@ -122,12 +155,10 @@ def _text_pieces(file: Path, piece_bytes: int, bad_bytes: dict[str, int]) -> Ite
                 if data:
                     yield Piece(_decode(data, file, bad_bytes), ends_document=True)
                 return
-            cut = _safe_cut(data)
-            if cut <= 0:  # no safe cut yet (very long line): keep reading
-                carry = data
-                continue
+            cut = _cut(data)
             carry = data[cut:]
-            yield Piece(_decode(data[:cut], file, bad_bytes), ends_document=False)
+            if cut:
+                yield Piece(_decode(data[:cut], file, bad_bytes), ends_document=False)
 
 
 def _missing_field(where: str, kind: str, field: str, found: list[str]) -> UserError:
@@ -256,8 +287,8 @@ def read_meta(folder: Path) -> dict | None:
 
 def _build(config: Config, files: list[Path], staging: Path, expected: dict, quiet: bool, workers: int = 1) -> dict:
     total_bytes = sum(f.stat().st_size for f in files)
-    # ~100 pieces over the corpus (4 KB to 256 KB each): the validation split takes whole pieces.
-    piece_bytes = max(4 << 10, min(256 << 10, total_bytes // 100))
+    # ~1000 pieces over the corpus (1 KB to 256 KB each): the validation split takes whole pieces.
+    piece_bytes = max(1 << 10, min(256 << 10, total_bytes // 1000))
     bad_bytes: dict[str, int] = {}
     if total_bytes == 0:
         raise UserError(f"data.path: the corpus {config.data.path!r} is empty")
@@ -273,7 +304,7 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
         raise UserError(f"tokenizer {config.data.tokenizer}: no end-of-text token (<|endoftext|>, </s> or <eos>)")
     dtype = np.uint16 if config.model.vocab_size <= 1 << 16 else np.uint32
     counts = {"train": 0, "val": 0}
-    has_text = False
+    has_text, pieces_count = False, 0
     progress = tqdm(
         total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=True if quiet else None, leave=False
     )
@@ -287,10 +318,11 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
         else:
             encoded = _encode_pieces(pieces, tokenizer, progress)
         for index, (piece, ids) in enumerate(encoded):
-            split = "val" if _is_val_piece(index, config.data.val_fraction) else "train"
+            split = "val" if _goes_to_val(len(ids), counts, config.data.val_fraction) else "train"
             outputs[split].write(np.asarray(ids, dtype=dtype).tobytes())
             counts[split] += len(ids)
             has_text = has_text or bool(piece.text.strip())
+            pieces_count = index + 1
     progress.close()
     for file, count in bad_bytes.items():
         print(f"warning: {file}: replaced {count} undecodable byte sequence(s) with U+FFFD", file=sys.stderr)
@@ -307,6 +339,7 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
         "dtype": np.dtype(dtype).name,
         "train_tokens": counts["train"],
         "val_tokens": counts["val"],
+        "pieces": pieces_count,
         "bytes": total_bytes,
         "undecodable_bytes": sum(bad_bytes.values()),
     }
@@ -333,6 +366,13 @@ def _encode_pieces(pieces: Iterator[Piece], tokenizer: Tokenizer, progress: tqdm
             yield from flush()
             batch, size = [], 0
     yield from flush()
+
+
+def _goes_to_val(tokens: int, counts: dict[str, int], fraction: float) -> bool:
+    """Whether a piece of `tokens` tokens is held out: whichever split keeps the validation tokens
+    nearer `fraction` of those so far, so the share is exact to half a piece, spread over the corpus."""
+    target = fraction * (counts["train"] + counts["val"] + tokens)
+    return counts["val"] + tokens / 2 < target
 
 
 def _is_val_piece(index: int, fraction: float) -> bool:

@@ -257,3 +257,67 @@ def test_eval_batches_are_fixed_and_cover_short_splits():
     assert len(batches) == 1 and batches[0]["input_ids"].shape == (1, 32)
     short = eval_batches(TOKENS[:10], batch_size=4, seq_len=32, max_batches=3)
     assert short[0]["input_ids"].shape == (1, 9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces cut at any character boundary: every corpus gets its validation share
+
+LINES = {
+    "lf": "The quick brown fox jumps over the lazy dog {}.\n",
+    "crlf": "The quick brown fox jumps over the lazy dog {}.\r\n",
+    "cyrillic": "Съешь же ещё этих мягких французских булок, да выпей чаю {}.\n",
+    "cjk": "敏捷的棕色狐狸跳过了懒狗，然后跑进了森林{}。\n",
+    "one line": "The quick brown fox jumps over the lazy dog {}. ",
+    "cjk one line": "敏捷的棕色狐狸跳过了懒狗然后跑进了森林{}。",
+}
+
+
+def _corpus(kind: str, size: int = 400_000) -> str:
+    line = LINES[kind]
+    lines, total, i = [], 0, 0
+    while total < size:
+        lines.append(line.format(i % 10))
+        total += len(lines[-1].encode())
+        i += 1
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("kind", list(LINES))
+def test_every_corpus_gets_its_validation_share(tmp_path, kind):
+    text = _corpus(kind)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(text.encode())
+    data = prepare(config_for(corpus, val_fraction=0.1), tmp_path, quiet=True)
+    total = len(data.train) + len(data.val)
+    assert abs(len(data.val) / total - 0.1) <= 0.001  # within 1% of val_fraction
+    direct = len(data.tokenizer.encode(text)) + 1
+    if kind == "cjk one line":  # no whitespace at all: a cut may split what the pre-tokenizer keeps whole
+        assert direct <= total <= direct + 2 * data.meta["pieces"]
+    else:  # cut where the pre-tokenizer cuts anyway: the same tokens as the whole text's
+        assert total == direct
+    assert data.meta["undecodable_bytes"] == 0
+
+
+@pytest.mark.parametrize("kind", list(LINES))
+def test_pieces_stay_bounded_on_any_text(tmp_path, kind):
+    from smollm2.data import read_pieces
+
+    text = _corpus(kind, 200_000)
+    (tmp_path / "c.txt").write_bytes(text.encode())
+    pieces = list(read_pieces([tmp_path / "c.txt"], 4096, {}, "text"))
+    assert "".join(p.text for p in pieces) == text
+    assert max(len(p.text.encode()) for p in pieces) <= 2 * 4096
+    assert len(pieces) >= 200_000 // (2 * 4096)
+
+
+def test_data_prepared_by_an_older_format_is_rebuilt(tmp_path, capsys):
+    corpus = tmp_path / "play.txt"
+    corpus.write_text(PLAY)
+    config = config_for(corpus)
+    folder = prepare(config, tmp_path, quiet=True).folder
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["fingerprint"]["format"] = 1
+    (folder / "meta.json").write_text(json.dumps(meta))
+    prepare(config, tmp_path)
+    assert "reusing" not in capsys.readouterr().out
+    assert json.loads((folder / "meta.json").read_text())["fingerprint"]["format"] == 2
