@@ -6,12 +6,14 @@ piece_bytes, whatever its text (CRLF, any script, one line without an end), cut 
 pre-tokenizer cuts anyway (where whitespace follows a word), so the token files equal the direct
 encoding of the whole text; only text without any whitespace is cut between two characters.
 
-BatchLoader: (input, target) windows in an order that is a pure function of (seed, epoch, step,
-rank, world size), so its state is one integer and a resumed run sees exactly the same batches.
+BatchLoader: (input, target) windows in an order that is a pure function of (seed, epoch, place
+in the run), so its state is one integer (the windows handed out) and a resumed run sees exactly
+the same windows, in any batch size or world size.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import queue
@@ -405,9 +407,10 @@ class BatchLoader:
     """Random (input, target) windows of seq_len tokens, prefetched by a background thread.
 
     The corpus is cut into non-overlapping windows of seq_len + 1 tokens (neighbours share one
-    token: the last target of one is the first input of the next). Each epoch visits every window
-    at most once in an order drawn from (seed, epoch); micro-batch m of rank r takes its slice of
-    global micro-batch m, so ranks never share a window.
+    token: the last target of one is the first input of the next). The run's windows are numbered
+    in the order handed out, over all ranks; place p is window order[p % n] of epoch p // n, the
+    order drawn once an epoch from (seed, epoch), so every epoch visits every window once, ranks
+    never share a window, and a resume in another batch size goes on at the next unseen window.
     """
 
     def __init__(
@@ -441,30 +444,54 @@ class BatchLoader:
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.step = 0  # micro-batches handed out so far
+        self.offset = 0  # windows handed out before micro-batch 0 (a resume in another shape)
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # The state is the position alone: everything else is recomputed from the constructor's inputs.
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size}
+        return {
+            "step": self.step,
+            "windows": self.windows_handed_out,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "data_format": FORMAT_VERSION,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume after the same number of windows, also in another world size or micro-batch size
-        (exactly when the new global micro-batch divides the windows already consumed)."""
+        """Resume after the same windows, also in another world size or micro-batch size: the order
+        is a function of each window's place in the run, so it goes on at the next unseen window."""
         self.close()
-        consumed = int(state["step"]) * int(state["batch_size"]) * int(state["world_size"])
-        self.step = consumed // (self.batch_size * self.world_size)
+        windows = state.get("windows", int(state["step"]) * int(state["batch_size"]) * int(state["world_size"]))
+        self.step, self.offset = divmod(int(windows), self.batch_size * self.world_size)
+
+    @property
+    def windows_handed_out(self) -> int:
+        """Windows of every rank's micro-batches so far: the run's position in its data."""
+        return self.offset + self.step * self.batch_size * self.world_size
 
     @property
     def epoch(self) -> int:
-        return self.step // self.batches_per_epoch
+        return self.windows_handed_out // self.n_windows
+
+    def first_window(self, step: int) -> int:
+        """The place in the run of this rank's first window of micro-batch `step`."""
+        return self.offset + (step * self.world_size + self.rank) * self.batch_size
+
+    def window_numbers(self, step: int) -> np.ndarray:
+        """This rank's windows of micro-batch `step`: place p is window order[p % n] of epoch p // n."""
+        places = np.arange(self.first_window(step), self.first_window(step) + self.batch_size)
+        epochs, within = np.divmod(places, self.n_windows)
+        numbers = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):  # a micro-batch may span the end of an epoch
+            mask = epochs == epoch
+            numbers[mask] = _epoch_order(self.seed, int(epoch), self.n_windows)[within[mask]]
+        return numbers
 
     def window_starts(self, step: int) -> np.ndarray:
-        epoch, within = divmod(step, self.batches_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-        first = (within * self.world_size + self.rank) * self.batch_size
-        return order[first : first + self.batch_size] * self.seq_len
+        return self.window_numbers(step) * self.seq_len
 
     def batch(self, step: int) -> Batch:
         return self.as_batch(np.stack([self.tokens[s : s + self.seq_len + 1] for s in self.window_starts(step)]))
@@ -516,6 +543,13 @@ class BatchLoader:
             self._stop.set()
             self._thread.join()
         self._queue, self._thread = None, None
+
+
+@functools.lru_cache(maxsize=2)  # this epoch's and, while a micro-batch spans their end, the next
+def _epoch_order(seed: int, epoch: int, n_windows: int) -> np.ndarray:
+    """The windows of an epoch in their order, drawn once: 4 bytes a window."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_windows)
+    return order.astype(np.uint32) if n_windows < 1 << 32 else order
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -304,16 +304,16 @@ class MixtureLoader(BatchLoader):
         return windows[int(_source_order(self.seed, source, epoch, windows.count)[within])]
 
     def window_sources(self, step: int) -> list[int]:
-        first = (step * self.world_size + self.rank) * self.batch_size
+        first = self.first_window(step)
         return [self.draw(g)[0] for g in range(first, first + self.batch_size)]
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        first = (step * self.world_size + self.rank) * self.batch_size
+        first = self.first_window(step)
         return self.as_batch(np.stack([self.window(g) for g in range(first, first + self.batch_size)]))
 
     def drawn(self, step: int) -> np.ndarray:
         """Windows each source has given over the first `step` global micro-batches."""
-        total = step * self.batch_size * self.world_size
+        total = self.offset + step * self.batch_size * self.world_size
         block, at = divmod(total, BLOCK)
         labels, _ = _block_layout(self.seed, block, tuple(self.counts.tolist()))
         within = np.bincount(labels[:at], minlength=len(self.counts))

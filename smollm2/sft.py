@@ -228,7 +228,7 @@ class ChatBatchLoader(BatchLoader):
         super().__init__(stand_in, batch_size, seq_len, seed, rank, world_size, device)
 
     def batch(self, step: int) -> Batch:
-        batch = self.rows.batch(self.window_starts(step) // self.seq_len)
+        batch = self.rows.batch(self.window_numbers(step))
         if self.device.type == "cuda":
             batch = {name: tensor.pin_memory() for name, tensor in batch.items()}
         return batch

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -321,3 +322,70 @@ def test_data_prepared_by_an_older_format_is_rebuilt(tmp_path, capsys):
     prepare(config, tmp_path)
     assert "reusing" not in capsys.readouterr().out
     assert json.loads((folder / "meta.json").read_text())["fingerprint"]["format"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The order is a function of the window's place in the run: any batch size continues it
+
+SEQ = 30  # 333 windows of TOKENS: an epoch ends inside a micro-batch of 4 or 8
+
+
+def _windows(loader: BatchLoader, steps: int) -> list[int]:
+    """The windows of the next `steps` micro-batches (a window of TOKENS starts at its number x SEQ)."""
+    return [int(start) // SEQ for _ in range(steps) for start in next(loader)["input_ids"][:, 0]]
+
+
+def test_every_epoch_visits_every_window_once():
+    loader = BatchLoader(TOKENS, batch_size=4, seq_len=SEQ, seed=5)
+    seen = _windows(loader, 250)  # 1000 windows: three epochs of 333 and one more
+    loader.close()
+    assert loader.n_windows == 333
+    for epoch in range(3):
+        assert sorted(seen[epoch * 333 : (epoch + 1) * 333]) == list(range(333))
+    assert seen[:333] != seen[333:666]
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 8), (8, 4), (3, 5)])
+def test_resume_with_another_batch_size_goes_on_at_the_next_window(before, after):
+    uninterrupted = BatchLoader(TOKENS, batch_size=1, seq_len=SEQ, seed=5)
+    whole = _windows(uninterrupted, 1000)
+    uninterrupted.close()
+    first = BatchLoader(TOKENS, batch_size=before, seq_len=SEQ, seed=5)
+    got = _windows(first, 360 // before)  # past the end of the first epoch
+    state = first.state_dict()
+    first.close()
+    resumed = BatchLoader(TOKENS, batch_size=after, seq_len=SEQ, seed=5)
+    resumed.load_state_dict(state)
+    got += _windows(resumed, 400 // after)  # and past the end of the second
+    resumed.close()
+    assert got == whole[: len(got)]
+
+
+def test_an_epoch_order_is_drawn_once():
+    from smollm2.data import _epoch_order
+
+    loader = BatchLoader(TOKENS, batch_size=4, seq_len=SEQ, seed=6)
+    _epoch_order.cache_clear()
+    for step in range(3 * loader.batches_per_epoch):
+        loader.window_starts(step)
+    assert _epoch_order.cache_info().misses == 3
+
+
+def test_a_checkpoint_of_data_prepared_the_old_way_is_refused(tmp_path, monkeypatch, capsys):
+    from smollm2 import cli
+    from smollm2.trainer import train
+    from tests.test_hostile import refused
+    from tests.test_trainer import CORPUS, tiny_config
+
+    (tmp_path / "input.txt").write_text(CORPUS)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_config()))
+    monkeypatch.chdir(tmp_path)
+    train(config_from_dict(tiny_config(), "tiny.yaml"), 2, None, ".")
+    path = tmp_path / "checkpoints" / "step_2.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["loader"]["data_format"] == 2
+    del state["loader"]["data_format"], state["loader"]["windows"]  # as the loader of data format 1 saved it
+    torch.save(state, path)
+    capsys.readouterr()
+    argv = ["--config", "tiny.yaml", "--train_steps", "2", "--checkpoint_path", str(path)]
+    refused(capsys, tmp_path, cli.train_main, argv, "data format 1, now 2")
