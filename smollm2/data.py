@@ -552,6 +552,17 @@ def _epoch_order(seed: int, epoch: int, n_windows: int) -> np.ndarray:
     return order.astype(np.uint32) if n_windows < 1 << 32 else order
 
 
+def say_without_validation(empty: list[str], reason: str) -> None:
+    """One line on stderr (rank 0) when the run will log no val_loss, or none for some sources: a
+    validation set that came out empty is never silent. `empty` names them ("" for a run's only set)."""
+    if not empty or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        return
+    if empty == [""]:
+        print(f"warning: no validation set: {reason}; this run logs no val_loss", file=sys.stderr)
+    else:
+        print(f"warning: no validation set for data.sources {', '.join(empty)}: {reason}", file=sys.stderr)
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 

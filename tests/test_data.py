@@ -389,3 +389,44 @@ def test_a_checkpoint_of_data_prepared_the_old_way_is_refused(tmp_path, monkeypa
     capsys.readouterr()
     argv = ["--config", "tiny.yaml", "--train_steps", "2", "--checkpoint_path", str(path)]
     refused(capsys, tmp_path, cli.train_main, argv, "data format 1, now 2")
+
+
+# ---------------------------------------------------------------------------------------------
+# A run without validation says so, in one line
+
+
+@pytest.mark.parametrize(
+    ("fraction", "said"),
+    [
+        (
+            0.0001,
+            "data.val_fraction=0.0001 held out 0 token(s), too few for a window of 2 "
+            "(more text or a larger data.val_fraction gives one)",
+        ),
+        (0.0, "data.val_fraction is 0"),
+    ],
+)
+def test_a_text_run_without_validation_says_so(tmp_path, capsys, fraction, said):
+    from smollm2.mixture import validation_batches
+
+    corpus = _write(tmp_path / "play.txt", PLAY.encode())
+    config = config_for(corpus, val_fraction=fraction)
+    data = prepare(config, tmp_path, quiet=True)
+    capsys.readouterr()
+    assert validation_batches(data, config) == {"": ([], 1.0)}
+    assert capsys.readouterr().err == f"warning: no validation set: {said}; this run logs no val_loss\n"
+
+
+def test_a_chat_run_too_small_for_its_validation_share_says_so(tmp_path, capsys):
+    from smollm2 import sft
+
+    talk = {"messages": [{"role": "user", "content": "Hi, 你好?"}, {"role": "assistant", "content": "Привет!"}]}
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(talk) for _ in range(4)) + "\n")
+    config = config_for(tmp_path / "chats.jsonl", format="chat", seq_len=64)
+    data = sft.prepare(config, tmp_path, quiet=True)
+    capsys.readouterr()
+    assert sft.validation_sets(data, config) == {"": ([], 1.0)}
+    assert capsys.readouterr().err == (
+        "warning: no validation set: data.val_fraction=0.1 of 4 conversation(s) holds none out "
+        "(it takes the first from 5); this run logs no val_loss\n"
+    )
