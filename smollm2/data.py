@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import os
 import queue
 import sys
 import threading
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from smollm2.config import Config
 from smollm2.errors import UserError, error_reason
-from smollm2.files import build_folder, check_replaceable, clean_leftovers, is_inside
+from smollm2.files import build_folder, check_replaceable, clean_leftovers, is_inside, write_atomic
 from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 2  # 2: pieces cut at any text, the split by tokens (1: only between ASCII lines)
@@ -282,9 +283,21 @@ def read_meta(folder: Path) -> dict | None:
         not isinstance(meta, dict)
         or not needed <= meta.keys()
         or not PREPARED_FILES <= {p.name for p in folder.iterdir()}
+        or not _sizes_match(folder, meta)
     ):
         return None
     return meta
+
+
+def _sizes_match(folder: Path, meta: dict) -> bool:
+    """Whether the token files hold the tokens meta.json counts (a truncated file is rebuilt, not trained on)."""
+    try:
+        size = np.dtype(meta["dtype"]).itemsize
+        return all(
+            (folder / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * size for split in ("train", "val")
+        )
+    except (TypeError, ValueError, OSError):
+        return False
 
 
 def _build(config: Config, files: list[Path], staging: Path, expected: dict, quiet: bool, workers: int = 1) -> dict:
@@ -325,6 +338,9 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
             counts[split] += len(ids)
             has_text = has_text or bool(piece.text.strip())
             pieces_count = index + 1
+        for file in outputs.values():  # on disk before the folder is swapped in
+            file.flush()
+            os.fsync(file.fileno())
     progress.close()
     for file, count in bad_bytes.items():
         print(f"warning: {file}: replaced {count} undecodable byte sequence(s) with U+FFFD", file=sys.stderr)
@@ -345,7 +361,7 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
         "bytes": total_bytes,
         "undecodable_bytes": sum(bad_bytes.values()),
     }
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_atomic(staging / "meta.json", json.dumps(meta, indent=2) + "\n")
     if not quiet:
         print(f"data: {counts['train']:,} train / {counts['val']:,} val tokens from {total_bytes / 1e6:.1f} MB")
     return meta

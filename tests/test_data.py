@@ -1,6 +1,8 @@
+import contextlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -430,3 +432,42 @@ def test_a_chat_run_too_small_for_its_validation_share_says_so(tmp_path, capsys)
         "warning: no validation set: data.val_fraction=0.1 of 4 conversation(s) holds none out "
         "(it takes the first from 5); this run logs no val_loss\n"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Durability
+
+
+@pytest.mark.parametrize("name", ["train.bin", "val.bin"])
+def test_a_truncated_token_file_is_rebuilt_not_reused(tmp_path, capsys, name):
+    corpus = _write(tmp_path / "play.txt", PLAY.encode())
+    config = config_for(corpus)
+    first = prepare(config, tmp_path, quiet=True)
+    whole = (first.folder / name).read_bytes()
+    (first.folder / name).write_bytes(whole[:-2])  # one token short, as a crash or a full disk leaves it
+    again = prepare(config, tmp_path)
+    assert "reusing" not in capsys.readouterr().out
+    assert (again.folder / name).read_bytes() == whole
+
+
+def test_the_token_files_are_on_disk_before_the_folder_is_swapped_in(tmp_path, monkeypatch):
+    import os
+
+    from smollm2 import data as data_module
+
+    synced, swapped = [], []
+    real_fsync, real_build = os.fsync, data_module.build_folder
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    def build_folder(*args):
+        with real_build(*args) as staging:
+            yield staging
+            swapped.append(list(synced))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(data_module, "build_folder", contextlib.contextmanager(build_folder))
+    prepare(config_for(_write(tmp_path / "play.txt", PLAY.encode())), tmp_path, quiet=True)
+    assert {"train.bin", "val.bin"} <= set(swapped[0])
