@@ -74,6 +74,23 @@ def test_order_is_a_pure_function_of_seed_step_rank_world():
     resumed.close()
 
 
+@pytest.mark.parametrize(("before", "after"), [(4, 8), (8, 4), (3, 5)])
+def test_a_mixture_resumed_in_another_batch_size_goes_on_at_the_next_window(before, after):
+    data = fake_mixture([401, 81], [0.5, 0.5])  # 100 and 20 windows: both sources repeat
+    whole = MixtureLoader(data, batch_size=1, seq_len=4, seed=7)
+    expected = [next(whole)["input_ids"].tolist()[0] for _ in range(600)]
+    first = MixtureLoader(data, batch_size=before, seq_len=4, seed=7)
+    got = [
+        row for _ in range(250 // before) for row in next(first)["input_ids"].tolist()
+    ]  # 249 with 3: not a multiple of 5
+    resumed = MixtureLoader(data, batch_size=after, seq_len=4, seed=7)
+    resumed.load_state_dict(first.state_dict())
+    got += [row for _ in range(300 // after) for row in next(resumed)["input_ids"].tolist()]
+    assert got == expected[: len(got)]
+    for loader in (whole, first, resumed):
+        loader.close()
+
+
 def test_a_source_that_runs_out_is_said_in_the_log(capsys):
     loader = MixtureLoader(fake_mixture([4001, 41], [0.5, 0.5]), batch_size=4, seq_len=4, seed=0)
     for _ in range(6):
