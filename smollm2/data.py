@@ -110,8 +110,8 @@ def _cut(data: bytes) -> int:
         at = _word_end(data, separator, half)
         if at > 0:
             return at
-    at = len(data) - 1
-    while at > max(half, len(data) - 4) and 0x80 <= data[at] < 0xC0:  # a UTF-8 continuation byte
+    at = len(data) - 1  # before the last character's first byte (UTF-8 continuation bytes are 0x80-0xBF)
+    while at > max(0, len(data) - 4) and 0x80 <= data[at] < 0xC0:
         at -= 1
     return at
 

@@ -471,3 +471,16 @@ def test_the_token_files_are_on_disk_before_the_folder_is_swapped_in(tmp_path, m
     monkeypatch.setattr(data_module, "build_folder", contextlib.contextmanager(build_folder))
     prepare(config_for(_write(tmp_path / "play.txt", PLAY.encode())), tmp_path, quiet=True)
     assert {"train.bin", "val.bin"} <= set(swapped[0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab \n\r\t\u00a0\u3000中я😀")), max_size=200))
+def test_pieces_of_any_text_join_back_to_it_whole_characters_and_bounded(tmp_path_factory, text):
+    from smollm2.data import read_pieces
+
+    path = tmp_path_factory.mktemp("any") / "c.txt"
+    path.write_bytes(text.encode())
+    bad: dict[str, int] = {}
+    pieces = list(read_pieces([path], 8, bad, "text"))
+    assert "".join(p.text for p in pieces) == text and not bad
+    assert all(len(p.text.encode()) <= 16 for p in pieces)
