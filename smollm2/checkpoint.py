@@ -23,6 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from smollm2 import distributed
 from smollm2.config import Config, ModelConfig, TrainConfig, model_config_from_dict
+from smollm2.data import FORMAT_VERSION as DATA_FORMAT
 from smollm2.errors import UserError, error_reason
 from smollm2.files import MARKER, check_replaceable, clean_leftovers, mark, read_marker, write_atomic
 from smollm2.hf import MODEL_FILES, write_model_folder
@@ -138,6 +139,13 @@ class Checkpoint:
                     f"checkpoint was trained with {section}.{key}={was!r} but {config.source} says {now!r}: "
                     "a resumed run must see the same tokenizer and data in the same order"
                 )
+        was_format = self.loader.get("data_format", 1)
+        if was_format != DATA_FORMAT:  # the token files and the loader's order changed with the format
+            raise UserError(
+                f"checkpoint was trained on data prepared and ordered by another smollm2 (data format {was_format}, "
+                f"now {DATA_FORMAT}): it cannot go on with the same data; start a run from its weights with "
+                "--set model.init_from=CHECKPOINT"
+            )
         was_sources = saved.get("data", {}).get("sources")
         if was_sources != config.data.sources:
             raise UserError(

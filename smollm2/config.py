@@ -22,6 +22,12 @@ __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", 
 
 BYTE_LEVEL_ALPHABET = 256  # a trained byte-level BPE starts from every byte
 SPECIAL_TOKEN_COUNT = 3  # <|endoftext|>, <|im_start|>, <|im_end|> (smollm2.tokenizer)
+# Bounds that catch a mistyped size before any work (a 3-billion-token vocabulary would allocate
+# terabytes after tokenizing): far above what this trainer is for, far below what breaks a machine.
+MAX_VOCAB = 2**24
+MAX_PARAMETERS = 10**11
+MAX_POSITIONS = 2**21
+MAX_MICRO_BATCH_TOKENS = 2**24
 SEED_LIMIT = 2**63  # torch.manual_seed and numpy both take seeds in [0, 2**63)
 
 
@@ -288,6 +294,28 @@ def validate_model(model: ModelConfig, where: str) -> None:
         raise ConfigError(
             f"model.n_heads in {where}: head dim {model.head_dim} (hidden_size / n_heads) must be even for RoPE"
         )
+    _check_sizes(model, where)
+
+
+def _check_sizes(model: ModelConfig, where: str) -> None:
+    if model.vocab_size > MAX_VOCAB:
+        raise ConfigError(
+            f"model.vocab_size in {where}: {model.vocab_size:,} tokens is more than {MAX_VOCAB:,} "
+            "(the largest tokenizers in use have about 256,000)"
+        )
+    if model.max_seq_len > MAX_POSITIONS:
+        raise ConfigError(
+            f"model.max_seq_len in {where}: {model.max_seq_len:,} positions is more than {MAX_POSITIONS:,} "
+            "(the rotary tables hold every position)"
+        )
+    from smollm2.model import parameter_count  # the model reads this module
+
+    parameters = parameter_count(model)
+    if parameters > MAX_PARAMETERS:
+        raise ConfigError(
+            f"model in {where}: {parameters:,} parameters, more than {MAX_PARAMETERS:,} "
+            f"({MAX_PARAMETERS * 4 // 10**9} GB of fp32 weights before the optimizer's state)"
+        )
 
 
 def _positive(section: str, name: str, value: float, where: str) -> None:
@@ -328,6 +356,12 @@ def validate(config: Config, where: str) -> None:
         "keep_last",
     ):
         _positive("train", name, getattr(train, name), where)
+    if train.batch_size * data.seq_len > MAX_MICRO_BATCH_TOKENS:
+        raise ConfigError(
+            f"train.batch_size in {where}: {train.batch_size:,} x data.seq_len {data.seq_len:,} is "
+            f"{train.batch_size * data.seq_len:,} tokens a micro-batch, more than {MAX_MICRO_BATCH_TOKENS:,} "
+            "(for larger batches raise train.grad_accum)"
+        )
     for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip"):
         if getattr(train, name) < 0:
             raise ConfigError(f"train.{name} in {where}: must not be negative, got {getattr(train, name)}")

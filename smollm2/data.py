@@ -1,18 +1,22 @@
 """From corpus to batches.
 
 prepare(): text files / jsonl / parquet -> tokenizer.json, train.bin, val.bin, meta.json (token ids
-as uint16 or uint32, read back with numpy memmap). The corpus is read in pieces cut where the
-byte-level pre-tokenizer cuts anyway (after a newline followed by a printable ASCII character), so
-the token files equal the direct encoding of the whole text, while memory stays bounded.
+as uint16 or uint32, read back with numpy memmap). The corpus is read in pieces of at most twice
+piece_bytes, whatever its text (CRLF, any script, one line without an end), cut where the byte-level
+pre-tokenizer cuts anyway (where whitespace follows a word), so the token files equal the direct
+encoding of the whole text; only text without any whitespace is cut between two characters.
 
-BatchLoader: (input, target) windows in an order that is a pure function of (seed, epoch, step,
-rank, world size), so its state is one integer and a resumed run sees exactly the same batches.
+BatchLoader: (input, target) windows in an order that is a pure function of (seed, epoch, place
+in the run), so its state is one integer (the windows handed out) and a resumed run sees exactly
+the same windows, in any batch size or world size.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
+import os
 import queue
 import sys
 import threading
@@ -26,10 +30,10 @@ from tqdm import tqdm
 
 from smollm2.config import Config
 from smollm2.errors import UserError, error_reason
-from smollm2.files import build_folder, check_replaceable, clean_leftovers, is_inside
+from smollm2.files import build_folder, check_replaceable, clean_leftovers, is_inside, write_atomic
 from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: pieces cut at any text, the split by tokens (1: only between ASCII lines)
 PREPARED_FILES = frozenset({"meta.json", "tokenizer.json", "train.bin", "val.bin"})
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 ENCODE_BATCH_BYTES = 4 << 20  # text handed to the (parallel) batch encoder at once
@@ -90,18 +94,50 @@ def read_pieces(files: list[Path], piece_bytes: int, bad_bytes: dict[str, int], 
             yield from _parquet_pieces(file, text_field)
 
 
-def _safe_cut(block: bytes) -> int:
-    """The last offset where the pre-tokenizer cuts anyway: 'x\\n|y' with x and y printable ASCII.
+ASCII_SPACE = b" \t\n\r\x0b\x0c"
 
-    Whitespace on either side would join the newline into a longer whitespace pre-token.
+
+def _cut(data: bytes) -> int:
+    """Where a piece of `data` ends (the rest is carried into the next), in its second half, so a
+    piece is never over twice piece_bytes whatever the text.
+
+    First choice: where a run of whitespace holding a newline begins after a word, then one holding
+    a space. The byte-level pre-tokenizer (GPT-2's pattern) ends a pre-token there anyway, so the
+    pieces' tokens are the whole text's. Text without whitespace is cut between two characters.
     """
-    at = len(block) - 1
-    while True:
-        at = block.rfind(b"\n", 1, at)
-        if at < 0:
-            return -1
-        if 0x21 <= block[at - 1] < 0x7F and 0x21 <= block[at + 1] < 0x7F:
-            return at + 1
+    half = len(data) // 2
+    for separator in (b"\n", b" "):
+        at = _word_end(data, separator, half)
+        if at > 0:
+            return at
+    at = len(data) - 1  # before the last character's first byte (UTF-8 continuation bytes are 0x80-0xBF)
+    while at > max(0, len(data) - 4) and 0x80 <= data[at] < 0xC0:
+        at -= 1
+    return at
+
+
+def _word_end(data: bytes, separator: bytes, low: int) -> int:
+    """The last offset above `low` where a run of ASCII whitespace holding `separator` follows a
+    character that is not whitespace; -1 if there is none."""
+    at = data.rfind(separator, low)
+    while at > low:
+        start = at
+        while start > low and data[start - 1] in ASCII_SPACE:
+            start -= 1
+        if start > low and not _ends_in_space(data, start):
+            return start
+        at = data.rfind(separator, low, start)
+    return -1
+
+
+def _ends_in_space(data: bytes, end: int) -> bool:
+    """Whether the character before `end` is whitespace beyond ASCII (U+00A0, U+3000, ...)."""
+    if data[end - 1] < 0x80:
+        return False
+    start = end - 1
+    while start > end - 4 and 0x80 <= data[start] < 0xC0:
+        start -= 1
+    return data[start:end].decode("utf-8", errors="replace").isspace()
 
 
 def _decode(raw: bytes, file: Path, bad_bytes: dict[str, int]) -> str:
@@ -122,12 +158,10 @@ def _text_pieces(file: Path, piece_bytes: int, bad_bytes: dict[str, int]) -> Ite
                 if data:
                     yield Piece(_decode(data, file, bad_bytes), ends_document=True)
                 return
-            cut = _safe_cut(data)
-            if cut <= 0:  # no safe cut yet (very long line): keep reading
-                carry = data
-                continue
+            cut = _cut(data)
             carry = data[cut:]
-            yield Piece(_decode(data[:cut], file, bad_bytes), ends_document=False)
+            if cut:
+                yield Piece(_decode(data[:cut], file, bad_bytes), ends_document=False)
 
 
 def _missing_field(where: str, kind: str, field: str, found: list[str]) -> UserError:
@@ -249,15 +283,27 @@ def read_meta(folder: Path) -> dict | None:
         not isinstance(meta, dict)
         or not needed <= meta.keys()
         or not PREPARED_FILES <= {p.name for p in folder.iterdir()}
+        or not _sizes_match(folder, meta)
     ):
         return None
     return meta
 
 
+def _sizes_match(folder: Path, meta: dict) -> bool:
+    """Whether the token files hold the tokens meta.json counts (a truncated file is rebuilt, not trained on)."""
+    try:
+        size = np.dtype(meta["dtype"]).itemsize
+        return all(
+            (folder / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * size for split in ("train", "val")
+        )
+    except (TypeError, ValueError, OSError):
+        return False
+
+
 def _build(config: Config, files: list[Path], staging: Path, expected: dict, quiet: bool, workers: int = 1) -> dict:
     total_bytes = sum(f.stat().st_size for f in files)
-    # ~100 pieces over the corpus (4 KB to 256 KB each): the validation split takes whole pieces.
-    piece_bytes = max(4 << 10, min(256 << 10, total_bytes // 100))
+    # ~1000 pieces over the corpus (1 KB to 256 KB each): the validation split takes whole pieces.
+    piece_bytes = max(1 << 10, min(256 << 10, total_bytes // 1000))
     bad_bytes: dict[str, int] = {}
     if total_bytes == 0:
         raise UserError(f"data.path: the corpus {config.data.path!r} is empty")
@@ -273,7 +319,7 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
         raise UserError(f"tokenizer {config.data.tokenizer}: no end-of-text token (<|endoftext|>, </s> or <eos>)")
     dtype = np.uint16 if config.model.vocab_size <= 1 << 16 else np.uint32
     counts = {"train": 0, "val": 0}
-    has_text = False
+    has_text, pieces_count = False, 0
     progress = tqdm(
         total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=True if quiet else None, leave=False
     )
@@ -287,10 +333,14 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
         else:
             encoded = _encode_pieces(pieces, tokenizer, progress)
         for index, (piece, ids) in enumerate(encoded):
-            split = "val" if _is_val_piece(index, config.data.val_fraction) else "train"
+            split = "val" if _goes_to_val(len(ids), counts, config.data.val_fraction) else "train"
             outputs[split].write(np.asarray(ids, dtype=dtype).tobytes())
             counts[split] += len(ids)
             has_text = has_text or bool(piece.text.strip())
+            pieces_count = index + 1
+        for file in outputs.values():  # on disk before the folder is swapped in
+            file.flush()
+            os.fsync(file.fileno())
     progress.close()
     for file, count in bad_bytes.items():
         print(f"warning: {file}: replaced {count} undecodable byte sequence(s) with U+FFFD", file=sys.stderr)
@@ -307,10 +357,11 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
         "dtype": np.dtype(dtype).name,
         "train_tokens": counts["train"],
         "val_tokens": counts["val"],
+        "pieces": pieces_count,
         "bytes": total_bytes,
         "undecodable_bytes": sum(bad_bytes.values()),
     }
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_atomic(staging / "meta.json", json.dumps(meta, indent=2) + "\n")
     if not quiet:
         print(f"data: {counts['train']:,} train / {counts['val']:,} val tokens from {total_bytes / 1e6:.1f} MB")
     return meta
@@ -333,6 +384,13 @@ def _encode_pieces(pieces: Iterator[Piece], tokenizer: Tokenizer, progress: tqdm
             yield from flush()
             batch, size = [], 0
     yield from flush()
+
+
+def _goes_to_val(tokens: int, counts: dict[str, int], fraction: float) -> bool:
+    """Whether a piece of `tokens` tokens is held out: whichever split keeps the validation tokens
+    nearer `fraction` of those so far, so the share is exact to half a piece, spread over the corpus."""
+    target = fraction * (counts["train"] + counts["val"] + tokens)
+    return counts["val"] + tokens / 2 < target
 
 
 def _is_val_piece(index: int, fraction: float) -> bool:
@@ -365,9 +423,10 @@ class BatchLoader:
     """Random (input, target) windows of seq_len tokens, prefetched by a background thread.
 
     The corpus is cut into non-overlapping windows of seq_len + 1 tokens (neighbours share one
-    token: the last target of one is the first input of the next). Each epoch visits every window
-    at most once in an order drawn from (seed, epoch); micro-batch m of rank r takes its slice of
-    global micro-batch m, so ranks never share a window.
+    token: the last target of one is the first input of the next). The run's windows are numbered
+    in the order handed out, over all ranks; place p is window order[p % n] of epoch p // n, the
+    order drawn once an epoch from (seed, epoch), so every epoch visits every window once, ranks
+    never share a window, and a resume in another batch size goes on at the next unseen window.
     """
 
     def __init__(
@@ -401,30 +460,54 @@ class BatchLoader:
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.step = 0  # micro-batches handed out so far
+        self.offset = 0  # windows handed out before micro-batch 0 (a resume in another shape)
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # The state is the position alone: everything else is recomputed from the constructor's inputs.
     def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size}
+        return {
+            "step": self.step,
+            "windows": self.windows_handed_out,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "data_format": FORMAT_VERSION,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume after the same number of windows, also in another world size or micro-batch size
-        (exactly when the new global micro-batch divides the windows already consumed)."""
+        """Resume after the same windows, also in another world size or micro-batch size: the order
+        is a function of each window's place in the run, so it goes on at the next unseen window."""
         self.close()
-        consumed = int(state["step"]) * int(state["batch_size"]) * int(state["world_size"])
-        self.step = consumed // (self.batch_size * self.world_size)
+        windows = state.get("windows", int(state["step"]) * int(state["batch_size"]) * int(state["world_size"]))
+        self.step, self.offset = divmod(int(windows), self.batch_size * self.world_size)
+
+    @property
+    def windows_handed_out(self) -> int:
+        """Windows of every rank's micro-batches so far: the run's position in its data."""
+        return self.offset + self.step * self.batch_size * self.world_size
 
     @property
     def epoch(self) -> int:
-        return self.step // self.batches_per_epoch
+        return self.windows_handed_out // self.n_windows
+
+    def first_window(self, step: int) -> int:
+        """The place in the run of this rank's first window of micro-batch `step`."""
+        return self.offset + (step * self.world_size + self.rank) * self.batch_size
+
+    def window_numbers(self, step: int) -> np.ndarray:
+        """This rank's windows of micro-batch `step`: place p is window order[p % n] of epoch p // n."""
+        places = np.arange(self.first_window(step), self.first_window(step) + self.batch_size)
+        epochs, within = np.divmod(places, self.n_windows)
+        numbers = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):  # a micro-batch may span the end of an epoch
+            mask = epochs == epoch
+            numbers[mask] = _epoch_order(self.seed, int(epoch), self.n_windows)[within[mask]]
+        return numbers
 
     def window_starts(self, step: int) -> np.ndarray:
-        epoch, within = divmod(step, self.batches_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-        first = (within * self.world_size + self.rank) * self.batch_size
-        return order[first : first + self.batch_size] * self.seq_len
+        return self.window_numbers(step) * self.seq_len
 
     def batch(self, step: int) -> Batch:
         return self.as_batch(np.stack([self.tokens[s : s + self.seq_len + 1] for s in self.window_starts(step)]))
@@ -476,6 +559,24 @@ class BatchLoader:
             self._stop.set()
             self._thread.join()
         self._queue, self._thread = None, None
+
+
+@functools.lru_cache(maxsize=2)  # this epoch's and, while a micro-batch spans their end, the next
+def _epoch_order(seed: int, epoch: int, n_windows: int) -> np.ndarray:
+    """The windows of an epoch in their order, drawn once: 4 bytes a window."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_windows)
+    return order.astype(np.uint32) if n_windows < 1 << 32 else order
+
+
+def say_without_validation(empty: list[str], reason: str) -> None:
+    """One line on stderr (rank 0) when the run will log no val_loss, or none for some sources: a
+    validation set that came out empty is never silent. `empty` names them ("" for a run's only set)."""
+    if not empty or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        return
+    if empty == [""]:
+        print(f"warning: no validation set: {reason}; this run logs no val_loss", file=sys.stderr)
+    else:
+        print(f"warning: no validation set for data.sources {', '.join(empty)}: {reason}", file=sys.stderr)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:

@@ -101,6 +101,24 @@ def _validation_start(file: Path, n_tokens: int, val_fraction: float) -> int:
     return int(starts[first_val[0]]) if len(first_val) else n_tokens
 
 
+def check_tokenize_folders(corpus: Path, out: Path, logs: Path, resume: bool) -> None:
+    """A tokenizing run writes into a new or empty folder, with logs of its own (datatrove skips
+    every task its logs mark completed, so another run's logs would leave the output stale);
+    --resume finishes the unfinished tasks of the run whose logs are there."""
+    if not corpus.is_dir():
+        raise UserError(f"--input {corpus} is not a folder of .jsonl or .parquet files")
+    if resume:
+        if not logs.is_dir() or not any(logs.iterdir()):
+            raise UserError(f"--resume: {logs} holds no earlier run's logs to finish; leave --resume out")
+        return
+    for flag, folder in (("--out", out), ("--logs", logs)):
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise UserError(
+                f"{flag} {folder} already holds files: choose a new or empty folder, or add --resume to finish "
+                "the run that wrote them"
+            )
+
+
 def tokenize_steps(
     corpus: str, tokenizer: str, out: str, file_format: str = "jsonl", text_key: str = "text", shuffle: bool = True
 ) -> list:

@@ -27,7 +27,15 @@ import torch
 from tqdm import tqdm
 
 from smollm2.config import Config, ConfigError, _looks_numeric
-from smollm2.data import Batch, BatchLoader, PreparedData, eval_batches, prepare, resolve_sources
+from smollm2.data import (
+    Batch,
+    BatchLoader,
+    PreparedData,
+    eval_batches,
+    prepare,
+    resolve_sources,
+    say_without_validation,
+)
 from smollm2.errors import UserError
 from smollm2.tokenizer import Tokenizer, load_tokenizer
 
@@ -193,13 +201,25 @@ def validation_sets(data: PreparedData | MixtureData) -> dict[str, tuple[np.ndar
 
 
 def validation_batches(data: PreparedData | MixtureData, config: Config) -> dict[str, tuple[list[Batch], float]]:
-    """name -> (the fixed validation batches, weight) of each validation set."""
+    """name -> (the fixed validation batches, weight) of each validation set; one line said for empty ones."""
     settings = config.train
     eos_id = data.tokenizer.eos_id if config.data.document_mask else None
-    return {
+    sets = {
         name: (eval_batches(val, settings.batch_size, config.data.seq_len, settings.eval_batches, eos_id), weight)
         for name, (val, weight) in validation_sets(data).items()
     }
+    empty = [name for name, (batches, _) in sets.items() if not batches]
+    fraction = config.data.val_fraction
+    if fraction == 0:
+        say_without_validation(empty, "data.val_fraction is 0")
+    else:
+        held = sum(len(val) for name, (val, _) in validation_sets(data).items() if name in empty)
+        say_without_validation(
+            empty,
+            f"data.val_fraction={fraction} held out {held} token(s), too few for a window of 2 "
+            "(more text or a larger data.val_fraction gives one)",
+        )
+    return sets
 
 
 def make_loader(data: PreparedData | MixtureData, config: Config, rank: int, world_size: int, device) -> BatchLoader:
@@ -304,16 +324,16 @@ class MixtureLoader(BatchLoader):
         return windows[int(_source_order(self.seed, source, epoch, windows.count)[within])]
 
     def window_sources(self, step: int) -> list[int]:
-        first = (step * self.world_size + self.rank) * self.batch_size
+        first = self.first_window(step)
         return [self.draw(g)[0] for g in range(first, first + self.batch_size)]
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        first = (step * self.world_size + self.rank) * self.batch_size
+        first = self.first_window(step)
         return self.as_batch(np.stack([self.window(g) for g in range(first, first + self.batch_size)]))
 
     def drawn(self, step: int) -> np.ndarray:
         """Windows each source has given over the first `step` global micro-batches."""
-        total = step * self.batch_size * self.world_size
+        total = self.offset + step * self.batch_size * self.world_size
         block, at = divmod(total, BLOCK)
         labels, _ = _block_layout(self.seed, block, tuple(self.counts.tolist()))
         within = np.bincount(labels[:at], minlength=len(self.counts))

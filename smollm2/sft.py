@@ -18,6 +18,7 @@ so a resumed run sees the same batches, bitwise.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from smollm2.chat_template import (
     training_targets,
 )
 from smollm2.config import Config
-from smollm2.data import Batch, BatchLoader, _is_val_piece, resolve_sources
+from smollm2.data import Batch, BatchLoader, _is_val_piece, resolve_sources, say_without_validation
 from smollm2.errors import UserError, error_reason
 from smollm2.tokenizer import CHATML_TEMPLATE, Tokenizer, load_tokenizer, train_tokenizer
 
@@ -235,7 +236,7 @@ class ChatBatchLoader(BatchLoader):
         super().__init__(stand_in, batch_size, seq_len, seed, rank, world_size, device)
 
     def batch(self, step: int) -> Batch:
-        batch = self.rows.batch(self.window_starts(step) // self.seq_len)
+        batch = self.rows.batch(self.window_numbers(step))
         if self.device.type == "cuda":
             batch = {name: tensor.pin_memory() for name, tensor in batch.items()}
         return batch
@@ -255,6 +256,13 @@ def make_loader(data: ChatData, config: Config, rank: int, world_size: int, devi
 
 
 def validation_sets(data: ChatData, config: Config) -> dict[str, tuple[list[Batch], float]]:
-    """The held-out conversations: one validation set."""
+    """The held-out conversations: one validation set (one line said when it is empty)."""
     settings = config.train
-    return {"": (eval_batches(data.val, settings.batch_size, config.data.seq_len, settings.eval_batches), 1.0)}
+    batches = eval_batches(data.val, settings.batch_size, config.data.seq_len, settings.eval_batches)
+    if not batches:
+        fraction = config.data.val_fraction
+        reason = f"data.val_fraction={fraction} of {data.meta['conversations']} conversation(s) holds none out"
+        if fraction:
+            reason += f" (it takes the first from {math.ceil(0.5 / fraction)})"
+        say_without_validation([""], reason)
+    return {"": (batches, 1.0)}

@@ -158,3 +158,39 @@ def test_app_help_has_every_flag_explained_and_examples():
     assert flat.endswith(
         "examples: python app.py --model runs/demo/final python app.py --model model --host 0.0.0.0 --port 7861"
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.vocab_size=3000000000"],
+            "model.vocab_size in tiny.yaml (with --set): 3,000,000,000 tokens is more than 16,777,216 "
+            "(the largest tokenizers in use have about 256,000)",
+        ),
+        (
+            ["model.n_layers=200000"],
+            "model in tiny.yaml (with --set): 157,389,324,544 parameters, more than 100,000,000,000 "
+            "(400 GB of fp32 weights before the optimizer's state)",
+        ),
+        (
+            ["model.max_seq_len=100000000"],
+            "model.max_seq_len in tiny.yaml (with --set): 100,000,000 positions is more than 2,097,152 "
+            "(the rotary tables hold every position)",
+        ),
+        (
+            ["train.batch_size=1000000"],
+            "train.batch_size in tiny.yaml (with --set): 1,000,000 x data.seq_len 128 is 128,000,000 tokens "
+            "a micro-batch, more than 16,777,216 (for larger batches raise train.grad_accum)",
+        ),
+    ],
+)
+def test_absurd_sizes_are_refused_before_any_work(tmp_path, monkeypatch, capsys, overrides, message):
+    from smollm2 import cli
+
+    (tmp_path / "tiny.yaml").write_text((ROOT / "config" / "tiny.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    for command in (["info"], ["prepare"]):
+        assert cli.main([*command, "--config", "tiny.yaml", "--set", *overrides]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]

@@ -1,9 +1,12 @@
+import contextlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -257,3 +260,227 @@ def test_eval_batches_are_fixed_and_cover_short_splits():
     assert len(batches) == 1 and batches[0]["input_ids"].shape == (1, 32)
     short = eval_batches(TOKENS[:10], batch_size=4, seq_len=32, max_batches=3)
     assert short[0]["input_ids"].shape == (1, 9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces cut at any character boundary: every corpus gets its validation share
+
+LINES = {
+    "lf": "The quick brown fox jumps over the lazy dog {}.\n",
+    "crlf": "The quick brown fox jumps over the lazy dog {}.\r\n",
+    "cyrillic": "Съешь же ещё этих мягких французских булок, да выпей чаю {}.\n",
+    "cjk": "敏捷的棕色狐狸跳过了懒狗，然后跑进了森林{}。\n",
+    "one line": "The quick brown fox jumps over the lazy dog {}. ",
+    "cjk one line": "敏捷的棕色狐狸跳过了懒狗然后跑进了森林{}。",
+}
+
+
+def _corpus(kind: str, size: int = 400_000) -> str:
+    line = LINES[kind]
+    lines, total, i = [], 0, 0
+    while total < size:
+        lines.append(line.format(i % 10))
+        total += len(lines[-1].encode())
+        i += 1
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("kind", list(LINES))
+def test_every_corpus_gets_its_validation_share(tmp_path, kind):
+    text = _corpus(kind)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(text.encode())
+    data = prepare(config_for(corpus, val_fraction=0.1), tmp_path, quiet=True)
+    total = len(data.train) + len(data.val)
+    assert abs(len(data.val) / total - 0.1) <= 0.001  # within 1% of val_fraction
+    direct = len(data.tokenizer.encode(text)) + 1
+    if kind == "cjk one line":  # no whitespace at all: a cut may split what the pre-tokenizer keeps whole
+        assert direct <= total <= direct + 2 * data.meta["pieces"]
+    else:  # cut where the pre-tokenizer cuts anyway: the same tokens as the whole text's
+        assert total == direct
+    assert data.meta["undecodable_bytes"] == 0
+
+
+@pytest.mark.parametrize("kind", list(LINES))
+def test_pieces_stay_bounded_on_any_text(tmp_path, kind):
+    from smollm2.data import read_pieces
+
+    text = _corpus(kind, 200_000)
+    (tmp_path / "c.txt").write_bytes(text.encode())
+    pieces = list(read_pieces([tmp_path / "c.txt"], 4096, {}, "text"))
+    assert "".join(p.text for p in pieces) == text
+    assert max(len(p.text.encode()) for p in pieces) <= 2 * 4096
+    assert len(pieces) >= 200_000 // (2 * 4096)
+
+
+def test_data_prepared_by_an_older_format_is_rebuilt(tmp_path, capsys):
+    corpus = tmp_path / "play.txt"
+    corpus.write_text(PLAY)
+    config = config_for(corpus)
+    folder = prepare(config, tmp_path, quiet=True).folder
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["fingerprint"]["format"] = 1
+    (folder / "meta.json").write_text(json.dumps(meta))
+    prepare(config, tmp_path)
+    assert "reusing" not in capsys.readouterr().out
+    assert json.loads((folder / "meta.json").read_text())["fingerprint"]["format"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The order is a function of the window's place in the run: any batch size continues it
+
+SEQ = 30  # 333 windows of TOKENS: an epoch ends inside a micro-batch of 4 or 8
+
+
+def _windows(loader: BatchLoader, steps: int) -> list[int]:
+    """The windows of the next `steps` micro-batches (a window of TOKENS starts at its number x SEQ)."""
+    return [int(start) // SEQ for _ in range(steps) for start in next(loader)["input_ids"][:, 0]]
+
+
+def test_every_epoch_visits_every_window_once():
+    loader = BatchLoader(TOKENS, batch_size=4, seq_len=SEQ, seed=5)
+    seen = _windows(loader, 250)  # 1000 windows: three epochs of 333 and one more
+    loader.close()
+    assert loader.n_windows == 333
+    for epoch in range(3):
+        assert sorted(seen[epoch * 333 : (epoch + 1) * 333]) == list(range(333))
+    assert seen[:333] != seen[333:666]
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 8), (8, 4), (3, 5)])
+def test_resume_with_another_batch_size_goes_on_at_the_next_window(before, after):
+    uninterrupted = BatchLoader(TOKENS, batch_size=1, seq_len=SEQ, seed=5)
+    whole = _windows(uninterrupted, 1000)
+    uninterrupted.close()
+    first = BatchLoader(TOKENS, batch_size=before, seq_len=SEQ, seed=5)
+    got = _windows(first, 360 // before)  # past the end of the first epoch
+    state = first.state_dict()
+    first.close()
+    resumed = BatchLoader(TOKENS, batch_size=after, seq_len=SEQ, seed=5)
+    resumed.load_state_dict(state)
+    got += _windows(resumed, 400 // after)  # and past the end of the second
+    resumed.close()
+    assert got == whole[: len(got)]
+
+
+def test_an_epoch_order_is_drawn_once():
+    from smollm2.data import _epoch_order
+
+    loader = BatchLoader(TOKENS, batch_size=4, seq_len=SEQ, seed=6)
+    _epoch_order.cache_clear()
+    for step in range(3 * loader.batches_per_epoch):
+        loader.window_starts(step)
+    assert _epoch_order.cache_info().misses == 3
+
+
+def test_a_checkpoint_of_data_prepared_the_old_way_is_refused(tmp_path, monkeypatch, capsys):
+    from smollm2 import cli
+    from smollm2.trainer import train
+    from tests.test_hostile import refused
+    from tests.test_trainer import CORPUS, tiny_config
+
+    (tmp_path / "input.txt").write_text(CORPUS)
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_config()))
+    monkeypatch.chdir(tmp_path)
+    train(config_from_dict(tiny_config(), "tiny.yaml"), 2, None, ".")
+    path = tmp_path / "checkpoints" / "step_2.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["loader"]["data_format"] == 2
+    del state["loader"]["data_format"], state["loader"]["windows"]  # as the loader of data format 1 saved it
+    torch.save(state, path)
+    capsys.readouterr()
+    argv = ["--config", "tiny.yaml", "--train_steps", "2", "--checkpoint_path", str(path)]
+    refused(capsys, tmp_path, cli.train_main, argv, "data format 1, now 2")
+
+
+# ---------------------------------------------------------------------------------------------
+# A run without validation says so, in one line
+
+
+@pytest.mark.parametrize(
+    ("fraction", "said"),
+    [
+        (
+            0.0001,
+            "data.val_fraction=0.0001 held out 0 token(s), too few for a window of 2 "
+            "(more text or a larger data.val_fraction gives one)",
+        ),
+        (0.0, "data.val_fraction is 0"),
+    ],
+)
+def test_a_text_run_without_validation_says_so(tmp_path, capsys, fraction, said):
+    from smollm2.mixture import validation_batches
+
+    corpus = _write(tmp_path / "play.txt", PLAY.encode())
+    config = config_for(corpus, val_fraction=fraction)
+    data = prepare(config, tmp_path, quiet=True)
+    capsys.readouterr()
+    assert validation_batches(data, config) == {"": ([], 1.0)}
+    assert capsys.readouterr().err == f"warning: no validation set: {said}; this run logs no val_loss\n"
+
+
+def test_a_chat_run_too_small_for_its_validation_share_says_so(tmp_path, capsys):
+    from smollm2 import sft
+
+    talk = {"messages": [{"role": "user", "content": "Hi, 你好?"}, {"role": "assistant", "content": "Привет!"}]}
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(talk) for _ in range(4)) + "\n")
+    config = config_for(tmp_path / "chats.jsonl", format="chat", seq_len=64)
+    data = sft.prepare(config, tmp_path, quiet=True)
+    capsys.readouterr()
+    assert sft.validation_sets(data, config) == {"": ([], 1.0)}
+    assert capsys.readouterr().err == (
+        "warning: no validation set: data.val_fraction=0.1 of 4 conversation(s) holds none out "
+        "(it takes the first from 5); this run logs no val_loss\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Durability
+
+
+@pytest.mark.parametrize("name", ["train.bin", "val.bin"])
+def test_a_truncated_token_file_is_rebuilt_not_reused(tmp_path, capsys, name):
+    corpus = _write(tmp_path / "play.txt", PLAY.encode())
+    config = config_for(corpus)
+    first = prepare(config, tmp_path, quiet=True)
+    whole = (first.folder / name).read_bytes()
+    (first.folder / name).write_bytes(whole[:-2])  # one token short, as a crash or a full disk leaves it
+    again = prepare(config, tmp_path)
+    assert "reusing" not in capsys.readouterr().out
+    assert (again.folder / name).read_bytes() == whole
+
+
+def test_the_token_files_are_on_disk_before_the_folder_is_swapped_in(tmp_path, monkeypatch):
+    import os
+
+    from smollm2 import data as data_module
+
+    synced, swapped = [], []
+    real_fsync, real_build = os.fsync, data_module.build_folder
+
+    def fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    def build_folder(*args):
+        with real_build(*args) as staging:
+            yield staging
+            swapped.append(list(synced))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(data_module, "build_folder", contextlib.contextmanager(build_folder))
+    prepare(config_for(_write(tmp_path / "play.txt", PLAY.encode())), tmp_path, quiet=True)
+    assert {"train.bin", "val.bin"} <= set(swapped[0])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab \n\r\t\u00a0\u3000中я😀")), max_size=200))
+def test_pieces_of_any_text_join_back_to_it_whole_characters_and_bounded(tmp_path_factory, text):
+    from smollm2.data import read_pieces
+
+    path = tmp_path_factory.mktemp("any") / "c.txt"
+    path.write_bytes(text.encode())
+    bad: dict[str, int] = {}
+    pieces = list(read_pieces([path], 8, bad, "text"))
+    assert "".join(p.text for p in pieces) == text and not bad
+    assert all(len(p.text.encode()) <= 16 for p in pieces)

@@ -74,6 +74,23 @@ def test_order_is_a_pure_function_of_seed_step_rank_world():
     resumed.close()
 
 
+@pytest.mark.parametrize(("before", "after"), [(4, 8), (8, 4), (3, 5)])
+def test_a_mixture_resumed_in_another_batch_size_goes_on_at_the_next_window(before, after):
+    data = fake_mixture([401, 81], [0.5, 0.5])  # 100 and 20 windows: both sources repeat
+    whole = MixtureLoader(data, batch_size=1, seq_len=4, seed=7)
+    expected = [next(whole)["input_ids"].tolist()[0] for _ in range(600)]
+    first = MixtureLoader(data, batch_size=before, seq_len=4, seed=7)
+    got = [
+        row for _ in range(250 // before) for row in next(first)["input_ids"].tolist()
+    ]  # 249 with 3: not a multiple of 5
+    resumed = MixtureLoader(data, batch_size=after, seq_len=4, seed=7)
+    resumed.load_state_dict(first.state_dict())
+    got += [row for _ in range(300 // after) for row in next(resumed)["input_ids"].tolist()]
+    assert got == expected[: len(got)]
+    for loader in (whole, first, resumed):
+        loader.close()
+
+
 def test_a_source_that_runs_out_is_said_in_the_log(capsys):
     loader = MixtureLoader(fake_mixture([4001, 41], [0.5, 0.5]), batch_size=4, seq_len=4, seed=0)
     for _ in range(6):
@@ -275,3 +292,33 @@ def test_two_workers_write_the_same_token_files_as_one(mix_dir, monkeypatch):
     assert (mix_dir / "cli" / "data" / "input-320" / "train.bin").read_bytes() == (
         one.folder / "train.bin"
     ).read_bytes()
+
+
+def _tokenize_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("datatrove_tokenize", ROOT / "scripts" / "datatrove_tokenize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_datatrove_script_writes_each_out_with_logs_of_its_own(mix_dir, capsys):
+    pytest.importorskip("datatrove")
+    tokenize = _tokenize_script()
+    assert prepare_data(load_config("mix.yaml"), "run", quiet=True)
+    tokenizer = str(mix_dir / "run" / "data" / "input-320" / "tokenizer.json")
+    for name, lines in (("first", ARITHMETIC[:100]), ("second", ARITHMETIC[100:300])):
+        (mix_dir / name).mkdir()
+        (mix_dir / name / "a.jsonl").write_text("\n".join(lines) + "\n")
+        assert tokenize(["--input", name, "--tokenizer", tokenizer, "--out", f"{name}-tokens"]) == 0
+    first, second = (sum(f.stat().st_size for f in (mix_dir / f"{n}-tokens").glob("*.ds")) for n in ("first", "second"))
+    assert 0 < first < second  # the second run tokenized its own input, not skipped as the first's
+    capsys.readouterr()
+    argv = ["--input", "second", "--tokenizer", tokenizer, "--out", "first-tokens"]
+    refused(capsys, mix_dir, tokenize, argv, "--out first-tokens already holds files: choose a new or empty folder")
+    refused(capsys, mix_dir, tokenize, [*argv[:-1], "fresh", "--resume"], "--resume: fresh/logs holds no earlier run")
+    refused(capsys, mix_dir, tokenize, ["--input", "nowhere", *argv[2:]], "--input nowhere is not a folder")
+    before = {f.name: f.read_bytes() for f in (mix_dir / "first-tokens").glob("*.ds")}
+    assert tokenize(["--input", "first", "--tokenizer", tokenizer, "--out", "first-tokens", "--resume"]) == 0
+    assert {f.name: f.read_bytes() for f in (mix_dir / "first-tokens").glob("*.ds")} == before

@@ -360,7 +360,7 @@ def test_without_a_terminal_progress_comes_at_an_interval_and_a_summary_is_kept(
     summary = json.loads((run_dir / "run/logs/summary.json").read_text())
     assert (summary["first_step"], summary["last_step"], summary["stopped_early"]) == (0, 4, False)
     assert summary["tokens"] == summary["tokens_seen"] == 4 * 4 * 2 * 32  # steps x batch x accum x seq_len
-    windows = (35_260 - 1) // 32  # the training split's windows of 33 tokens
+    windows = (35_843 - 1) // 32  # the training split's windows of 33 tokens (data format 2)
     assert summary["epochs"] == pytest.approx(4 * 2 * 4 / windows)
     assert summary["final_loss"] == metrics(run_dir / "run")[-1]["loss"]
 
