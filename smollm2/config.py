@@ -308,14 +308,22 @@ def _check_sizes(model: ModelConfig, where: str) -> None:
             f"model.max_seq_len in {where}: {model.max_seq_len:,} positions is more than {MAX_POSITIONS:,} "
             "(the rotary tables hold every position)"
         )
-    from smollm2.model import parameter_count  # the model reads this module
-
-    parameters = parameter_count(model)
+    parameters = approximate_parameters(model)
     if parameters > MAX_PARAMETERS:
         raise ConfigError(
-            f"model in {where}: {parameters:,} parameters, more than {MAX_PARAMETERS:,} "
+            f"model in {where}: about {parameters:,} parameters, more than {MAX_PARAMETERS:,} "
             f"({MAX_PARAMETERS * 4 // 10**9} GB of fp32 weights before the optimizer's state)"
         )
+
+
+def approximate_parameters(model: ModelConfig) -> int:
+    """The weight matrices' parameters, for the size bound only (norms left out); the exact count,
+    from the model's own modules, is smollm2.model.parameter_count."""
+    kv = model.n_kv_heads * (model.hidden_size // model.n_heads)
+    attention = 2 * model.hidden_size * model.hidden_size + 2 * model.hidden_size * kv
+    mlp = (3 if model.mlp == "swiglu" else 2) * model.hidden_size * model.intermediate_size
+    heads = 1 if model.tie_embeddings else 2
+    return model.n_layers * (attention + mlp) + heads * model.vocab_size * model.hidden_size
 
 
 def _positive(section: str, name: str, value: float, where: str) -> None:
