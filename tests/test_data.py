@@ -321,6 +321,7 @@ def test_data_prepared_by_an_older_format_is_rebuilt(tmp_path, capsys):
     meta = json.loads((folder / "meta.json").read_text())
     meta["fingerprint"]["format"] = 1
     (folder / "meta.json").write_text(json.dumps(meta))
+    (folder / ".smollm2").write_text('{"kind": "data"}\n')  # as an older smollm2 marked it: no file records
     prepare(config, tmp_path)
     assert "reusing" not in capsys.readouterr().out
     assert json.loads((folder / "meta.json").read_text())["fingerprint"]["format"] == 2
@@ -439,12 +440,16 @@ def test_a_chat_run_too_small_for_its_validation_share_says_so(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("name", ["train.bin", "val.bin"])
-def test_a_truncated_token_file_is_rebuilt_not_reused(tmp_path, capsys, name):
+def test_a_truncated_token_file_is_never_reused(tmp_path, capsys, name):
     corpus = _write(tmp_path / "play.txt", PLAY.encode())
     config = config_for(corpus)
     first = prepare(config, tmp_path, quiet=True)
     whole = (first.folder / name).read_bytes()
-    (first.folder / name).write_bytes(whole[:-2])  # one token short, as a crash or a full disk leaves it
+    (first.folder / name).write_bytes(whole[:-2])  # one token short
+    with pytest.raises(UserError, match=f"holds files smollm2 did not write \\({name}, changed since smollm2 wrote it"):
+        prepare(config, tmp_path)  # the marker records what we wrote: a changed file is not provably ours
+    assert (first.folder / name).read_bytes() == whole[:-2]
+    (first.folder / ".smollm2").write_text('{"kind": "data"}\n')  # an older smollm2's folder, as a crash left it
     again = prepare(config, tmp_path)
     assert "reusing" not in capsys.readouterr().out
     assert (again.folder / name).read_bytes() == whole
