@@ -59,6 +59,7 @@ class RunProgress:
     last_loss: float | None = None
     last_val_loss: float | None = None
     run_id: str | None = field(default_factory=new_run_id)  # None: a checkpoint older than run ids
+    precision: str | None = None  # fp32 or bf16, decided at the run's start and kept; None: an older checkpoint
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Checkpoint:
                 last_loss=state.get("last_loss"),
                 last_val_loss=state.get("last_val_loss"),
                 run_id=state.get("run_id"),
+                precision=state.get("precision"),
             )
             checkpoint = cls(
                 progress=progress,

@@ -264,7 +264,7 @@ class Trainer:
         self.config, self.out_dir, settings = config, Path(out_dir), config.train
         self.world = distributed.setup()
         self.device = distributed.device_for(self.world)
-        self.precision = self.choose_precision()
+        self.precision = self.choose_precision(resume.progress.precision if resume else None)
         torch.manual_seed(settings.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
         self.data = self.prepare_data()
         if resume is not None:
@@ -275,6 +275,7 @@ class Trainer:
         )
         if settings.schedule_steps:
             self.progress.schedule_steps = settings.schedule_steps
+        self.progress.precision = self.precision.key
         self.model = SmolLM2(config.model).to(self.device)
         if resume is not None:
             self.model.load_state_dict(resume.model)  # whole weights, before any sharding
@@ -295,13 +296,21 @@ class Trainer:
         self.guard = DivergenceGuard()
         self.tokens_per_step = settings.batch_size * settings.grad_accum * config.data.seq_len * self.world.size
 
-    def choose_precision(self) -> Precision:
+    def choose_precision(self, kept: str | None) -> Precision:
+        """A run's precision is decided at its start and kept by its checkpoints: a resume with
+        train.precision=auto trains as the run did; another explicit choice is the user's, and said."""
         settings = self.config.train
         if self.device.type == "cpu":
             keep_freed_memory_on_cpu()
+        if kept and settings.precision not in ("auto", kept) and self.world.is_main:
+            print(
+                f"warning: train.precision={settings.precision} on a resume of a {kept} run: it goes on in "
+                f"{settings.precision}, so its losses will not be bitwise those of the run continued in {kept}",
+                file=sys.stderr,
+            )
         rows = settings.batch_size * self.config.data.seq_len
         return choose_precision(
-            settings.precision, self.device, self.config.model, rows, agree=distributed.from_main_rank
+            settings.precision, self.device, self.config.model, rows, agree=distributed.from_main_rank, kept=kept
         )
 
     def prepare_data(self) -> PreparedData | MixtureData:

@@ -74,3 +74,33 @@ def test_bf16_resume_is_bitwise_exact(run_dir):  # noqa: F811
     assert all(v.dtype == torch.float32 for v in a["model"].values())  # master weights stay fp32
     exp_avg = next(iter(a["optimizer"]["state"].values()))["exp_avg"]
     assert exp_avg.dtype == torch.float32  # and so does the optimizer's state
+
+
+def test_a_resume_keeps_the_precision_auto_chose_and_never_measures_again(run_dir, capsys, monkeypatch):  # noqa: F811
+    config = load_config("config/tiny.yaml", ["train.precision=auto", "train.schedule_steps=4"])
+    monkeypatch.setattr(smollm2.hardware, "cpu_bf16_speedup", lambda config, rows: 3.0)
+    train(config, 2, None, "run")
+    assert torch.load(run_dir / "run/checkpoints/step_2.pt", weights_only=True)["precision"] == "bf16"
+
+    def busy_machine(config, rows):
+        raise AssertionError("a resume measures nothing: a busy moment must not switch its precision")
+
+    monkeypatch.setattr(smollm2.hardware, "cpu_bf16_speedup", busy_machine)
+    capsys.readouterr()
+    train(config, 2, "run/checkpoints/step_2.pt", "run")
+    out, err = capsys.readouterr()
+    assert "bf16 autocast (auto: kept from the checkpoint)" in out and not err
+    assert torch.load(run_dir / "run/checkpoints/step_4.pt", weights_only=True)["precision"] == "bf16"
+
+
+def test_an_explicit_precision_on_a_resume_is_the_users_choice_said_in_one_line(run_dir, capsys):  # noqa: F811
+    train(load_config("config/tiny.yaml", ["train.precision=bf16"]), 2, None, "run")
+    capsys.readouterr()
+    train(load_config("config/tiny.yaml", ["train.precision=fp32"]), 2, "run/checkpoints/step_2.pt", "run")
+    out, err = capsys.readouterr()
+    assert "| fp32 (chosen) |" in out
+    assert err.strip() == (
+        "warning: train.precision=fp32 on a resume of a bf16 run: it goes on in fp32, "
+        "so its losses will not be bitwise those of the run continued in bf16"
+    )
+    assert torch.load(run_dir / "run/checkpoints/step_4.pt", weights_only=True)["precision"] == "fp32"
