@@ -287,7 +287,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, settings, self.device)
         self.loader = data_pipeline(config).loader(self.data, config, self.world.rank, self.world.size, self.device)
         if resume is not None:
-            distributed.load_optimizer_state(self.model, self.optimizer, resume.optimizer)
+            self.load_optimizer_state(resume.optimizer)
             self.loader.load_state_dict(resume.loader)
             restore_rng(resume.rng)
         self.validator = Validator(self.data, config)
@@ -312,6 +312,14 @@ class Trainer:
         return choose_precision(
             settings.precision, self.device, self.config.model, rows, agree=distributed.from_main_rank, kept=kept
         )
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """The checkpoint's moments and step counts, under this config's hyperparameters: loading
+        would otherwise bring back the weight decay and betas the run started with."""
+        chosen = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        distributed.load_optimizer_state(self.model, self.optimizer, state)
+        for group, settings in zip(self.optimizer.param_groups, chosen, strict=True):
+            group.update(settings)
 
     def prepare_data(self) -> PreparedData | MixtureData:
         """Rank 0 tokenizes; the others wait, then find its files ready and reuse them."""
