@@ -140,6 +140,13 @@ class Checkpoint:
                     f"checkpoint was trained with {section}.{key}={was!r} but {config.source} says {now!r}: "
                     "a resumed run must see the same tokenizer and data in the same order"
                 )
+        was_mask = saved.get("data", {}).get("document_mask", False)  # older checkpoints: no mask
+        if was_mask != config.data.document_mask:
+            raise UserError(
+                f"checkpoint was trained with data.document_mask={was_mask!r} but {config.source} says "
+                f"{config.data.document_mask!r}: a resumed run must see its windows as it was trained to "
+                "(to change it, start a new run from this checkpoint's weights with model.init_from)"
+            )
         was_sources = saved.get("data", {}).get("sources")
         if was_sources != config.data.sources:
             raise UserError(

@@ -255,6 +255,7 @@ def test_a_prompt_longer_than_the_context_is_refused_before_training(workspace, 
         ("train.seed=7", "train.seed=1337"),
         ("data.val_fraction=0.2", "data.val_fraction=0.1"),
         ("model.n_layers=3", "model.n_layers=2"),
+        ("data.document_mask=true", "data.document_mask=False"),  # what the model sees of its windows
     ],
 )
 def test_a_resume_that_would_change_the_data_order_is_refused(workspace, capsys, setting, message):
