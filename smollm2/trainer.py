@@ -21,10 +21,10 @@ from typing import NamedTuple
 import torch
 
 from smollm2 import chat, distributed, mixture, sft
-from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rng, restore_rng
+from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rng, load_weights, restore_rng
 from smollm2.config import Config, TrainConfig
 from smollm2.data import PreparedData, to_device
-from smollm2.errors import UserError
+from smollm2.errors import UserError, error_reason
 from smollm2.files import RunLock, remove_empty_folders
 from smollm2.generation import Sampling, generate, prompt_ids
 from smollm2.hardware import (
@@ -278,7 +278,7 @@ class Trainer:
         self.progress.precision = self.precision.key
         self.model = SmolLM2(config.model).to(self.device)
         if resume is not None:
-            self.model.load_state_dict(resume.model)  # whole weights, before any sharding
+            load_weights(self.model, resume.model, "the checkpoint")  # whole weights, before any sharding
         elif config.model.init_from:
             self.model.load_state_dict(initial_weights(config.model.init_from))  # weights only: step 0
         torch.manual_seed(settings.seed + self.world.rank)  # from here on each rank draws its own numbers
@@ -317,7 +317,12 @@ class Trainer:
         """The checkpoint's moments and step counts, under this config's hyperparameters: loading
         would otherwise bring back the weight decay and betas the run started with."""
         chosen = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        distributed.load_optimizer_state(self.model, self.optimizer, state)
+        try:
+            distributed.load_optimizer_state(self.model, self.optimizer, state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise UserError(
+                f"the checkpoint's optimizer state does not fit the model ({error_reason(exc, 120)})"
+            ) from None
         for group, settings in zip(self.optimizer.param_groups, chosen, strict=True):
             group.update(settings)
 
