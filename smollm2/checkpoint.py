@@ -113,6 +113,8 @@ class Checkpoint:
                 )
         for section, key in DATA_ORDER_KEYS:
             was, now = saved.get(section, {}).get(key), current[section][key]
+            if (section, key) == ("data", "tokenizer") and config.model.init_from:
+                continue  # the checkpoint's own tokenizer (pretrained.resolve_init_from), checked by its hash
             if was is not None and was != now:
                 raise UserError(
                     f"checkpoint was trained with {section}.{key}={was!r} but {config.source} says {now!r}: "

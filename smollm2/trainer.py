@@ -536,8 +536,8 @@ def train(
     """
     if train_steps <= 0:
         raise UserError(f"--train_steps must be a positive number of steps, got {train_steps}")
-    config = resolve_init_from(config)
     resume = Checkpoint.load(checkpoint) if checkpoint else None
+    config = resolve_init_from(config, resume, checkpoint)
     if resume is not None:
         resume.check_resumable(config)
     if config.train.eval_tasks:  # an unknown task is refused before anything is written

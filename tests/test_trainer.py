@@ -159,6 +159,17 @@ def test_optimizer_settings_changed_on_a_resume_are_the_ones_it_runs(run_dir):
     ]
 
 
+def test_a_run_from_init_from_resumes_when_its_source_is_gone(run_dir):
+    train(load_config("config/tiny.yaml"), 2, None, "base")
+    config = load_config("config/tiny.yaml", ["model.init_from=base/final", "train.schedule_steps=6"])
+    train(config, 6, None, "full")
+    train(config, 2, None, "split")
+    shutil.rmtree(run_dir / "base")  # the checkpoint holds the weights and the tokenizer
+    train(config, 2, "split/checkpoints/step_2.pt", "split")
+    train(config, 2, "split/checkpoints/step_4.pt", "split")
+    assert [r["loss"] for r in metrics(run_dir / "split")] == [r["loss"] for r in metrics(run_dir / "full")]
+
+
 def test_nan_losses_skip_updates_then_stop_with_the_last_good_state(run_dir, monkeypatch):
     config = load_config("config/tiny.yaml")
     train(config, 2, None, "run")
