@@ -87,7 +87,10 @@ class Checkpoint:
             if key not in state:
                 raise UserError(f"{source}: not a smollm2 training checkpoint (no {key})")
         check_fields(state, source)
-        progress = RunProgress(**{f.name: state.get(f.name, f.default) for f in dataclasses.fields(RunProgress)})
+        defaults = {
+            f.name: None if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(RunProgress)
+        }
+        progress = RunProgress(**{name: state.get(name, default) for name, default in defaults.items()})
         return cls(progress=progress, **{f.name: state.get(f.name) for f in dataclasses.fields(cls)[1:]})
 
     @classmethod
