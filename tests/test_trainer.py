@@ -170,6 +170,16 @@ def test_a_run_from_init_from_resumes_when_its_source_is_gone(run_dir):
     assert [r["loss"] for r in metrics(run_dir / "split")] == [r["loss"] for r in metrics(run_dir / "full")]
 
 
+def test_a_checkpoint_older_than_run_ids_and_kept_precisions_resumes(run_dir):
+    train(load_config("config/tiny.yaml"), 2, None, "run")
+    state = load_checkpoint(run_dir / "run/checkpoints/step_2.pt")
+    for newer in ("run_id", "precision", "tokens_seen", "chat_template"):
+        del state[newer]
+    save_checkpoint(state, run_dir / "old.pt")
+    train(load_config("config/tiny.yaml"), 1, "old.pt", "older")
+    assert load_checkpoint(run_dir / "older/checkpoints/step_3.pt")["precision"] == "fp32"
+
+
 def test_nan_losses_skip_updates_then_stop_with_the_last_good_state(run_dir, monkeypatch):
     config = load_config("config/tiny.yaml")
     train(config, 2, None, "run")
