@@ -60,6 +60,7 @@ class RunProgress:
     last_loss: float | None = None
     last_val_loss: float | None = None
     run_id: str | None = field(default_factory=new_run_id)  # None: a checkpoint older than run ids
+    precision: str | None = None  # fp32 or bf16, decided at the run's start and kept; None: an older checkpoint
 
 
 @dataclass
@@ -83,33 +84,15 @@ class Checkpoint:
 
     @classmethod
     def from_dict(cls, state: dict, source: str | Path) -> Checkpoint:
-        try:
-            progress = RunProgress(
-                step=int(state["step"]),
-                tokens_seen=int(state.get("tokens_seen", 0)),
-                schedule_steps=int(state.get("schedule_steps", 0)),
-                last_loss=state.get("last_loss"),
-                last_val_loss=state.get("last_val_loss"),
-                run_id=state.get("run_id"),
-            )
-            checkpoint = cls(
-                progress=progress,
-                model=state["model"],
-                optimizer=state["optimizer"],
-                loader=state["loader"],
-                rng=state["rng"],
-                config=state["config"],
-                tokenizer_hash=state["tokenizer_hash"],
-                tokenizer=state.get("tokenizer"),
-                chat_template=state.get("chat_template"),
-            )
-        except KeyError as exc:
-            raise UserError(f"{source}: not a smollm2 training checkpoint (no {exc.args[0]})") from None
-        except (TypeError, ValueError):
-            raise UserError(f"{source}: not a smollm2 training checkpoint (its step is not a number)") from None
-        if not isinstance(checkpoint.config, dict) or not isinstance(checkpoint.config.get("model"), dict):
-            raise UserError(f"{source}: not a smollm2 training checkpoint (no model config)")
-        return checkpoint
+        for key in ("model", "optimizer", "loader", "rng", "config", "tokenizer_hash"):
+            if key not in state:
+                raise UserError(f"{source}: not a smollm2 training checkpoint (no {key})")
+        check_fields(state, source)
+        defaults = {
+            f.name: None if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(RunProgress)
+        }
+        progress = RunProgress(**{name: state.get(name, default) for name, default in defaults.items()})
+        return cls(progress=progress, **{f.name: state.get(f.name) for f in dataclasses.fields(cls)[1:]})
 
     @classmethod
     def load(cls, path: str | Path) -> Checkpoint:
@@ -134,6 +117,8 @@ class Checkpoint:
                 )
         for section, key in DATA_ORDER_KEYS:
             was, now = saved.get(section, {}).get(key), current[section][key]
+            if (section, key) == ("data", "tokenizer") and config.model.init_from:
+                continue  # the checkpoint's own tokenizer (pretrained.resolve_init_from), checked by its hash
             if was is not None and was != now:
                 raise UserError(
                     f"checkpoint was trained with {section}.{key}={was!r} but {config.source} says {now!r}: "
@@ -145,6 +130,13 @@ class Checkpoint:
                 f"checkpoint was trained on data prepared and ordered by another smollm2 (data format {was_format}, "
                 f"now {DATA_FORMAT}): it cannot go on with the same data; start a run from its weights with "
                 "--set model.init_from=CHECKPOINT"
+            )
+        was_mask = saved.get("data", {}).get("document_mask", False)  # older checkpoints: no mask
+        if was_mask != config.data.document_mask:
+            raise UserError(
+                f"checkpoint was trained with data.document_mask={was_mask!r} but {config.source} says "
+                f"{config.data.document_mask!r}: a resumed run must see its windows as it was trained to "
+                "(to change it, start a new run from this checkpoint's weights with model.init_from)"
             )
         was_sources = saved.get("data", {}).get("sources")
         if was_sources != config.data.sources:
@@ -171,6 +163,78 @@ class Checkpoint:
                 f"checkpoint was trained with tokenizer {self.tokenizer_hash}, but the data uses "
                 f"{tokenizer.hash}: use the same data.tokenizer and data.path as the first run"
             )
+
+
+# What each field must be for a resume to rely on it: (test, what it should be).
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number_or_none(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+FIELD_CHECKS = {
+    "step": (_is_int, "an integer"),
+    "tokens_seen": (_is_int, "an integer"),
+    "schedule_steps": (_is_int, "an integer"),
+    "last_loss": (_is_number_or_none, "a number"),
+    "last_val_loss": (_is_number_or_none, "a number"),
+    "run_id": (lambda v: v is None or isinstance(v, str), "a string"),
+    "precision": (lambda v: v in (None, "fp32", "bf16"), "fp32 or bf16"),
+    "tokenizer_hash": (lambda v: isinstance(v, str), "a string"),
+    "tokenizer": (lambda v: v is None or isinstance(v, str), "a tokenizer.json text"),
+    "chat_template": (lambda v: v is None or isinstance(v, str), "a string"),
+    "model": (lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()), "tensors"),
+    "loader": (
+        lambda v: isinstance(v, dict) and all(_is_int(v.get(k)) for k in ("step", "batch_size", "world_size")),
+        "a loader position (step, batch_size, world_size)",
+    ),
+}
+
+
+def check_fields(state: dict, source: str | Path) -> None:
+    """Every field a resume reads is of the type it is read as: one line naming the first that is not."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunProgress) if f.name != "run_id"}
+    for key, (valid, expected) in FIELD_CHECKS.items():
+        if not valid(state.get(key, defaults.get(key))):
+            raise UserError(f"{source}: not a smollm2 training checkpoint (its {key} is not {expected})")
+    config = state["config"]
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise UserError(f"{source}: not a smollm2 training checkpoint (no model config)")
+    for section in ("data", "train"):
+        if not isinstance(config.get(section, {}), dict):
+            raise UserError(f"{source}: not a smollm2 training checkpoint (its config.{section} is not a mapping)")
+    if not _is_optimizer_state(state["optimizer"]):
+        raise UserError(f"{source}: not a smollm2 training checkpoint (its optimizer is not an optimizer state)")
+    try:
+        _check_rng(state["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+        raise UserError(f"{source}: not a smollm2 training checkpoint (its rng is not a saved RNG state)") from None
+
+
+def _is_optimizer_state(optimizer) -> bool:
+    """{"state": {index: {name: tensor}}, "param_groups": [{"params": [index, ...], ...}]}, as torch saves it."""
+    if not isinstance(optimizer, dict):
+        return False
+    state, groups = optimizer.get("state"), optimizer.get("param_groups")
+    return (
+        isinstance(state, dict)
+        and all(_is_int(k) and isinstance(v, dict) for k, v in state.items())
+        and all(isinstance(t, torch.Tensor) for v in state.values() for t in v.values())
+        and isinstance(groups, list)
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+        and all(_is_int(i) for g in groups for i in g["params"])
+    )
+
+
+def _check_rng(state: dict) -> None:
+    """Restore the states into generators of their own: the process's own are left as they are."""
+    random.Random().setstate(_as_tuples(state["python"]))
+    np.random.RandomState().set_state(_numpy_state_from_plain(state["numpy"]))
+    torch.Generator().set_state(state["torch"])
+    if not isinstance(state.get("cuda", []), list):
+        raise TypeError("cuda")
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:

@@ -48,14 +48,28 @@ class Precision:
     def name(self) -> str:
         return "bf16 autocast" if self.dtype == torch.bfloat16 else "fp32"
 
+    @property
+    def key(self) -> str:
+        """The train.precision value that trains this way: what a checkpoint keeps."""
+        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
+
 
 def choose_precision(
-    precision: str, device: torch.device, config: ModelConfig, rows: int, agree=lambda speedup: speedup
+    precision: str,
+    device: torch.device,
+    config: ModelConfig,
+    rows: int,
+    agree=lambda speedup: speedup,
+    kept: str | None = None,
 ) -> Precision:
     """fp32 and bf16 are the user's choice; auto is bf16 on CUDA that has it and, on a CPU, bf16
     when the model's own matmuls measure clearly faster in bf16 than in fp32. CPU features can't
     tell: AMX and AVX512-BF16 make bf16 2-4x faster, plain AVX2 makes it ~100x slower.
-    `agree` makes every process of a run take the same decision from its own measurement."""
+    `agree` makes every process of a run take the same decision from its own measurement.
+    `kept`: the precision a resumed run's checkpoint trained in; auto keeps it, unmeasured, so that
+    a resume never switches precision because this start measured otherwise."""
+    if precision == "auto" and kept in ("fp32", "bf16"):
+        return Precision(torch.bfloat16 if kept == "bf16" else None, "auto: kept from the checkpoint")
     if precision == "fp32":
         return Precision(None, "chosen")
     if device.type == "cuda":

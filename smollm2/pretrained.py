@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from smollm2.checkpoint import checkpoint_model_config, load_checkpoint, load_model_from_checkpoint
-from smollm2.config import Config, ConfigError, ModelConfig, validate
+from smollm2.checkpoint import Checkpoint, checkpoint_model_config, load_checkpoint, load_model_from_checkpoint
+from smollm2.config import Config, ConfigError, ModelConfig, model_config_from_dict, validate
 from smollm2.errors import UserError
 from smollm2.hf import load_pretrained, read_model_config
 from smollm2.tokenizer import load_tokenizer
@@ -32,13 +32,17 @@ def source_architecture(path: Path) -> ModelConfig:
     raise UserError(f"model.init_from: {path} does not exist (a model folder or a checkpoint .pt)")
 
 
-def resolve_init_from(config: Config) -> Config:
+def resolve_init_from(config: Config, resume: Checkpoint | None = None, checkpoint: str | None = None) -> Config:
     """The config with the architecture and tokenizer of model.init_from; a config that says otherwise
-    (a model key set to another value, another tokenizer) is refused in one line."""
+    (a model key set to another value, another tokenizer) is refused in one line. A resumed run
+    (`resume`, read from `checkpoint`) takes both from its checkpoint: the source may be gone."""
     if not config.model.init_from:
         return config
     spec = str(Path(config.model.init_from).expanduser())  # a config file may say ~/...
-    source = source_architecture(Path(spec))
+    if resume is None:
+        source, tokenizer = source_architecture(Path(spec)), resolve_tokenizer(config, spec)
+    else:
+        source, tokenizer = resumed_source(config, spec, resume, str(checkpoint))
     for key in sorted(config.model_keys_set - set(FREE_KEYS)):
         ours, theirs = getattr(config.model, key), getattr(source, key)
         if not same_value(ours, theirs):
@@ -47,7 +51,7 @@ def resolve_init_from(config: Config) -> Config:
                 f"the architecture comes from the weights; leave model.{key} out"
             )
     model = dataclasses.replace(source, init_from=spec, attention=config.model.attention)
-    data = dataclasses.replace(config.data, tokenizer=resolve_tokenizer(config, spec))
+    data = dataclasses.replace(config.data, tokenizer=tokenizer)
     resolved = dataclasses.replace(config, model=model, data=data)
     validate(resolved, f"{config.source} (with model.init_from {spec})")
     return resolved
@@ -63,6 +67,26 @@ def same_value(ours: object, theirs: object) -> bool:
             and math.isclose(ours, theirs, rel_tol=1e-6)
         )
     return ours == theirs
+
+
+def resumed_source(config: Config, spec: str, resume: Checkpoint, checkpoint: str) -> tuple[ModelConfig, str]:
+    """The architecture and tokenizer of a resumed init_from run: its checkpoint's, not the source's."""
+    started_from = resume.config["model"].get("init_from")
+    if started_from is None or str(Path(started_from).expanduser()) != spec:
+        raise ConfigError(
+            f"model.init_from {spec} in {config.source}: the checkpoint's run started from "
+            f"{started_from or 'scratch'}; a resume continues the checkpoint's weights, so keep its model.init_from"
+        )
+    ours = config.data.tokenizer
+    if resume.tokenizer is None:  # a checkpoint older than tokenizers in checkpoints: the source must still be there
+        return source_architecture(Path(spec)), resolve_tokenizer(config, spec)
+    if ours not in ("train", spec, resume.config.get("data", {}).get("tokenizer")):
+        if load_tokenizer(ours).hash != resume.tokenizer_hash:
+            raise ConfigError(
+                f"data.tokenizer {ours} in {config.source} is not the tokenizer of the run it resumes: "
+                "leave data.tokenizer out (or train) to keep the checkpoint's"
+            )
+    return model_config_from_dict(resume.config["model"], checkpoint), checkpoint
 
 
 def resolve_tokenizer(config: Config, spec: str) -> str:

@@ -21,10 +21,10 @@ from typing import NamedTuple
 import torch
 
 from smollm2 import chat_template, distributed, mixture, sft
-from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rng, restore_rng
+from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rng, load_weights, restore_rng
 from smollm2.config import Config, TrainConfig
 from smollm2.data import PreparedData, to_device
-from smollm2.errors import UserError
+from smollm2.errors import UserError, error_reason
 from smollm2.files import RunLock, remove_empty_folders, unmark_if_alone
 from smollm2.generation import Sampling, check_fits, fit_new_tokens, generate, prompt_ids
 from smollm2.hardware import (
@@ -258,7 +258,7 @@ class Trainer:
         self.config, self.out_dir, settings = config, Path(out_dir), config.train
         self.world = distributed.setup()
         self.device = distributed.device_for(self.world)
-        self.precision = self.choose_precision()
+        self.precision = self.choose_precision(resume.progress.precision if resume else None)
         torch.manual_seed(settings.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
         self.data = self.prepare_data()
         if resume is not None:
@@ -269,9 +269,10 @@ class Trainer:
         )
         if settings.schedule_steps:
             self.progress.schedule_steps = settings.schedule_steps
+        self.progress.precision = self.precision.key
         self.model = SmolLM2(config.model).to(self.device)
         if resume is not None:
-            self.model.load_state_dict(resume.model)  # whole weights, before any sharding
+            load_weights(self.model, resume.model, "the checkpoint")  # whole weights, before any sharding
         elif config.model.init_from:
             self.model.load_state_dict(initial_weights(config.model.init_from))  # weights only: step 0
         torch.manual_seed(settings.seed + self.world.rank)  # from here on each rank draws its own numbers
@@ -280,7 +281,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, settings, self.device)
         self.loader = data_pipeline(config).loader(self.data, config, self.world.rank, self.world.size, self.device)
         if resume is not None:
-            distributed.load_optimizer_state(self.model, self.optimizer, resume.optimizer)
+            self.load_optimizer_state(resume.optimizer)
             self.loader.load_state_dict(resume.loader)
             restore_rng(resume.rng)
         self.validator = Validator(self.data, config)
@@ -289,14 +290,35 @@ class Trainer:
         self.guard = DivergenceGuard()
         self.tokens_per_step = settings.batch_size * settings.grad_accum * config.data.seq_len * self.world.size
 
-    def choose_precision(self) -> Precision:
+    def choose_precision(self, kept: str | None) -> Precision:
+        """A run's precision is decided at its start and kept by its checkpoints: a resume with
+        train.precision=auto trains as the run did; another explicit choice is the user's, and said."""
         settings = self.config.train
         if self.device.type == "cpu":
             keep_freed_memory_on_cpu()
+        if kept and settings.precision not in ("auto", kept) and self.world.is_main:
+            print(
+                f"warning: train.precision={settings.precision} on a resume of a {kept} run: it goes on in "
+                f"{settings.precision}, so its losses will not be bitwise those of the run continued in {kept}",
+                file=sys.stderr,
+            )
         rows = settings.batch_size * self.config.data.seq_len
         return choose_precision(
-            settings.precision, self.device, self.config.model, rows, agree=distributed.from_main_rank
+            settings.precision, self.device, self.config.model, rows, agree=distributed.from_main_rank, kept=kept
         )
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """The checkpoint's moments and step counts, under this config's hyperparameters: loading
+        would otherwise bring back the weight decay and betas the run started with."""
+        chosen = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        try:
+            distributed.load_optimizer_state(self.model, self.optimizer, state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise UserError(
+                f"the checkpoint's optimizer state does not fit the model ({error_reason(exc, 120)})"
+            ) from None
+        for group, settings in zip(self.optimizer.param_groups, chosen, strict=True):
+            group.update(settings)
 
     def prepare_data(self) -> PreparedData | MixtureData:
         """Rank 0 tokenizes; the others wait, then find its files ready and reuse them."""
@@ -538,8 +560,8 @@ def train(
     """
     if train_steps <= 0:
         raise UserError(f"--train_steps must be a positive number of steps, got {train_steps}")
-    config = resolve_init_from(config)
     resume = Checkpoint.load(checkpoint) if checkpoint else None
+    config = resolve_init_from(config, resume, checkpoint)
     if resume is not None:
         resume.check_resumable(config)
     if config.train.eval_tasks:  # an unknown task is refused before anything is written

@@ -255,6 +255,7 @@ def test_a_prompt_longer_than_the_context_is_refused_before_training(workspace, 
         ("train.seed=7", "train.seed=1337"),
         ("data.val_fraction=0.2", "data.val_fraction=0.1"),
         ("model.n_layers=3", "model.n_layers=2"),
+        ("data.document_mask=true", "data.document_mask=False"),  # what the model sees of its windows
     ],
 )
 def test_a_resume_that_would_change_the_data_order_is_refused(workspace, capsys, setting, message):
@@ -329,6 +330,48 @@ def test_hand_made_and_malicious_checkpoints(workspace, capsys):
         main_refused(capsys, workspace, ["export", "--checkpoint", name, "--out", "hf"], message)
     argv = [*TRAIN, "--train_steps", "2", "--checkpoint_path", "partial.pt", "--out_dir", "run"]
     train_refused(capsys, workspace, argv, "no optimizer")
+
+
+def _set(state: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for key in parents:
+        state = state[key]
+    state[last] = value
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("rng", {}, "its rng is not"),
+        ("rng.torch", "seed", "its rng is not"),
+        ("rng.python", [3], "its rng is not"),
+        ("rng.numpy", {"name": "MT19937"}, "its rng is not"),
+        ("config.data", "input.txt", "its config.data is not a mapping"),
+        ("config.train", 5, "its config.train is not a mapping"),
+        ("loader", "step 4", "its loader is not"),
+        ("loader", {}, "its loader is not"),
+        ("loader.step", "4", "its loader is not"),
+        ("optimizer", [], "its optimizer is not"),
+        ("optimizer.param_groups", "all", "its optimizer is not"),
+        ("optimizer.state", {0: "moments"}, "its optimizer is not"),
+        ("model", ["weights"], "its model is not"),
+        ("model", {"norm.weight": "ones"}, "its model is not"),
+        ("step", 4.5, "its step is not"),
+        ("tokens_seen", "many", "its tokens_seen is not"),
+        ("schedule_steps", None, "its schedule_steps is not"),
+        ("last_loss", "low", "its last_loss is not"),
+        ("run_id", 7, "its run_id is not"),
+        ("precision", "fp16", "its precision is not"),
+        ("tokenizer_hash", 5, "its tokenizer_hash is not"),
+        ("tokenizer", ["vocab"], "its tokenizer is not"),
+    ],
+)
+def test_checkpoint_fields_of_the_wrong_type_are_one_line_before_any_work(workspace, capsys, field, value, message):
+    state = torch.load(workspace / "run/checkpoints/step_4.pt", weights_only=True)
+    _set(state, field, value)
+    torch.save(state, workspace / "odd.pt")
+    argv = [*TRAIN, "--train_steps", "2", "--checkpoint_path", "odd.pt", "--out_dir", "run"]
+    train_refused(capsys, workspace, argv, message)
 
 
 def test_a_data_error_leaves_no_empty_run_folder(workspace, capsys):

@@ -1,6 +1,8 @@
 """CPU precision chosen by measurement, and bf16 training that tracks fp32 and resumes bitwise."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,3 +76,65 @@ def test_bf16_resume_is_bitwise_exact(run_dir):  # noqa: F811
     assert all(v.dtype == torch.float32 for v in a["model"].values())  # master weights stay fp32
     exp_avg = next(iter(a["optimizer"]["state"].values()))["exp_avg"]
     assert exp_avg.dtype == torch.float32  # and so does the optimizer's state
+
+
+def test_a_resume_keeps_the_precision_auto_chose_and_never_measures_again(run_dir, capsys, monkeypatch):  # noqa: F811
+    config = load_config("config/tiny.yaml", ["train.precision=auto", "train.schedule_steps=4"])
+    monkeypatch.setattr(smollm2.hardware, "cpu_bf16_speedup", lambda config, rows: 3.0)
+    train(config, 2, None, "run")
+    assert torch.load(run_dir / "run/checkpoints/step_2.pt", weights_only=True)["precision"] == "bf16"
+
+    def busy_machine(config, rows):
+        raise AssertionError("a resume measures nothing: a busy moment must not switch its precision")
+
+    monkeypatch.setattr(smollm2.hardware, "cpu_bf16_speedup", busy_machine)
+    capsys.readouterr()
+    train(config, 2, "run/checkpoints/step_2.pt", "run")
+    out, err = capsys.readouterr()
+    assert "bf16 autocast (auto: kept from the checkpoint)" in out and not err
+    assert torch.load(run_dir / "run/checkpoints/step_4.pt", weights_only=True)["precision"] == "bf16"
+
+
+def test_an_explicit_precision_on_a_resume_is_the_users_choice_said_in_one_line(run_dir, capsys):  # noqa: F811
+    train(load_config("config/tiny.yaml", ["train.precision=bf16"]), 2, None, "run")
+    capsys.readouterr()
+    train(load_config("config/tiny.yaml", ["train.precision=fp32"]), 2, "run/checkpoints/step_2.pt", "run")
+    out, err = capsys.readouterr()
+    assert "| fp32 (chosen) |" in out
+    assert err.strip() == (
+        "warning: train.precision=fp32 on a resume of a bf16 run: it goes on in fp32, "
+        "so its losses will not be bitwise those of the run continued in bf16"
+    )
+    assert torch.load(run_dir / "run/checkpoints/step_4.pt", weights_only=True)["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resumes_at_several_steps_are_bitwise_while_another_process_loads_the_cpu(run_dir, precision, monkeypatch):  # noqa: F811
+    """One run of 6 steps against a run stopped and resumed at steps 2, 3 and 5, each start with its
+    validation and predictions at the split step (the uninterrupted run evaluates only at its end),
+    while a busy process shares the CPU."""
+    settings = [
+        f"train.precision={precision}",
+        *("model.hidden_size=128", "model.intermediate_size=256", "data.seq_len=64", "train.batch_size=8"),
+        *("train.schedule_steps=6", "train.warmup_steps=2", "train.eval_every=100", "train.predict_every=1"),
+        *("train.save_every=100", "train.keep_last=10", "train.predict_tokens=4"),
+    ]
+    config = load_config("config/tiny.yaml", settings)
+    monkeypatch.setattr("smollm2.trainer.peak_flops", lambda device, dtype: None)  # MFU's 2048^3 matmuls: time only
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        train(config, 6, None, "full")
+        for start, steps in ((0, 2), (2, 1), (3, 2), (5, 1)):
+            train(config, steps, f"split/checkpoints/step_{start}.pt" if start else None, "split")
+    finally:
+        busy.kill()
+        busy.wait()
+    full, split = metrics(run_dir / "full"), metrics(run_dir / "split")
+    assert [r["step"] for r in split] == list(range(1, 7))
+    assert [r["loss"] for r in split] == [r["loss"] for r in full]
+    a = torch.load(run_dir / "full/checkpoints/step_6.pt", weights_only=True)
+    b = torch.load(run_dir / "split/checkpoints/step_6.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    text = [(run_dir / run / "logs/samples.md").read_text().splitlines() for run in ("full", "split")]
+    full_samples, split_samples = ([line for line in lines if "loss" not in line] for lines in text)
+    assert full_samples == split_samples  # only the headers differ: the split's also name a val loss

@@ -130,6 +130,56 @@ def test_resume_continues_the_first_runs_schedule(run_dir):
     assert load_checkpoint(run_dir / "run/checkpoints/step_10.pt")["schedule_steps"] == 6
 
 
+def test_optimizer_settings_changed_on_a_resume_are_the_ones_it_runs(run_dir):
+    base = ["train.schedule_steps=8", "train.save_every=4"]
+    train(load_config("config/tiny.yaml", base), 4, None, "run")
+    changed = [
+        *base,
+        "train.weight_decay=0.0",
+        "train.beta1=0.8",
+        "train.beta2=0.5",
+        "train.lr=1e-3",
+        "train.min_lr=1e-4",
+    ]
+    changed_config = load_config("config/tiny.yaml", changed)
+    train(changed_config, 4, "run/checkpoints/step_4.pt", "changed")
+    # The same resume from a checkpoint whose optimizer already holds the new settings: the reference.
+    state = load_checkpoint(run_dir / "run/checkpoints/step_4.pt")
+    for group, weight_decay in zip(state["optimizer"]["param_groups"], (0.0, 0.0), strict=True):
+        group.update(weight_decay=weight_decay, betas=(0.8, 0.5))
+    save_checkpoint(state, run_dir / "edited.pt")
+    train(changed_config, 4, "edited.pt", "reference")
+    train(load_config("config/tiny.yaml", base), 4, "run/checkpoints/step_4.pt", "unchanged")
+    losses = {name: [r["loss"] for r in metrics(run_dir / name)] for name in ("changed", "reference", "unchanged")}
+    assert losses["changed"] == losses["reference"] != losses["unchanged"]
+    written = load_checkpoint(run_dir / "changed/checkpoints/step_8.pt")
+    assert [(g["weight_decay"], g["betas"]) for g in written["optimizer"]["param_groups"]] == [((0.0), (0.8, 0.5))] * 2
+    assert [r["lr"] for r in metrics(run_dir / "changed")] == [
+        learning_rate(step, changed_config.train, 8) for step in range(5, 9)
+    ]
+
+
+def test_a_run_from_init_from_resumes_when_its_source_is_gone(run_dir):
+    train(load_config("config/tiny.yaml"), 2, None, "base")
+    config = load_config("config/tiny.yaml", ["model.init_from=base/final", "train.schedule_steps=6"])
+    train(config, 6, None, "full")
+    train(config, 2, None, "split")
+    shutil.rmtree(run_dir / "base")  # the checkpoint holds the weights and the tokenizer
+    train(config, 2, "split/checkpoints/step_2.pt", "split")
+    train(config, 2, "split/checkpoints/step_4.pt", "split")
+    assert [r["loss"] for r in metrics(run_dir / "split")] == [r["loss"] for r in metrics(run_dir / "full")]
+
+
+def test_a_checkpoint_older_than_run_ids_and_kept_precisions_resumes(run_dir):
+    train(load_config("config/tiny.yaml"), 2, None, "run")
+    state = load_checkpoint(run_dir / "run/checkpoints/step_2.pt")
+    for newer in ("run_id", "precision", "tokens_seen", "chat_template"):
+        del state[newer]
+    save_checkpoint(state, run_dir / "old.pt")
+    train(load_config("config/tiny.yaml"), 1, "old.pt", "older")
+    assert load_checkpoint(run_dir / "older/checkpoints/step_3.pt")["precision"] == "fp32"
+
+
 def test_nan_losses_skip_updates_then_stop_with_the_last_good_state(run_dir, monkeypatch):
     config = load_config("config/tiny.yaml")
     train(config, 2, None, "run")
