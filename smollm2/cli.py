@@ -152,7 +152,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from smollm2.hf import export_llama
     from smollm2.model_source import ModelSource
 
-    model, tokenizer = ModelSource.open(args.checkpoint, "--checkpoint").load()
+    model, tokenizer = ModelSource.checkpoint_file(args.checkpoint).load()
     export_llama(model, args.out, tokenizer)
     print(f"wrote {args.out} (transformers: AutoModelForCausalLM.from_pretrained({str(args.out)!r}))")
 

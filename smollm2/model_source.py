@@ -55,6 +55,14 @@ class ModelSource:
             return cls(latest, is_checkpoint=True)
         raise UserError(f"{what} {spec}: no config.json, final/ or checkpoints/step_N.pt (not a model or a run)")
 
+    @classmethod
+    def checkpoint_file(cls, spec: str | Path) -> ModelSource:
+        """A training checkpoint, as `--checkpoint` names one: a folder is refused, naming its newest
+        checkpoint (reading it says so)."""
+        source = cls(Path(spec).expanduser(), is_checkpoint=True)
+        source.state  # noqa: B018 - read now: a folder, a missing or a damaged file is one line here
+        return source
+
     @cached_property
     def state(self) -> dict:
         """The checkpoint's whole state (read once)."""
