@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from smollm2.config import Config, load_config
-from smollm2.errors import UserError, os_error_line
+from smollm2.errors import UserError, one_line, os_error_line
 from smollm2.generation import Sampling
 from smollm2.model import parameter_breakdown
 
@@ -42,7 +42,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {self.prog}: {message}\n")
+        self.exit(2, f"error: {self.prog}: {one_line(message)}\n")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -402,10 +402,10 @@ def run(command: Callable[[argparse.Namespace], None], args: argparse.Namespace)
     try:
         command(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # the machine said no: a read-only folder, a full disk, a file for a folder
-        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(os_error_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was left behind", file=sys.stderr)
