@@ -9,6 +9,7 @@ The logs (metrics.jsonl, samples.md) come from --logs, $SMOLLM2_LOGS, or the mod
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -38,10 +39,17 @@ def build_app(model_path: Path, logs: Path | None, precision: str = "fp32") -> g
     most = tokenizer.max_chars(model.config.max_seq_len - 1)
 
     def generate(prompt: str, max_new_tokens: float, temperature: float, top_k: float, top_p: float, seed: float):
-        text = prompt
+        # An API call skips the browser's widgets: any input may be null, NaN, Infinity or 12.5.
+        text = prompt = text_input(prompt, "prompt")
+        max_new_tokens, top_k, seed = (
+            whole_number(max_new_tokens, "max_new_tokens"),
+            whole_number(top_k, "top_k"),
+            whole_number(seed, "seed"),
+        )
+        temperature, top_p = number(temperature, "temperature"), number(top_p, "top_p")
         try:
-            sampling = Sampling(temperature=temperature, top_k=int(top_k), top_p=top_p)
-            for piece in stream_text(model, tokenizer, prompt, int(max_new_tokens), sampling, int(seed)):
+            sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+            for piece in stream_text(model, tokenizer, prompt, max_new_tokens, sampling, seed):
                 text += piece
                 yield text
         except UserError as exc:
@@ -62,11 +70,11 @@ def build_app(model_path: Path, logs: Path | None, precision: str = "fp32") -> g
             )
             with gr.Row():
                 longest = min(MAX_NEW_TOKENS, model.config.max_seq_len - 1)
-                max_new = gr.Slider(1, longest, value=min(120, longest), step=1, label="max new tokens")
-                temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="temperature (0 = greedy)")
-                top_k = gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)")
-                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (1 = off)")
-                seed = gr.Number(value=0, precision=0, label="seed")
+                max_new = lenient(gr.Slider(1, longest, value=min(120, longest), step=1, label="max new tokens"))
+                temperature = lenient(gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="temperature (0 = greedy)"))
+                top_k = lenient(gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)"))
+                top_p = lenient(gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p (1 = off)"))
+                seed = lenient(gr.Number(value=0, precision=0, label="seed"))
             button = gr.Button("Generate", variant="primary")
             output = gr.Textbox(label="Prompt and continuation", lines=14)
             button.click(generate, [prompt, max_new, temperature, top_k, top_p, seed], output, api_name="generate")
@@ -76,6 +84,41 @@ def build_app(model_path: Path, logs: Path | None, precision: str = "fp32") -> g
         with gr.Tab("Training"):
             training_tab(record)
     return app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+
+
+def lenient(component):
+    """An input whose own preprocessing would fail on a value an API call may send (null, NaN, Infinity:
+    a traceback and {"error": null}) passes that value on as it is, for the handler to refuse in words."""
+    preprocess = component.preprocess
+
+    def checked(payload):
+        if isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload):
+            return payload
+        return preprocess(payload)
+
+    component.preprocess = checked
+    return component
+
+
+def text_input(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise gr.Error(f"the {what} is missing: send text" if value is None else f"the {what} must be text")
+    return value
+
+
+def number(value, name: str) -> float:
+    """A float input as an API call may send it: null or a string is refused (NaN is Sampling's to refuse)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise gr.Error(f"{name} must be a number, got {'nothing' if value is None else repr(value)}")
+    return float(value)
+
+
+def whole_number(value, name: str) -> int:
+    """An integer input (a slider with step 1, the seed): null, NaN, Infinity or 12.5 is refused, not truncated."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value % 1:
+        got = "nothing" if value is None else repr(value)
+        raise gr.Error(f"{name} must be a whole number, got {got}")
+    return int(value)
 
 
 def limits(model, most: int) -> str:
@@ -90,19 +133,25 @@ def chat_tab(model, tokenizer, most: int) -> None:
     """A conversation through the model's chat template (smollm2.chat), replies streamed."""
 
     def respond(message: str, history: list[dict], max_new_tokens: float, temperature: float):
+        if not text_input(message, "message"):  # an API call's null message arrives as "" (see the textbox)
+            raise gr.Error("the message is missing or empty: send text")
+        max_new_tokens, temperature = whole_number(max_new_tokens, "max_new_tokens"), number(temperature, "temperature")
         try:
             sampling = Sampling(temperature=temperature, top_k=50)
-            yield from reply_after(model, tokenizer, history, message, int(max_new_tokens), sampling)
+            yield from reply_after(model, tokenizer, history or [], message, max_new_tokens, sampling)
         except UserError as exc:
             raise gr.Error(str(exc)) from None
 
     longest = min(MAX_NEW_TOKENS, model.config.max_seq_len - 1)
+    textbox = gr.Textbox(max_length=most, placeholder=f"a message of at most {most:,} characters", render=False)
+    preprocess = textbox.preprocess
+    textbox.preprocess = lambda payload: "" if payload is None else preprocess(payload)  # gradio fails on None
     gr.ChatInterface(
         respond,
-        textbox=gr.Textbox(max_length=most, placeholder=f"a message of at most {most:,} characters", render=False),
+        textbox=textbox,
         additional_inputs=[
-            gr.Slider(1, longest, value=min(128, longest), step=1, label="max new tokens", render=False),
-            gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)", render=False),
+            lenient(gr.Slider(1, longest, value=min(128, longest), step=1, label="max new tokens", render=False)),
+            lenient(gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)", render=False)),
         ],
         api_name="chat",
     )

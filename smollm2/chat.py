@@ -140,6 +140,9 @@ def chat_loop(
             continue
         if not text:
             continue
+        if text.startswith("/"):  # a mistyped command ("/quit please", "/exit") is not a message for the model
+            print(f"unknown command {text!r}, not sent: the commands are /reset and /quit", file=sys.stderr)
+            continue
         try:
             ids, dropped = conversation.prompt(text)
         except UserError as exc:

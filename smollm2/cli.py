@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from smollm2.config import Config, load_config
-from smollm2.errors import UserError, os_error_line
+from smollm2.errors import UserError, one_line, os_error_line
+from smollm2.files import remove_empty_folders
 from smollm2.generation import Sampling
 from smollm2.model import parameter_breakdown
 
@@ -42,7 +43,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {self.prog}: {message}\n")
+        self.exit(2, f"error: {self.prog}: {one_line(message)}\n")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -175,14 +176,29 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     if not 1 <= args.workers <= cores:  # each worker holds a tokenizer and batches in flight: 500 would exhaust memory
         raise UserError(f"--workers must be between 1 and this machine's {cores} CPU cores, got {args.workers}")
     config = read_config(args)
-    data_pipeline(config).prepare(config, args.out_dir, workers=args.workers)
+    # What prepare creates, it removes again if it fails or is stopped: only these, only if it made them,
+    # only if empty (as train does).
+    targets = [Path(args.out_dir) / "data", *([Path(config.data.prepared_dir)] if config.data.prepared_dir else [])]
+    new_folders = []
+    for target in targets:
+        for folder in (target, *target.parents):
+            if folder.exists():
+                break
+            new_folders.append(folder)
+    try:
+        data_pipeline(config).prepare(config, args.out_dir, workers=args.workers)
+    except BaseException:
+        remove_empty_folders(*new_folders)
+        raise
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
     from smollm2.trainer import resume_command, train
 
     hint = resume_command(args.config, args.overrides, args.out_dir)
-    train(read_config(args), args.train_steps, args.checkpoint_path, args.out_dir, hint)
+    stopped_by = train(read_config(args), args.train_steps, args.checkpoint_path, args.out_dir, hint)
+    # Stopped by Ctrl-C / SIGTERM: saved and resumable, but not finished: 130 / 143, so `train && export` stops.
+    return 128 + stopped_by if stopped_by else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +408,7 @@ def _terminate(signum, frame) -> None:
     raise Terminated
 
 
-def run(command: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+def run(command: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run a command; every way it can fail for the user's reasons ends in one line on stderr.
 
     Work in progress is written beside its target and swapped in, so an error or a signal here
@@ -400,12 +416,12 @@ def run(command: Callable[[argparse.Namespace], None], args: argparse.Namespace)
     """
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        command(args)
+        code = command(args) or 0
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # the machine said no: a read-only folder, a full disk, a file for a folder
-        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(os_error_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was left behind", file=sys.stderr)
@@ -415,7 +431,7 @@ def run(command: Callable[[argparse.Namespace], None], args: argparse.Namespace)
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return 0
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -252,10 +252,41 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = _load_yaml(path.read_text(encoding="utf-8"), path) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({error_reason(exc)})") from None
     return config_from_dict(raw, str(path), overrides)
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    """yaml.safe_load, but a key given twice in one mapping is refused (safe_load keeps the last, silently)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, "", path, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, where: str, path: Path, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias met again (recursive aliases included)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys = set()
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and key.tag != "tag:yaml.org,2002:merge":
+                if name in keys:
+                    raise ConfigError(f"{path}: duplicate key {where}{name} (given twice; keep one)")
+                keys.add(name)
+            _refuse_duplicate_keys(value, f"{where}{name}." if name is not None else where, path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, where, path, seen)
 
 
 def model_config_from_dict(raw: Any, source: str) -> ModelConfig:

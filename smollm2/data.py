@@ -305,13 +305,14 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
     # ~1000 pieces over the corpus (1 KB to 256 KB each): the validation split takes whole pieces.
     piece_bytes = max(1 << 10, min(256 << 10, total_bytes // 1000))
     bad_bytes: dict[str, int] = {}
+    notes: list[str] = []  # said once the corpus is accepted: a refused one is one line, the error
     if total_bytes == 0:
         raise UserError(f"data.path: the corpus {config.data.path!r} is empty")
     if config.data.tokenizer == "train":
         if not quiet:
             print(f"data: training a {config.model.vocab_size}-token BPE tokenizer on {total_bytes / 1e6:.1f} MB")
         texts = (p.text for p in read_pieces(files, piece_bytes, {}, config.data.text_field))
-        tokenizer = train_tokenizer(texts, config.model.vocab_size)
+        tokenizer = train_tokenizer(texts, config.model.vocab_size, notes)
     else:
         tokenizer = load_tokenizer(config.data.tokenizer, config.model.vocab_size)
     tokenizer.save(staging / "tokenizer.json")
@@ -342,8 +343,6 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
             file.flush()
             os.fsync(file.fileno())
     progress.close()
-    for file, count in bad_bytes.items():
-        print(f"warning: {file}: replaced {count} undecodable byte sequence(s) with U+FFFD", file=sys.stderr)
     if not has_text:
         raise UserError(f"data.path: the corpus {config.data.path!r} is empty or only whitespace")
     if counts["train"] < config.data.seq_len + 1:
@@ -351,6 +350,10 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
             f"data.path: the corpus gives {counts['train']} training tokens, fewer than one window of "
             f"data.seq_len + 1 = {config.data.seq_len + 1}; add text or lower data.seq_len"
         )
+    for note in notes:
+        print(note, file=sys.stderr)
+    for file, count in bad_bytes.items():
+        print(f"warning: {file}: replaced {count} undecodable byte sequence(s) with U+FFFD", file=sys.stderr)
     meta = {
         "fingerprint": expected,
         "tokenizer_hash": tokenizer.hash,

@@ -20,6 +20,14 @@ def error_reason(exc: BaseException, limit: int | None = None) -> str:
     return line[:limit].rsplit(" ", 1)[0] + " ..."
 
 
+def one_line(text: str) -> str:
+    """`text` as one printable line: a newline, an escape sequence or any other control character
+    (say, in a path the user typed) is written escaped, as Python writes it: \\n, \\x1b."""
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text
+    )
+
+
 def os_error_line(exc: OSError) -> str:
     """An OSError (read-only folder, disk full, a file where a folder should be) as one plain line."""
     if exc.errno == errno.ENOSPC:

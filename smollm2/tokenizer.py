@@ -99,8 +99,9 @@ class Tokenizer:
         write_atomic(folder / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2) + "\n")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE tokenizer: any UTF-8 text encodes, and decodes back exactly."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, notes: list[str] | None = None) -> Tokenizer:
+    """Train a byte-level BPE tokenizer: any UTF-8 text encodes, and decodes back exactly.
+    notes: given, the note on a small vocabulary goes there (printed once the corpus is accepted), not to stderr."""
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -113,11 +114,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     backend.train_from_iterator(texts, trainer)
     reached = backend.get_vocab_size()
     if reached < vocab_size:
-        print(
+        note = (
             f"note: the corpus supports {reached} BPE tokens, fewer than model.vocab_size={vocab_size}; "
-            "the model keeps its size and the extra rows go unused",
-            file=sys.stderr,
+            "the model keeps its size and the extra rows go unused"
         )
+        if notes is None:
+            print(note, file=sys.stderr)
+        else:
+            notes.append(note)
     return Tokenizer(backend)
 
 

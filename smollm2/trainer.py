@@ -109,6 +109,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum: int | None = None  # the signal that asked (the process exits with 128 + it, after saving)
         self.previous = {}
 
     def __enter__(self) -> StopRequest:
@@ -120,6 +121,7 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint", file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
@@ -332,7 +334,8 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def run(self, train_steps: int, resume_hint: str) -> None:
+    def run(self, train_steps: int, resume_hint: str) -> int | None:
+        """Train to `end`; the signal number if SIGINT / SIGTERM stopped the run early (after saving)."""
         start, end = self.progress.step, self.progress.step + train_steps
         reporter = self.make_reporter(start, end)
         self.checkpointer.begin(start)
@@ -360,7 +363,9 @@ class Trainer:
             self.checkpointer.confirm()
         if not good and self.progress.step == end:
             self.refuse_final(path, reporter)
-        self.finish(reporter, path, start, end, stopped_early=self.progress.step < end, resume_hint=resume_hint)
+        stopped_early = self.progress.step < end
+        self.finish(reporter, path, start, end, stopped_early=stopped_early, resume_hint=resume_hint)
+        return stop.signum if stopped_early else None
 
     def train_step(self) -> dict:
         """One optimizer step (all its micro-batches); the metrics row of the step."""
@@ -551,12 +556,13 @@ def resume_command(config_path: str, overrides: list[str] = (), out_dir: str | P
 
 def train(
     config: Config, train_steps: int, checkpoint: str | None, out_dir: str | Path = ".", resume_hint: str = ""
-) -> None:
+) -> int | None:
     """Train `train_steps` steps, from scratch or from `checkpoint`'s step onwards.
 
     Everything that can be refused is refused before anything is written: the steps, the
     checkpoint, the config against it, the run folder; then the folder is locked for this run.
     resume_hint: the command that continues this run, with {steps} and {path} to fill in.
+    Returns the signal number when SIGINT / SIGTERM stopped the run (its checkpoint saved), else None.
     """
     if train_steps <= 0:
         raise UserError(f"--train_steps must be a positive number of steps, got {train_steps}")
@@ -582,7 +588,7 @@ def train(
             marked = is_main and checkpointer.mark_if_empty()
             trainer = Trainer(config, out_dir, resume, train_steps)
             try:
-                trainer.run(train_steps, resume_hint)
+                stopped_by = trainer.run(train_steps, resume_hint)
             finally:
                 trainer.loader.close()
     except BaseException:
@@ -594,3 +600,4 @@ def train(
         raise
     finally:
         distributed.teardown()
+    return stopped_by

@@ -287,6 +287,17 @@ def test_chat_loop_streams_replies_resets_and_quits(chat_model, tokenizer, capsy
     assert pending == ["never read"]  # /quit left
 
 
+def test_a_mistyped_command_is_answered_and_not_sent(chat_model, tokenizer, capsys):
+    read, pending = typed("/quit please", "/reset now", "/unknown", "/quit", "never read")
+    out = io.StringIO()
+    chat.chat_loop(chat_model, tokenizer, None, 12, Sampling(temperature=0), read=read, out=out)
+    assert out.getvalue() == ""  # nothing went to the model
+    err = capsys.readouterr().err.splitlines()
+    names = ("/quit please", "/reset now", "/unknown")
+    assert err[1:] == [f"unknown command {name!r}, not sent: the commands are /reset and /quit" for name in names]
+    assert pending == ["never read"]
+
+
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(chat_model, tokenizer, monkeypatch):
     def interrupted(*args, **kwargs):
         yield "Hal"

@@ -299,6 +299,7 @@ def test_sigterm_during_prepare_exits_with_a_line_and_leaves_no_staging(workspac
     assert cli.main(["prepare", *TRAIN, "--out_dir", "fresh"]) == 143
     assert "terminated" in capsys.readouterr().err
     assert snapshot(workspace) == before and not leftovers(workspace)
+    assert not (workspace / "fresh").exists()  # nor the folders it made
 
 
 # ---------------------------------------------------------------------------------------------
@@ -745,3 +746,55 @@ def test_the_demo_run_twice_deletes_nothing_and_continues_its_own_run(tmp_path):
     assert b"continuing it" in result.stdout and b"(step 4)" in result.stdout
     assert (demo / "notes.txt").read_text() == "mine\n"
     assert sorted(p.name for p in (demo / "checkpoints").iterdir()) == ["step_2.pt", "step_3.pt", "step_4.pt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hunt findings F10-F14
+
+
+def test_a_path_holding_a_newline_is_still_one_line(workspace, capsys):
+    err = main_refused(capsys, workspace, ["info", "--config", "no\nsuch\x1b[31m.yaml"], "config file not found")
+    assert "no\\nsuch\\x1b[31m.yaml" in err
+
+
+def test_duplicate_yaml_keys_are_refused_naming_the_key(workspace, capsys):
+    text = (workspace / "config" / "tiny.yaml").read_text()
+    (workspace / "dup.yaml").write_text(text + "model:\n  n_layers: 4\n")
+    main_refused(capsys, workspace, ["info", "--config", "dup.yaml"], "duplicate key model")
+    (workspace / "dup2.yaml").write_text(text.replace("model:\n", "model:\n  n_layers: 3\n", 1))
+    main_refused(capsys, workspace, ["info", "--config", "dup2.yaml"], "duplicate key model.n_layers")
+
+
+@pytest.mark.parametrize("corpus", ["   \n\t\n", "hi\n"])
+def test_a_refused_corpus_with_a_trained_tokenizer_is_one_line(workspace, capsys, corpus):
+    (workspace / "tiny.txt").write_text(corpus)
+    main_refused(
+        capsys, workspace, ["prepare", *TRAIN, "--set", "data.path=tiny.txt", "--out_dir", "fresh"], "data.path"
+    )
+    assert not (workspace / "fresh").exists()
+
+
+def test_a_failed_prepare_leaves_no_empty_folders(workspace, capsys):
+    argv = ["prepare", *TRAIN, "--set", "data.path=missing.jsonl", "--out_dir", "new/fresh"]
+    main_refused(capsys, workspace, argv, "missing.jsonl")
+    assert not (workspace / "new").exists()
+    main_refused(capsys, workspace, [*argv[:-1], "mine"], "missing.jsonl")
+    assert sorted(p.name for p in (workspace / "mine").iterdir()) == ["notes.txt"]  # the user's folder stays
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_run_saves_then_exits_with_the_signal_code(workspace, capsys, monkeypatch, sig, code):
+    from smollm2.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def step_then_signal(self):
+        row = real(self)
+        if row["step"] == 1:
+            os.kill(os.getpid(), sig)
+        return row
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    assert cli.train_main([*TRAIN, "--train_steps", "3", "--out_dir", "stopped"]) == code
+    out = capsys.readouterr().out
+    assert "resume with:" in out and (workspace / "stopped" / "checkpoints" / "step_1.pt").is_file()

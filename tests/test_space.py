@@ -457,3 +457,35 @@ def test_export_of_a_run_whose_metrics_hold_a_non_number_still_writes_the_card(s
     assert result.returncode == 0, result.stderr
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"| final train loss | {last['loss']:.4f} |" in card and "| tokens seen | " not in card
+
+
+def call_raw(app_url: str, api: str, body: str) -> str:
+    """One API call as a hostile client sends it (NaN, Infinity and null are JSON gradio reads): the event stream."""
+    import httpx
+
+    url = f"{app_url}gradio_api/call/{api}"
+    event = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=60).json()["event_id"]
+    return httpx.get(f"{url}/{event}", timeout=60).text
+
+
+@pytest.mark.parametrize(
+    "api, data, message",
+    [
+        ("generate", '["ROMEO:", NaN, 0.0, 0, 1.0, 0]', "max_new_tokens must be a whole number"),
+        ("generate", '["ROMEO:", 5, 0.5, NaN, 1.0, 0]', "top_k must be a whole number"),
+        ("generate", '["ROMEO:", 5, 0.5, Infinity, 1.0, 0]', "top_k must be a whole number"),
+        ("generate", '["ROMEO:", 5.5, 0.0, 0, 1.0, 0]', "max_new_tokens must be a whole number"),
+        ("generate", '["ROMEO:", 5, 0.0, 0, 1.0, NaN]', "seed must be a whole number"),
+        ("generate", '["ROMEO:", 5, 0.0, 0, 1.0, Infinity]', "seed must be a whole number"),
+        ("generate", '["ROMEO:", 5, 0.0, 0, 1.0, null]', "seed must be a whole number"),
+        ("generate", "[null, 5, 0.0, 0, 1.0, 0]", "the prompt is missing"),
+        ("generate", '["ROMEO:", null, 0.0, 0, 1.0, 0]', "max_new_tokens must be a whole number"),
+        ("chat", "[null, 5, 0.0]", "the message is missing"),
+        ("chat", '["hi", NaN, 0.0]', "max_new_tokens must be a whole number"),
+        ("chat", '["hi", 5, null]', "temperature must be a number"),
+    ],
+)
+def test_the_apps_api_answers_nan_inf_and_null_inputs_with_a_message(app_url, api, data, message):
+    events = call_raw(app_url, api, f'{{"data": {data}}}')
+    assert "event: error" in events and message in events, events
+    assert "event: complete" in call_raw(app_url, "generate", '{"data": ["ROMEO:", 3, 0.0, 0, 1.0, 0]}')
