@@ -24,7 +24,15 @@ from tokenizers import Tokenizer as HFTokenizer
 from smollm2 import distributed
 from smollm2.config import Config, ModelConfig, TrainConfig, model_config_from_dict
 from smollm2.errors import UserError, error_reason
-from smollm2.files import MARKER, check_replaceable, clean_leftovers, mark, read_marker, write_atomic
+from smollm2.files import (
+    MARKER,
+    check_replaceable,
+    clean_leftovers,
+    inside_another,
+    mark,
+    read_marker,
+    write_atomic,
+)
 from smollm2.hf import MODEL_FILES, write_model_folder
 from smollm2.model import SmolLM2
 from smollm2.tokenizer import Tokenizer
@@ -42,7 +50,6 @@ DATA_ORDER_KEYS = (
 
 
 LOG_FILES = ("metrics.jsonl", "samples.md", "loss.png", "summary.json", "wandb")  # what a run writes in logs/
-RUN_PARTS = ("checkpoints", "logs", "final", "data")
 
 
 def new_run_id() -> str:
@@ -224,6 +231,17 @@ def checkpoint_run_id(path: Path) -> str | None:
     return run_id if isinstance(run_id, str) else None
 
 
+def check_export_folder(out: Path, checkpoint: Path) -> None:
+    """An export never goes into a part of a run, nor over the final model of another run (a
+    model folder whose marker names a run id that is not the checkpoint's)."""
+    where = inside_another(out)
+    if where:
+        raise UserError(f"--out {out} {where}: choose another folder")
+    owner = read_marker(Path(out)).get("run_id")
+    if owner and owner != checkpoint_run_id(Path(checkpoint)):
+        raise UserError(f"--out {out} holds the final model of another run: choose another folder")
+
+
 # ---------------------------------------------------------------------------------------------
 # The run folder
 
@@ -302,9 +320,9 @@ class Checkpointer:
         kind = read_marker(self.out_dir).get("kind")
         if kind not in (None, "run"):
             raise UserError(f"{self.out_dir} is a {kind} folder smollm2 wrote: choose another --out_dir")
-        parent = self.out_dir.resolve().parent
-        if self.out_dir.resolve().name in RUN_PARTS and read_marker(parent).get("kind") == "run":
-            raise UserError(f"{self.out_dir} is part of the run in {parent}: choose another --out_dir")
+        where = inside_another(self.out_dir)
+        if where:
+            raise UserError(f"{self.out_dir} {where}: choose another --out_dir")
 
     def mark_if_empty(self) -> bool:
         """Mark the run folder as a run's when it is empty (this run made it, or the user gave an

@@ -148,10 +148,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from smollm2.checkpoint import load_model_from_checkpoint
+    from smollm2.checkpoint import check_export_folder, load_model_from_checkpoint
     from smollm2.hf import export_llama
 
     model, tokenizer = load_model_from_checkpoint(args.checkpoint)
+    check_export_folder(args.out, args.checkpoint)
     export_llama(model, args.out, tokenizer)
     print(f"wrote {args.out} (transformers: AutoModelForCausalLM.from_pretrained({str(args.out)!r}))")
 

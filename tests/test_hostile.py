@@ -702,3 +702,65 @@ def test_the_demo_run_twice_deletes_nothing_and_continues_its_own_run(tmp_path):
     assert b"continuing it" in result.stdout and b"(step 4)" in result.stdout
     assert (demo / "notes.txt").read_text() == "mine\n"
     assert sorted(p.name for p in (demo / "checkpoints").iterdir()) == ["step_2.pt", "step_3.pt", "step_4.pt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hunt F1-F4: folders inside folders, runs that left no checkpoint
+
+
+def test_prepared_dir_never_holds_the_tokenizer_it_reads(workspace, capsys):
+    prepared = workspace / "run" / "data" / "input-320"
+    mine = workspace / "mytok"
+    mine.mkdir()  # the user's own tokenizer, pretty-printed: bytes no smollm2 wrote
+    (mine / "tokenizer.json").write_text(json.dumps(json.loads((prepared / "tokenizer.json").read_text()), indent=4))
+    settings = ["data.tokenizer=mytok/tokenizer.json", "data.prepared_dir=mytok"]
+    main_refused(capsys, workspace, ["prepare", *TRAIN, "--set", *settings], "holds data.tokenizer itself")
+    train_refused(
+        capsys, workspace, [*TRAIN, "--set", *settings, "--train_steps", "1", "--out_dir", "x"], "data.tokenizer"
+    )
+    # A folder smollm2 prepared, read as the tokenizer of another corpus: rebuilding it replaces what it reads.
+    (workspace / "other.txt").write_text(CORPUS[::-1])
+    tokenizer = "data.tokenizer=run/data/input-320/tokenizer.json"
+    settings = ["data.path=other.txt", tokenizer, "data.prepared_dir=run/data/input-320"]
+    main_refused(capsys, workspace, ["prepare", *TRAIN, "--set", *settings], "holds data.tokenizer itself")
+
+
+@pytest.mark.parametrize(
+    "out_dir",
+    ["run/data/input-320/sub", "run/data/input-320/a/b", "run/final/sub", "run/checkpoints/sub", "run/logs/a/b"],
+)
+def test_a_run_never_lies_inside_a_part_of_another(workspace, capsys, out_dir):
+    train_refused(capsys, workspace, [*TRAIN, "--train_steps", "1", "--out_dir", out_dir], "inside")
+    main_refused(capsys, workspace, ["prepare", *TRAIN, "--out_dir", out_dir], "inside")
+
+
+@pytest.mark.parametrize("out", ["run/data/input-320/m", "run/checkpoints/m", "run/data/m", "run/final/m"])
+def test_exports_never_go_inside_a_part_of_a_run(workspace, capsys, out):
+    export = ["export", "--checkpoint", "run/checkpoints/step_2.pt", "--out", out]
+    main_refused(capsys, workspace, export, "inside")
+    main_refused(capsys, workspace, ["export-space", "--run", "run", "--out", out], "inside")
+
+
+def test_a_reusable_prepared_folder_with_a_stranger_in_it_is_reused_not_refused(workspace, capsys):
+    assert cli.main(["prepare", *TRAIN, "--out_dir", "run"]) == 0  # the workspace's corpus lies elsewhere
+    (workspace / "run" / "data" / "input-320" / "sub").mkdir()
+    (workspace / "run" / "data" / "input-320" / "sub" / "notes.txt").write_text("mine\n")
+    before = snapshot(workspace / "run" / "data")
+    assert cli.main(["prepare", *TRAIN, "--out_dir", "run"]) == 0, capsys.readouterr().err
+    assert "reusing" in capsys.readouterr().out
+    assert cli.train_main(resume_argv(1)) == 0
+    assert snapshot(workspace / "run" / "data") == before
+    # Were it to be rebuilt, the stranger is named, and no key the user did not set.
+    line = main_refused(capsys, workspace, ["prepare", *TRAIN, "--set", "data.val_fraction=0.2", "--out_dir", "run"],
+                        "did not write (sub)")  # fmt: skip
+    assert "data.prepared_dir" not in line
+
+
+def test_export_never_replaces_the_final_model_of_a_run(workspace, capsys):
+    assert cli.train_main([*TRAIN, "--train_steps", "2", "--out_dir", "other"]) == 0
+    export = ["export", "--checkpoint", "other/checkpoints/step_2.pt", "--out"]
+    main_refused(capsys, workspace, [*export, "run/final"], "is part of the run")
+    shutil.copytree(workspace / "run", workspace / "run.bak")  # a copy, marker and all
+    main_refused(capsys, workspace, [*export, "run.bak/final"], "is part of the run")
+    shutil.copytree(workspace / "run" / "final", workspace / "kept")  # its final model, kept aside
+    main_refused(capsys, workspace, [*export, "kept"], "final model of another run")
