@@ -12,6 +12,7 @@ import dataclasses
 import pickle
 import random
 import re
+import shutil
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -280,11 +281,15 @@ class Checkpointer:
         logged = [p for p in (self.out_dir / "logs" / name for name in LOG_FILES) if p.exists()]
         if resume is None:
             held = existing[-1:] or [p for p in (self.final, *logged) if p.exists() and not _is_empty(p)]
-            if held:
-                resume_with = f"--checkpoint_path {existing[-1]}" if existing else "--checkpoint_path CHECKPOINT"
+            if held and existing:
                 raise UserError(
-                    f"{self.out_dir} already holds a run ({held[0]}): continue it with {resume_with}, "
-                    "or train into a new --out_dir"
+                    f"{self.out_dir} already holds a run ({held[0]}): continue it with --checkpoint_path "
+                    f"{existing[-1]}, or train into a new --out_dir"
+                )
+            if held:
+                raise UserError(
+                    f"{self.out_dir} already holds a run ({held[0]}) that left no checkpoint to continue: "
+                    f"train into a new --out_dir, or move {held[0]} away"
                 )
         else:
             newer = [p for p in existing if step_of(p) > resume.progress.step]
@@ -323,6 +328,24 @@ class Checkpointer:
         where = inside_another(self.out_dir)
         if where:
             raise UserError(f"{self.out_dir} {where}: choose another --out_dir")
+
+    def log_files(self) -> list[Path]:
+        """What a run writes in logs/ that exists now."""
+        return [p for p in (self.out_dir / "logs" / name for name in LOG_FILES) if p.exists() or p.is_symlink()]
+
+    def remove_new_logs(self, existed: list[Path]) -> None:
+        """A fresh run that stops before its first checkpoint leaves nothing to continue: the log
+        files it created (they did not exist when it took the folder's lock) go with it, so that
+        the same command can run again. A folder that holds a checkpoint keeps its logs."""
+        if list_checkpoints(self.folder):
+            return
+        for path in self.log_files():
+            if path in existed:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def mark_if_empty(self) -> bool:
         """Mark the run folder as a run's when it is empty (this run made it, or the user gave an

@@ -756,6 +756,38 @@ def test_a_reusable_prepared_folder_with_a_stranger_in_it_is_reused_not_refused(
     assert "data.prepared_dir" not in line
 
 
+def test_a_run_that_diverged_before_its_first_checkpoint_can_be_retried(workspace, capsys):
+    argv = [*TRAIN, "--train_steps", "10", "--out_dir", "fresh"]
+    assert cli.train_main([*argv, "--set", "train.lr=1e30", "train.warmup_steps=0", "train.min_lr=0"]) == 2
+    assert "no checkpoint was written" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert cli.train_main(argv) == 0, capsys.readouterr().err
+
+
+def test_ctrl_c_during_start_up_leaves_no_logs_and_the_retry_runs(workspace, capsys, monkeypatch):
+    import smollm2.metrics
+
+    real = smollm2.metrics.Reporter.header
+
+    def interrupted(self, lines):  # after the logs were opened, before the loop takes over SIGINT
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(smollm2.metrics.Reporter, "header", interrupted)
+    argv = [*TRAIN, "--train_steps", "2", "--out_dir", "fresh"]
+    assert cli.train_main(argv) == 130
+    assert "nothing half-written" in capsys.readouterr().err
+    assert not (workspace / "fresh" / "logs").exists() and not leftovers(workspace)
+    monkeypatch.setattr(smollm2.metrics.Reporter, "header", real)
+    assert cli.train_main(argv) == 0, capsys.readouterr().err
+
+
+def test_logs_of_a_run_that_left_no_checkpoint_name_no_checkpoint(workspace, capsys):
+    (workspace / "killed" / "logs").mkdir(parents=True)  # a run killed (SIGKILL) before its first checkpoint
+    (workspace / "killed" / ".smollm2").write_text('{"kind": "run", "run_id": "0123456789abcdef"}\n')
+    (workspace / "killed" / "logs" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    line = train_refused(capsys, workspace, [*TRAIN, "--train_steps", "1", "--out_dir", "killed"], "no checkpoint")
+    assert "--checkpoint_path" not in line and "killed/logs" in line
+
+
 def test_export_never_replaces_the_final_model_of_a_run(workspace, capsys):
     assert cli.train_main([*TRAIN, "--train_steps", "2", "--out_dir", "other"]) == 0
     export = ["export", "--checkpoint", "other/checkpoints/step_2.pt", "--out"]
