@@ -796,3 +796,10 @@ def test_export_never_replaces_the_final_model_of_a_run(workspace, capsys):
     main_refused(capsys, workspace, [*export, "run.bak/final"], "is part of the run")
     shutil.copytree(workspace / "run" / "final", workspace / "kept")  # its final model, kept aside
     main_refused(capsys, workspace, [*export, "kept"], "final model of another run")
+
+
+def test_the_makefile_deletes_nothing():
+    # `make clean` was `rm -rf runs/demo`: whatever the user kept there. Nothing can prove a whole run
+    # folder ours (its logs are not recorded), and the demo continues the run it finds: no clean target.
+    recipes = [line.strip() for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("\t")]
+    assert not [line for line in recipes if line.startswith(("rm ", "rmdir ")) or " rm -" in line], recipes
