@@ -169,13 +169,21 @@ def cmd_export_space(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from smollm2.files import remove_empty_folders
     from smollm2.trainer import data_pipeline
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if not 1 <= args.workers <= cores:  # each worker holds a tokenizer and batches in flight: 500 would exhaust memory
         raise UserError(f"--workers must be between 1 and this machine's {cores} CPU cores, got {args.workers}")
     config = read_config(args)
-    data_pipeline(config).prepare(config, args.out_dir, workers=args.workers)
+    # The folders prepare creates on the way to its own, removed again (only if empty) when it fails.
+    targets = [Path(args.out_dir) / "data", Path(config.data.prepared_dir or ".")]
+    created = {f for target in targets for f in (target, *target.parents) if not f.exists()}
+    try:
+        data_pipeline(config).prepare(config, args.out_dir, workers=args.workers)
+    except BaseException:
+        remove_empty_folders(*sorted(created, key=lambda f: len(f.parts), reverse=True))
+        raise
 
 
 def cmd_train(args: argparse.Namespace) -> None:
