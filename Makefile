@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo sft-demo test lint format bench app clean
+.PHONY: demo sft-demo test lint format bench app
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,3 @@ app: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
-
-clean:
-	rm -rf runs/demo

@@ -12,6 +12,7 @@ import dataclasses
 import pickle
 import random
 import re
+import shutil
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +26,15 @@ from smollm2 import distributed
 from smollm2.config import Config, ModelConfig, TrainConfig, model_config_from_dict
 from smollm2.data import FORMAT_VERSION as DATA_FORMAT
 from smollm2.errors import UserError, error_reason
-from smollm2.files import MARKER, check_replaceable, clean_leftovers, mark, read_marker, write_atomic
+from smollm2.files import (
+    MARKER,
+    check_replaceable,
+    clean_leftovers,
+    inside_another,
+    mark,
+    read_marker,
+    write_atomic,
+)
 from smollm2.hf import MODEL_FILES, write_model_folder
 from smollm2.model import SmolLM2
 from smollm2.tokenizer import Tokenizer
@@ -43,7 +52,6 @@ DATA_ORDER_KEYS = (
 
 
 LOG_FILES = ("metrics.jsonl", "samples.md", "loss.png", "summary.json", "wandb")  # what a run writes in logs/
-RUN_PARTS = ("checkpoints", "logs", "final", "data")
 
 
 def new_run_id() -> str:
@@ -296,6 +304,17 @@ def checkpoint_run_id(path: Path) -> str | None:
     return run_id if isinstance(run_id, str) else None
 
 
+def check_export_folder(out: Path, checkpoint: Path) -> None:
+    """An export never goes into a part of a run, nor over the final model of another run (a
+    model folder whose marker names a run id that is not the checkpoint's)."""
+    where = inside_another(out)
+    if where:
+        raise UserError(f"--out {out} {where}: choose another folder")
+    owner = read_marker(Path(out)).get("run_id")
+    if owner and owner != checkpoint_run_id(Path(checkpoint)):
+        raise UserError(f"--out {out} holds the final model of another run: choose another folder")
+
+
 # ---------------------------------------------------------------------------------------------
 # The run folder
 
@@ -334,11 +353,15 @@ class Checkpointer:
         logged = [p for p in (self.out_dir / "logs" / name for name in LOG_FILES) if p.exists()]
         if resume is None:
             held = existing[-1:] or [p for p in (self.final, *logged) if p.exists() and not _is_empty(p)]
-            if held:
-                resume_with = f"--checkpoint_path {existing[-1]}" if existing else "--checkpoint_path CHECKPOINT"
+            if held and existing:
                 raise UserError(
-                    f"{self.out_dir} already holds a run ({held[0]}): continue it with {resume_with}, "
-                    "or train into a new --out_dir"
+                    f"{self.out_dir} already holds a run ({held[0]}): continue it with --checkpoint_path "
+                    f"{existing[-1]}, or train into a new --out_dir"
+                )
+            if held:
+                raise UserError(
+                    f"{self.out_dir} already holds a run ({held[0]}) that left no checkpoint to continue: "
+                    f"train into a new --out_dir, or move {held[0]} away"
                 )
         else:
             newer = [p for p in existing if step_of(p) > resume.progress.step]
@@ -374,9 +397,27 @@ class Checkpointer:
         kind = read_marker(self.out_dir).get("kind")
         if kind not in (None, "run"):
             raise UserError(f"{self.out_dir} is a {kind} folder smollm2 wrote: choose another --out_dir")
-        parent = self.out_dir.resolve().parent
-        if self.out_dir.resolve().name in RUN_PARTS and read_marker(parent).get("kind") == "run":
-            raise UserError(f"{self.out_dir} is part of the run in {parent}: choose another --out_dir")
+        where = inside_another(self.out_dir)
+        if where:
+            raise UserError(f"{self.out_dir} {where}: choose another --out_dir")
+
+    def log_files(self) -> list[Path]:
+        """What a run writes in logs/ that exists now."""
+        return [p for p in (self.out_dir / "logs" / name for name in LOG_FILES) if p.exists() or p.is_symlink()]
+
+    def remove_new_logs(self, existed: list[Path]) -> None:
+        """A fresh run that stops before its first checkpoint leaves nothing to continue: the log
+        files it created (they did not exist when it took the folder's lock) go with it, so that
+        the same command can run again. A folder that holds a checkpoint keeps its logs."""
+        if list_checkpoints(self.folder):
+            return
+        for path in self.log_files():
+            if path in existed:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def mark_if_empty(self) -> bool:
         """Mark the run folder as a run's when it is empty (this run made it, or the user gave an

@@ -150,10 +150,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from smollm2.checkpoint import check_export_folder
     from smollm2.hf import export_llama
     from smollm2.model_source import ModelSource
 
     model, tokenizer = ModelSource.checkpoint_file(args.checkpoint).load()
+    check_export_folder(args.out, args.checkpoint)
     export_llama(model, args.out, tokenizer)
     print(f"wrote {args.out} (transformers: AutoModelForCausalLM.from_pretrained({str(args.out)!r}))")
 
@@ -176,19 +178,13 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     if not 1 <= args.workers <= cores:  # each worker holds a tokenizer and batches in flight: 500 would exhaust memory
         raise UserError(f"--workers must be between 1 and this machine's {cores} CPU cores, got {args.workers}")
     config = read_config(args)
-    # What prepare creates, it removes again if it fails or is stopped: only these, only if it made them,
-    # only if empty (as train does).
-    targets = [Path(args.out_dir) / "data", *([Path(config.data.prepared_dir)] if config.data.prepared_dir else [])]
-    new_folders = []
-    for target in targets:
-        for folder in (target, *target.parents):
-            if folder.exists():
-                break
-            new_folders.append(folder)
+    # The folders prepare creates on the way to its own, removed again (only if empty) when it fails.
+    targets = [Path(args.out_dir) / "data", Path(config.data.prepared_dir or ".")]
+    created = {f for target in targets for f in (target, *target.parents) if not f.exists()}
     try:
         data_pipeline(config).prepare(config, args.out_dir, workers=args.workers)
     except BaseException:
-        remove_empty_folders(*new_folders)
+        remove_empty_folders(*sorted(created, key=lambda f: len(f.parts), reverse=True))
         raise
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from smollm2.config import Config
 from smollm2.errors import UserError, error_reason
-from smollm2.files import build_folder, check_replaceable, clean_leftovers, is_inside, write_atomic
+from smollm2.files import build_folder, check_replaceable, clean_leftovers, inside_another, is_inside, write_atomic
 from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 2  # 2: pieces cut at any text, the split by tokens (1: only between ASCII lines)
@@ -251,7 +251,7 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, work
     """Tokenize the corpus into token files, or reuse the ones already there for the same inputs."""
     files = resolve_sources(config.data.path)
     folder = prepared_folder(config, out_dir)
-    check_prepared_folder(folder, files)
+    check_prepared_folder(folder, files, config.data.tokenizer)
     clean_leftovers(folder.parent, {folder.name})  # a killed build of this folder, even when it is reused
     expected = fingerprint(config, files)
     meta = read_meta(folder)
@@ -259,17 +259,28 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, work
         if not quiet:
             print(f"data: reusing {folder} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
         return _open(folder, meta)
+    # Only a folder about to be replaced must be provably ours: one reused above is only read.
+    check_replaceable(folder, "data", "the prepared data folder", PREPARED_FILES)
     with build_folder(folder, "data") as staging:  # the old folder stays whole until the new one is complete
         meta = _build(config, files, staging, expected, quiet, workers)
     return _open(folder, meta)
 
 
-def check_prepared_folder(folder: Path, sources: list[Path]) -> None:
-    """data.prepared_dir may only be a folder smollm2 prepared, or a new or empty one."""
+def check_prepared_folder(folder: Path, sources: list[Path], tokenizer: str) -> None:
+    """The prepared folder never holds what it is prepared from (the corpus, data.tokenizer), nor
+    lies inside a folder smollm2 wrote for something else; `prepare` replaces it only when it is a
+    folder smollm2 prepared, or a new or empty one."""
     inside = next((f for f in sources if is_inside(f, folder)), None)
     if inside is not None:
-        raise UserError(f"data.prepared_dir {folder} holds the corpus itself ({inside}): choose another folder")
-    check_replaceable(folder, "data", "data.prepared_dir", PREPARED_FILES)
+        raise UserError(f"the prepared data folder {folder} holds the corpus itself ({inside}): choose another folder")
+    if tokenizer != "train" and Path(tokenizer).exists() and is_inside(tokenizer, folder):
+        raise UserError(
+            f"the prepared data folder {folder} holds data.tokenizer itself ({tokenizer}): "
+            "set data.prepared_dir to another folder"
+        )
+    where = inside_another(folder, prepared=True)
+    if where:
+        raise UserError(f"the prepared data folder {folder} {where}: choose another folder")
 
 
 def read_meta(folder: Path) -> dict | None:

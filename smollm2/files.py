@@ -30,6 +30,7 @@ from typing import BinaryIO
 from smollm2.errors import UserError
 
 MARKER = ".smollm2"
+RUN_PARTS = ("checkpoints", "logs", "final", "data")  # what a run folder (marked "run") holds
 LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)")
 
 
@@ -163,6 +164,27 @@ def check_replaceable(folder: Path, kind: str, what: str, known_names: frozenset
         f"{what} {folder} holds files smollm2 did not write ({foreign}{changed}): refusing to replace it "
         "(choose a new or empty folder, or move it away)"
     )
+
+
+def inside_another(path: Path, prepared: bool = False) -> str | None:
+    """Why nothing may be written at `path`, or None: it lies inside a folder smollm2 marked as
+    data, model or space (which would then hold an entry it does not record), or it is, or lies
+    inside, a part of a run (RUN/checkpoints, logs, final, data), at any depth. `prepared`: a
+    prepared data folder may be RUN/data/NAME itself, nothing deeper."""
+    path = Path(path).resolve()
+    for folder in path.parents:
+        kind = read_marker(folder).get("kind")
+        if kind in ("data", "model", "space"):
+            return f"lies inside {folder}, a {kind} folder smollm2 wrote"
+    for folder in (path, *path.parents):
+        if folder.name not in RUN_PARTS or read_marker(folder.parent).get("kind") != "run":
+            continue
+        if prepared and folder.name == "data" and folder == path.parent:
+            continue
+        if folder == path:
+            return f"is part of the run in {folder.parent}"
+        return f"lies inside {folder}, a part of the run in {folder.parent}"
+    return None
 
 
 def legacy_foreign(folder: Path, names: list[str], known_names: frozenset[str], marker: dict) -> str | None:

@@ -26,7 +26,7 @@ import yaml
 
 from smollm2.config import ModelConfig
 from smollm2.errors import UserError, error_reason
-from smollm2.files import build_folder, check_replaceable, is_inside, write_atomic
+from smollm2.files import build_folder, check_replaceable, inside_another, is_inside, write_atomic
 from smollm2.hf import llama_incompatibility, save_pretrained
 from smollm2.metrics import Predictions, numeric_rows, read_metrics, read_samples
 from smollm2.model_source import ModelSource
@@ -244,6 +244,9 @@ def export_space(run: Path, out: Path) -> Path:
     if is_inside(run, out):
         raise UserError(f"--out {out} holds the run {run} itself: choose a new folder, e.g. {run / 'space'}")
     check_replaceable(out, "space", "--out", SPACE_FILES)
+    where = inside_another(out)
+    if where:
+        raise UserError(f"--out {out} {where}: choose another folder")
     if not APP_PY.is_file():
         raise UserError(f"{APP_PY} not found: export-space works from a clone of the repository")
     model, tokenizer = load_run_model(run)

@@ -579,12 +579,14 @@ def train(
     checkpointer = Checkpointer(out_dir, config.train, is_main=True)
     checkpointer.check_folder(resume)  # before the lock, which creates the folder
     # What this run creates, it may remove again: only these, only if it made them, only if empty.
-    new_folders = [f for f in (out_dir / "data", out_dir / "checkpoints", out_dir) if not f.exists()]
+    parts = (out_dir / "data", out_dir / "checkpoints", out_dir / "logs", out_dir)
+    new_folders = [f for f in parts if not f.exists()]
     is_main = distributed.setup().is_main
-    marked = False
+    marked, logs_before = False, None
     try:
         with RunLock(out_dir) if is_main else contextlib.nullcontext():
             checkpointer.check_folder(resume)  # again, now that no other run can change the folder
+            logs_before = checkpointer.log_files()
             marked = is_main and checkpointer.mark_if_empty()
             trainer = Trainer(config, out_dir, resume, train_steps)
             try:
@@ -592,8 +594,11 @@ def train(
             finally:
                 trainer.loader.close()
     except BaseException:
-        # A run that failed before writing anything (a data error, say) leaves no empty folders.
+        # A run that failed before writing anything (a data error, say) leaves no empty folders;
+        # a fresh run that wrote no checkpoint leaves no logs (nothing to continue from them).
         if is_main:
+            if resume is None and logs_before is not None:
+                checkpointer.remove_new_logs(logs_before)
             remove_empty_folders(*new_folders)
             if marked and unmark_if_alone(out_dir):
                 remove_empty_folders(*new_folders)

@@ -798,3 +798,113 @@ def test_a_stopped_run_saves_then_exits_with_the_signal_code(workspace, capsys, 
     assert cli.train_main([*TRAIN, "--train_steps", "3", "--out_dir", "stopped"]) == code
     out = capsys.readouterr().out
     assert "resume with:" in out and (workspace / "stopped" / "checkpoints" / "step_1.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hunt F1-F4: folders inside folders, runs that left no checkpoint
+
+
+def test_prepared_dir_never_holds_the_tokenizer_it_reads(workspace, capsys):
+    prepared = workspace / "run" / "data" / "input-320"
+    mine = workspace / "mytok"
+    mine.mkdir()  # the user's own tokenizer, pretty-printed: bytes no smollm2 wrote
+    (mine / "tokenizer.json").write_text(json.dumps(json.loads((prepared / "tokenizer.json").read_text()), indent=4))
+    settings = ["data.tokenizer=mytok/tokenizer.json", "data.prepared_dir=mytok"]
+    main_refused(capsys, workspace, ["prepare", *TRAIN, "--set", *settings], "holds data.tokenizer itself")
+    train_refused(
+        capsys, workspace, [*TRAIN, "--set", *settings, "--train_steps", "1", "--out_dir", "x"], "data.tokenizer"
+    )
+    # A folder smollm2 prepared, read as the tokenizer of another corpus: rebuilding it replaces what it reads.
+    (workspace / "other.txt").write_text(CORPUS[::-1])
+    tokenizer = "data.tokenizer=run/data/input-320/tokenizer.json"
+    settings = ["data.path=other.txt", tokenizer, "data.prepared_dir=run/data/input-320"]
+    main_refused(capsys, workspace, ["prepare", *TRAIN, "--set", *settings], "holds data.tokenizer itself")
+
+
+@pytest.mark.parametrize(
+    "out_dir",
+    ["run/data/input-320/sub", "run/data/input-320/a/b", "run/final/sub", "run/checkpoints/sub", "run/logs/a/b"],
+)
+def test_a_run_never_lies_inside_a_part_of_another(workspace, capsys, out_dir):
+    train_refused(capsys, workspace, [*TRAIN, "--train_steps", "1", "--out_dir", out_dir], "inside")
+    main_refused(capsys, workspace, ["prepare", *TRAIN, "--out_dir", out_dir], "inside")
+
+
+@pytest.mark.parametrize("out", ["run/data/input-320/m", "run/checkpoints/m", "run/data/m", "run/final/m"])
+def test_exports_never_go_inside_a_part_of_a_run(workspace, capsys, out):
+    export = ["export", "--checkpoint", "run/checkpoints/step_2.pt", "--out", out]
+    main_refused(capsys, workspace, export, "inside")
+    main_refused(capsys, workspace, ["export-space", "--run", "run", "--out", out], "inside")
+
+
+def test_a_reusable_prepared_folder_with_a_stranger_in_it_is_reused_not_refused(workspace, capsys):
+    assert cli.main(["prepare", *TRAIN, "--out_dir", "run"]) == 0  # the workspace's corpus lies elsewhere
+    (workspace / "run" / "data" / "input-320" / "sub").mkdir()
+    (workspace / "run" / "data" / "input-320" / "sub" / "notes.txt").write_text("mine\n")
+    before = snapshot(workspace / "run" / "data")
+    assert cli.main(["prepare", *TRAIN, "--out_dir", "run"]) == 0, capsys.readouterr().err
+    assert "reusing" in capsys.readouterr().out
+    assert cli.train_main(resume_argv(1)) == 0
+    assert snapshot(workspace / "run" / "data") == before
+    # Were it to be rebuilt, the stranger is named, and no key the user did not set.
+    line = main_refused(capsys, workspace, ["prepare", *TRAIN, "--set", "data.val_fraction=0.2", "--out_dir", "run"],
+                        "did not write (sub)")  # fmt: skip
+    assert "data.prepared_dir" not in line
+
+
+def test_a_run_that_diverged_before_its_first_checkpoint_can_be_retried(workspace, capsys):
+    argv = [*TRAIN, "--train_steps", "10", "--out_dir", "fresh"]
+    assert cli.train_main([*argv, "--set", "train.lr=1e30", "train.warmup_steps=0", "train.min_lr=0"]) == 2
+    assert "no checkpoint was written" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert cli.train_main(argv) == 0, capsys.readouterr().err
+
+
+def test_ctrl_c_during_start_up_leaves_no_logs_and_the_retry_runs(workspace, capsys, monkeypatch):
+    import smollm2.metrics
+
+    real = smollm2.metrics.Reporter.header
+
+    def interrupted(self, lines):  # after the logs were opened, before the loop takes over SIGINT
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(smollm2.metrics.Reporter, "header", interrupted)
+    argv = [*TRAIN, "--train_steps", "2", "--out_dir", "fresh"]
+    assert cli.train_main(argv) == 130
+    assert "nothing half-written" in capsys.readouterr().err
+    assert not (workspace / "fresh" / "logs").exists() and not leftovers(workspace)
+    monkeypatch.setattr(smollm2.metrics.Reporter, "header", real)
+    assert cli.train_main(argv) == 0, capsys.readouterr().err
+
+
+def test_logs_of_a_run_that_left_no_checkpoint_name_no_checkpoint(workspace, capsys):
+    (workspace / "killed" / "logs").mkdir(parents=True)  # a run killed (SIGKILL) before its first checkpoint
+    (workspace / "killed" / ".smollm2").write_text('{"kind": "run", "run_id": "0123456789abcdef"}\n')
+    (workspace / "killed" / "logs" / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    line = train_refused(capsys, workspace, [*TRAIN, "--train_steps", "1", "--out_dir", "killed"], "no checkpoint")
+    assert "--checkpoint_path" not in line and "killed/logs" in line
+
+
+def test_export_never_replaces_the_final_model_of_a_run(workspace, capsys):
+    assert cli.train_main([*TRAIN, "--train_steps", "2", "--out_dir", "other"]) == 0
+    export = ["export", "--checkpoint", "other/checkpoints/step_2.pt", "--out"]
+    main_refused(capsys, workspace, [*export, "run/final"], "is part of the run")
+    shutil.copytree(workspace / "run", workspace / "run.bak")  # a copy, marker and all
+    main_refused(capsys, workspace, [*export, "run.bak/final"], "is part of the run")
+    shutil.copytree(workspace / "run" / "final", workspace / "kept")  # its final model, kept aside
+    main_refused(capsys, workspace, [*export, "kept"], "final model of another run")
+
+
+def test_the_makefile_deletes_nothing():
+    # `make clean` was `rm -rf runs/demo`: whatever the user kept there. Nothing can prove a whole run
+    # folder ours (its logs are not recorded), and the demo continues the run it finds: no clean target.
+    recipes = [line.strip() for line in (ROOT / "Makefile").read_text().splitlines() if line.startswith("\t")]
+    assert not [line for line in recipes if line.startswith(("rm ", "rmdir ")) or " rm -" in line], recipes
+
+
+def test_a_failed_or_interrupted_prepare_leaves_no_empty_folders(workspace, capsys, monkeypatch):
+    import smollm2.data
+
+    main_refused(capsys, workspace, ["prepare", *TRAIN, "--out_dir", "missing", "--set", "data.path=no.txt"], "no.txt")
+    monkeypatch.setattr(smollm2.data, "_build", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT))
+    assert cli.main(["prepare", *TRAIN, "--out_dir", "sig", "--set", "data.prepared_dir=shared/a/b"]) == 130
+    assert not any((workspace / name).exists() for name in ("missing", "sig", "shared")), sorted(workspace.iterdir())
