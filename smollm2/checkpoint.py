@@ -178,14 +178,18 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_count(value) -> bool:
+    return _is_int(value) and value >= 0
+
+
 def _is_number_or_none(value) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 FIELD_CHECKS = {
-    "step": (_is_int, "an integer"),
-    "tokens_seen": (_is_int, "an integer"),
-    "schedule_steps": (_is_int, "an integer"),
+    "step": (_is_count, "a whole number of steps, 0 or more"),
+    "tokens_seen": (_is_count, "a whole number of tokens, 0 or more"),
+    "schedule_steps": (lambda v: _is_int(v) and v >= 1, "a whole number of steps, 1 or more"),
     "last_loss": (_is_number_or_none, "a number"),
     "last_val_loss": (_is_number_or_none, "a number"),
     "run_id": (lambda v: v is None or isinstance(v, str), "a string"),
@@ -195,7 +199,12 @@ FIELD_CHECKS = {
     "chat_template": (lambda v: v is None or isinstance(v, str), "a string"),
     "model": (lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()), "tensors"),
     "loader": (
-        lambda v: isinstance(v, dict) and all(_is_int(v.get(k)) for k in ("step", "batch_size", "world_size")),
+        lambda v: (
+            isinstance(v, dict)
+            and all(_is_count(v.get(k)) for k in ("step", "batch_size", "world_size"))
+            and v["batch_size"] > 0
+            and v["world_size"] > 0
+        ),
         "a loader position (step, batch_size, world_size)",
     ),
 }
@@ -205,6 +214,8 @@ def check_fields(state: dict, source: str | Path) -> None:
     """Every field a resume reads is of the type it is read as: one line naming the first that is not."""
     defaults = {f.name: f.default for f in dataclasses.fields(RunProgress) if f.name != "run_id"}
     for key, (valid, expected) in FIELD_CHECKS.items():
+        if key == "schedule_steps" and key not in state:
+            continue  # older checkpoints: the schedule spans the resumed run's steps
         if not valid(state.get(key, defaults.get(key))):
             raise UserError(f"{source}: not a smollm2 training checkpoint (its {key} is not {expected})")
     config = state["config"]
