@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from smollm2.config import Config, ConfigError, _looks_numeric
+from smollm2.config import Config, Source
 from smollm2.data import (
     Batch,
     BatchLoader,
@@ -40,15 +38,6 @@ from smollm2.errors import UserError
 from smollm2.tokenizer import Tokenizer, load_tokenizer
 
 BLOCK = 10_000  # windows per block: each source's share is exact to 1 / BLOCK within every block
-SOURCE_KEYS = ("path", "weight", "text_field", "name")
-
-
-@dataclass(frozen=True)
-class Source:
-    name: str
-    path: str
-    weight: float
-    text_field: str
 
 
 @dataclass
@@ -63,54 +52,6 @@ class SourceData:
 class MixtureData:
     tokenizer: Tokenizer
     sources: list[SourceData]
-
-
-# ---------------------------------------------------------------------------------------------
-# Config
-
-
-def parse_sources(raw: object, default_text_field: str, where: str) -> list[Source]:
-    """data.sources: a non-empty list of {path, weight[, text_field, name]}, checked."""
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError(f"data.sources in {where}: expected a list of {{path, weight}} mappings")
-    sources = [_parse_source(item, f"data.sources[{i}] in {where}", default_text_field) for i, item in enumerate(raw)]
-    if not any(s.weight > 0 for s in sources):
-        raise ConfigError(f"data.sources in {where}: the weights are all zero; give at least one a positive weight")
-    names = [s.name for s in sources]
-    twice = next((n for n in names if names.count(n) > 1), None)
-    if twice is not None:
-        raise ConfigError(f"data.sources in {where}: two sources are named {twice!r}; give one a name: key")
-    return sources
-
-
-def _parse_source(item: object, at: str, default_text_field: str) -> Source:
-    if not isinstance(item, dict):
-        raise ConfigError(f"{at}: expected a mapping {{path, weight}}, got {item!r}")
-    unknown = sorted(set(item) - set(SOURCE_KEYS))
-    if unknown:
-        raise ConfigError(f"{at}: unknown key {unknown[0]!r} ({', '.join(SOURCE_KEYS)})")
-    path, weight = item.get("path"), item.get("weight")
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f"{at}: path must name a file, folder or glob")
-    if isinstance(weight, str) and _looks_numeric(weight):  # YAML 1.1 reads "1e-2" as a string
-        weight = float(weight)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise ConfigError(f"{at}: weight must be a finite number, got {weight!r}")
-    if weight < 0:
-        raise ConfigError(f"{at}: weight must not be negative, got {weight}")
-    text_field = item.get("text_field", default_text_field)
-    name = item.get("name", _default_name(path))
-    for key, value in (("text_field", text_field), ("name", name)):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{at}: {key} must be a non-empty string, got {value!r}")
-    if not re.fullmatch(r"[\w.-]+", name):
-        raise ConfigError(f"{at}: name {name!r} may hold only letters, digits, '_', '-' and '.'")
-    return Source(name=name, path=path, weight=float(weight), text_field=text_field)
-
-
-def _default_name(path: str) -> str:
-    stem = Path(path.rstrip("/").replace("*", "all")).stem
-    return re.sub(r"[^\w.-]", "-", stem) or "source"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +70,7 @@ def prepare_mixture(config: Config, out_dir: str | Path, quiet: bool = False, wo
     others are tokenized with it), then datatrove folders, checked against that tokenizer."""
     from smollm2.datatrove_io import check_datatrove_folder, is_datatrove_folder, read_datatrove_folder
 
-    sources = parse_sources(config.data.sources, config.data.text_field, config.source)
+    sources = config.data.mixture(config.source)
     base = Path(config.data.prepared_dir) if config.data.prepared_dir else Path(out_dir) / "data"
     spec, tokenizer = config.data.tokenizer, None
     prepared: dict[str, SourceData] = {}
