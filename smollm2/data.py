@@ -230,15 +230,12 @@ def prepared_folder(config: Config, out_dir: str | Path) -> Path:
     return Path(out_dir) / "data" / f"{name}-{config.model.vocab_size}"
 
 
-def fingerprint(config: Config, files: list[Path]) -> dict:
-    """What the prepared files depend on; any change rebuilds them."""
-    tokenizer_spec = config.data.tokenizer
-    if tokenizer_spec != "train":
-        tokenizer_spec = load_tokenizer(tokenizer_spec).hash
+def fingerprint(config: Config, files: list[Path], tokenizer: Tokenizer | None) -> dict:
+    """What the prepared files depend on; any change rebuilds them. `tokenizer`: the one given (None: trained)."""
     inputs = {
         "format": FORMAT_VERSION,
         "sources": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
-        "tokenizer": tokenizer_spec,
+        "tokenizer": "train" if tokenizer is None else tokenizer.hash,
         "vocab_size": config.model.vocab_size,
         "val_fraction": config.data.val_fraction,
     }
@@ -247,20 +244,27 @@ def fingerprint(config: Config, files: list[Path]) -> dict:
     return inputs
 
 
-def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1) -> PreparedData:
-    """Tokenize the corpus into token files, or reuse the ones already there for the same inputs."""
+def prepare(
+    config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1, tokenizer: Tokenizer | None = None
+) -> PreparedData:
+    """Tokenize the corpus into token files, or reuse the ones already there for the same inputs.
+
+    `tokenizer`: data.tokenizer as the pipeline resolved it (a checkpoint's is read above this module);
+    None reads a tokenizer file or folder data.tokenizer names, or trains one when it says `train`."""
     files = resolve_sources(config.data.path)
     folder = prepared_folder(config, out_dir)
     check_prepared_folder(folder, files)
     clean_leftovers(folder.parent, {folder.name})  # a killed build of this folder, even when it is reused
-    expected = fingerprint(config, files)
+    if tokenizer is None and config.data.tokenizer != "train":
+        tokenizer = load_tokenizer(config.data.tokenizer, config.model.vocab_size)
+    expected = fingerprint(config, files, tokenizer)
     meta = read_meta(folder)
     if meta is not None and meta.get("fingerprint") == expected:
         if not quiet:
             print(f"data: reusing {folder} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
         return _open(folder, meta)
     with build_folder(folder, "data") as staging:  # the old folder stays whole until the new one is complete
-        meta = _build(config, files, staging, expected, quiet, workers)
+        meta = _build(config, files, staging, expected, quiet, workers, tokenizer)
     return _open(folder, meta)
 
 
@@ -300,20 +304,26 @@ def _sizes_match(folder: Path, meta: dict) -> bool:
         return False
 
 
-def _build(config: Config, files: list[Path], staging: Path, expected: dict, quiet: bool, workers: int = 1) -> dict:
+def _build(
+    config: Config,
+    files: list[Path],
+    staging: Path,
+    expected: dict,
+    quiet: bool,
+    workers: int,
+    tokenizer: Tokenizer | None,
+) -> dict:
     total_bytes = sum(f.stat().st_size for f in files)
     # ~1000 pieces over the corpus (1 KB to 256 KB each): the validation split takes whole pieces.
     piece_bytes = max(1 << 10, min(256 << 10, total_bytes // 1000))
     bad_bytes: dict[str, int] = {}
     if total_bytes == 0:
         raise UserError(f"data.path: the corpus {config.data.path!r} is empty")
-    if config.data.tokenizer == "train":
+    if tokenizer is None:
         if not quiet:
             print(f"data: training a {config.model.vocab_size}-token BPE tokenizer on {total_bytes / 1e6:.1f} MB")
         texts = (p.text for p in read_pieces(files, piece_bytes, {}, config.data.text_field))
         tokenizer = train_tokenizer(texts, config.model.vocab_size)
-    else:
-        tokenizer = load_tokenizer(config.data.tokenizer, config.model.vocab_size)
     tokenizer.save(staging / "tokenizer.json")
     if tokenizer.eos_id is None:
         raise UserError(f"tokenizer {config.data.tokenizer}: no end-of-text token (<|endoftext|>, </s> or <eos>)")

@@ -35,7 +35,8 @@ from smollm2.data import (
     say_without_validation,
 )
 from smollm2.errors import UserError
-from smollm2.tokenizer import Tokenizer, load_tokenizer
+from smollm2.model_source import open_tokenizer
+from smollm2.tokenizer import Tokenizer
 
 BLOCK = 10_000  # windows per block: each source's share is exact to 1 / BLOCK within every block
 
@@ -61,7 +62,7 @@ class MixtureData:
 def prepare_data(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1):
     """The run's data: `data.prepare`'s PreparedData for data.path, MixtureData for data.sources."""
     if config.data.sources is None:
-        return prepare(config, out_dir, quiet, workers=workers)
+        return prepare(config, out_dir, quiet, workers=workers, tokenizer=given_tokenizer(config))
     return prepare_mixture(config, out_dir, quiet, workers)
 
 
@@ -72,7 +73,7 @@ def prepare_mixture(config: Config, out_dir: str | Path, quiet: bool = False, wo
 
     sources = config.data.mixture(config.source)
     base = Path(config.data.prepared_dir) if config.data.prepared_dir else Path(out_dir) / "data"
-    spec, tokenizer = config.data.tokenizer, None
+    spec = config.data.tokenizer
     prepared: dict[str, SourceData] = {}
     folders = {s.name: is_datatrove_folder(Path(s.path)) for s in sources}
     for index, source in enumerate(sources):  # a missing source fails before any is prepared
@@ -83,23 +84,23 @@ def prepare_mixture(config: Config, out_dir: str | Path, quiet: bool = False, wo
             with _about(index, source):
                 if sum(f.stat().st_size for f in resolve_sources(source.path)) == 0:
                     raise UserError(f"the corpus {source.path!r} is empty")
+    tokenizer = given_tokenizer(config)
     for index, source in enumerate(sources):
         if folders[source.name]:
             continue
         folder = base / f"{source.name}-{config.model.vocab_size}"
         with _about(index, source):
-            data = prepare(_source_config(config, source, spec, folder), out_dir, quiet, workers=workers)
+            config_of_source = _source_config(config, source, spec, folder)
+            data = prepare(config_of_source, out_dir, quiet, workers=workers, tokenizer=tokenizer)
         prepared[source.name] = SourceData(source, [data.train], data.val, data.folder)
-        if tokenizer is None:
+        if tokenizer is None:  # trained on the first text source, it serves the others
             tokenizer = data.tokenizer
-            spec = str(data.folder / "tokenizer.json") if spec == "train" else spec
+            spec = str(data.folder / "tokenizer.json")
     if tokenizer is None:
-        if spec == "train":
-            raise UserError(
-                "data.tokenizer=train needs a text source to train on, and every source is a datatrove folder: "
-                "set data.tokenizer to the tokenizer.json they were tokenized with"
-            )
-        tokenizer = load_tokenizer(spec, config.model.vocab_size)
+        raise UserError(
+            "data.tokenizer=train needs a text source to train on, and every source is a datatrove folder: "
+            "set data.tokenizer to the tokenizer.json they were tokenized with"
+        )
     for index, source in enumerate(sources):
         if folders[source.name]:
             with _about(index, source):
@@ -108,6 +109,13 @@ def prepare_mixture(config: Config, out_dir: str | Path, quiet: bool = False, wo
                 )
             prepared[source.name] = SourceData(source, train, val, Path(source.path))
     return MixtureData(tokenizer=tokenizer, sources=[prepared[s.name] for s in sources])
+
+
+def given_tokenizer(config: Config) -> Tokenizer | None:
+    """data.tokenizer read once for the whole pipeline: a file, a folder or a checkpoint's (None: train one)."""
+    if config.data.tokenizer == "train":
+        return None
+    return open_tokenizer(config.data.tokenizer, config.model.vocab_size)
 
 
 def _source_config(config: Config, source: Source, tokenizer: str, folder: Path) -> Config:

@@ -18,7 +18,7 @@ from smollm2.checkpoint import checkpoint_model_config, load_checkpoint, load_mo
 from smollm2.config import Config, ConfigError, ModelConfig, validate
 from smollm2.errors import UserError
 from smollm2.hf import load_pretrained, read_model_config
-from smollm2.tokenizer import load_tokenizer
+from smollm2.model_source import open_tokenizer
 
 FREE_KEYS = ("init_from", "attention", "init_std")  # the kernel is the machine's choice; init_std is unused
 
@@ -68,8 +68,8 @@ def same_value(ours: object, theirs: object) -> bool:
 def resolve_tokenizer(config: Config, spec: str) -> str:
     """data.tokenizer becomes the source's; one given that is another tokenizer is refused."""
     ours = config.data.tokenizer
-    theirs = load_tokenizer(spec)
-    if ours != "train" and ours != spec and load_tokenizer(ours).hash != theirs.hash:
+    theirs = open_tokenizer(spec)
+    if ours != "train" and ours != spec and open_tokenizer(ours).hash != theirs.hash:
         raise ConfigError(
             f"data.tokenizer {ours} in {config.source} is not the tokenizer of model.init_from {spec}: "
             "leave data.tokenizer out (or train) to use the weights' own"

@@ -37,7 +37,8 @@ from smollm2.chat_template import (
 from smollm2.config import Config
 from smollm2.data import Batch, BatchLoader, _is_val_piece, resolve_sources, say_without_validation
 from smollm2.errors import UserError, error_reason
-from smollm2.tokenizer import CHATML_TEMPLATE, Tokenizer, load_tokenizer, train_tokenizer
+from smollm2.model_source import open_tokenizer
+from smollm2.tokenizer import CHATML_TEMPLATE, Tokenizer, train_tokenizer
 
 MESSAGES_FIELD = "messages"
 
@@ -140,7 +141,7 @@ def _parquet_conversations(file: Path) -> Iterator[tuple[str, list[Message]]]:
 def chat_tokenizer(config: Config, conversations: list[list[Message]]) -> Tokenizer:
     """data.tokenizer, or with `train` a byte-level BPE trained on the conversations as ChatML renders them."""
     if config.data.tokenizer != "train":
-        return load_tokenizer(config.data.tokenizer, config.model.vocab_size)
+        return open_tokenizer(config.data.tokenizer, config.model.vocab_size)
     texts = (render_template(CHATML_TEMPLATE, messages) for messages in conversations)
     return train_tokenizer(texts, config.model.vocab_size)
 
