@@ -63,24 +63,25 @@ class PreparedData:
 
 
 def resolve_sources(spec: str, base: Path = Path(".")) -> list[Path]:
-    """data.path: a file, a folder (searched recursively) or a glob of .txt / .jsonl / .parquet."""
+    """data.path: a file, a folder (searched recursively) or a glob of .txt / .jsonl / .parquet.
+    Its errors carry the key data.path (a mixture says them of its source)."""
     path = Path(spec) if Path(spec).is_absolute() else base / spec
     if any(ch in spec for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise UserError(f"data.path: the glob {spec!r} matches no file")
+            raise UserError(f"the glob {spec!r} matches no file", key="data.path")
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
         if not files:
-            raise UserError(f"data.path: folder {spec!r} holds no .txt, .jsonl or .parquet file")
+            raise UserError(f"folder {spec!r} holds no .txt, .jsonl or .parquet file", key="data.path")
     elif path.is_file():
         files = [path]
     else:
         what = "is not a regular file or folder" if path.exists() else "does not exist"
-        raise UserError(f"data.path: {spec!r} {what}")
+        raise UserError(f"{spec!r} {what}", key="data.path")
     unsupported = [f for f in files if f.suffix not in SUFFIXES]
     if unsupported:
-        raise UserError(f"data.path: {unsupported[0]} is not a .txt, .jsonl or .parquet file")
+        raise UserError(f"{unsupported[0]} is not a .txt, .jsonl or .parquet file", key="data.path")
     return files
 
 
@@ -318,7 +319,7 @@ def _build(
     piece_bytes = max(1 << 10, min(256 << 10, total_bytes // 1000))
     bad_bytes: dict[str, int] = {}
     if total_bytes == 0:
-        raise UserError(f"data.path: the corpus {config.data.path!r} is empty")
+        raise UserError(f"the corpus {config.data.path!r} is empty", key="data.path")
     if tokenizer is None:
         if not quiet:
             print(f"data: training a {config.model.vocab_size}-token BPE tokenizer on {total_bytes / 1e6:.1f} MB")
@@ -355,11 +356,12 @@ def _build(
     for file, count in bad_bytes.items():
         print(f"warning: {file}: replaced {count} undecodable byte sequence(s) with U+FFFD", file=sys.stderr)
     if not has_text:
-        raise UserError(f"data.path: the corpus {config.data.path!r} is empty or only whitespace")
+        raise UserError(f"the corpus {config.data.path!r} is empty or only whitespace", key="data.path")
     if counts["train"] < config.data.seq_len + 1:
         raise UserError(
-            f"data.path: the corpus gives {counts['train']} training tokens, fewer than one window of "
-            f"data.seq_len + 1 = {config.data.seq_len + 1}; add text or lower data.seq_len"
+            f"the corpus gives {counts['train']} training tokens, fewer than one window of "
+            f"data.seq_len + 1 = {config.data.seq_len + 1}; add text or lower data.seq_len",
+            key="data.path",
         )
     meta = {
         "fingerprint": expected,

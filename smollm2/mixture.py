@@ -59,14 +59,12 @@ class MixtureData:
 # Preparing every source
 
 
-def prepare_data(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1):
-    """The run's data: `data.prepare`'s PreparedData for data.path, MixtureData for data.sources."""
-    if config.data.sources is None:
-        return prepare(config, out_dir, quiet, workers=workers, tokenizer=given_tokenizer(config))
-    return prepare_mixture(config, out_dir, quiet, workers)
+def prepare_corpus(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1) -> PreparedData:
+    """One corpus, data.path: `data.prepare` with the tokenizer data.tokenizer names."""
+    return prepare(config, out_dir, quiet, workers=workers, tokenizer=given_tokenizer(config))
 
 
-def prepare_mixture(config: Config, out_dir: str | Path, quiet: bool = False, workers: int = 1) -> MixtureData:
+def prepare_mixture(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1) -> MixtureData:
     """Text sources first (with data.tokenizer=train the first one trains the tokenizer and the
     others are tokenized with it), then datatrove folders, checked against that tokenizer."""
     from smollm2.datatrove_io import check_datatrove_folder, is_datatrove_folder, read_datatrove_folder
@@ -132,14 +130,13 @@ def _source_config(config: Config, source: Source, tokenizer: str, folder: Path)
 
 @contextlib.contextmanager
 def _about(index: int, source: Source) -> Iterator[None]:
-    """Errors while preparing a source name the source they are about."""
+    """Errors while preparing a source are said of it: one about data.path (the source's path, as data.py
+    sees it) by its reason, any other whole."""
     try:
         yield
     except UserError as error:
-        if str(error).startswith("data.sources"):
-            raise
-        message = str(error).removeprefix("data.path: ")
-        raise type(error)(f"data.sources[{index}] ({source.name}): {message}") from None
+        reason = error.reason if error.key == "data.path" else str(error)
+        raise type(error)(reason, key=f"data.sources[{index}] ({source.name})") from None
 
 
 def validation_sets(data: PreparedData | MixtureData) -> dict[str, tuple[np.ndarray, float]]:

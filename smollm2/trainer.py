@@ -101,7 +101,9 @@ def data_pipeline(config: Config) -> DataPipeline:
     windows of text (one corpus, data.path, or a weighted mixture, data.sources)."""
     if config.data.format == "chat":
         return DataPipeline(sft.prepare, sft.make_loader, sft.validation_sets)
-    return DataPipeline(mixture.prepare_data, mixture.make_loader, mixture.validation_batches)
+    if config.data.sources is not None:
+        return DataPipeline(mixture.prepare_mixture, mixture.make_loader, mixture.validation_batches)
+    return DataPipeline(mixture.prepare_corpus, mixture.make_loader, mixture.validation_batches)
 
 
 class StopRequest:
@@ -254,9 +256,11 @@ class DivergenceGuard:
 
 
 class Trainer:
-    def __init__(self, config: Config, out_dir: str | Path, resume: Checkpoint | None, train_steps: int) -> None:
+    def __init__(
+        self, config: Config, out_dir: str | Path, resume: Checkpoint | None, train_steps: int, world: distributed.World
+    ) -> None:
         self.config, self.out_dir, settings = config, Path(out_dir), config.train
-        self.world = distributed.setup()
+        self.world = world  # distributed.setup(), once, by train()
         self.device = distributed.device_for(self.world)
         self.precision = self.choose_precision()
         torch.manual_seed(settings.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
@@ -552,13 +556,14 @@ def train(
     checkpointer.check_folder(resume)  # before the lock, which creates the folder
     # What this run creates, it may remove again: only these, only if it made them, only if empty.
     new_folders = [f for f in (out_dir / "data", out_dir / "checkpoints", out_dir) if not f.exists()]
-    is_main = distributed.setup().is_main
+    world = distributed.setup()
+    is_main = world.is_main
     marked = False
     try:
         with RunLock(out_dir) if is_main else contextlib.nullcontext():
             checkpointer.check_folder(resume)  # again, now that no other run can change the folder
             marked = is_main and checkpointer.mark_if_empty()
-            trainer = Trainer(config, out_dir, resume, train_steps)
+            trainer = Trainer(config, out_dir, resume, train_steps, world)
             try:
                 trainer.run(train_steps, resume_hint)
             finally:
