@@ -431,43 +431,20 @@ def read_tokens(path: Path, dtype: str) -> np.ndarray:
 # Batches
 
 
-class BatchLoader:
-    """Random (input, target) windows of seq_len tokens, prefetched by a background thread.
+class Prefetcher:
+    """A sampler's batches handed out in order, prepared ahead by a background thread.
 
-    The corpus is cut into non-overlapping windows of seq_len + 1 tokens (neighbours share one
-    token: the last target of one is the first input of the next). The run's windows are numbered
-    in the order handed out, over all ranks; place p is window order[p % n] of epoch p // n, the
-    order drawn once an epoch from (seed, epoch), so every epoch visits every window once, ranks
-    never share a window, and a resume in another batch size goes on at the next unseen window.
+    It owns what every loader shares: the position (micro-batches handed out, and the windows before
+    the first of them after a resume in another shape) and its state_dict, the thread, pinning and the
+    copy to the device, and close(). The sampler only answers "this rank's batch whose first window
+    has place p in the run" (`sampler.batch(p)`) and says its `batch_size`, `seed` and `n_windows`.
+    The order is a function of each window's place, so the state is the position alone.
     """
 
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        batch_size: int,
-        seq_len: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-        prefetch: int = 4,
-        eos_id: int | None = None,  # given: batches carry document_ids (data.document_mask)
-    ) -> None:
-        self.tokens = tokens
-        self.set_up(batch_size, seq_len, seed, rank, world_size, device, prefetch, eos_id)
-        self.n_windows = (len(tokens) - 1) // seq_len
-        self.batches_per_epoch = self.n_windows // (batch_size * world_size)
-        if self.batches_per_epoch == 0:
-            raise UserError(
-                f"the training data holds {self.n_windows} windows of {seq_len + 1} tokens, fewer than one "
-                f"global micro-batch of {batch_size * world_size}; lower train.batch_size or data.seq_len"
-            )
-
-    def set_up(
-        self, batch_size: int, seq_len: int, seed: int, rank: int, world_size: int, device, prefetch: int, eos_id
-    ) -> None:
-        """What every loader shares: the order's inputs, the position, and the prefetching thread's state."""
-        self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
+    def __init__(self, sampler, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                 prefetch: int = 4) -> None:  # fmt: skip
+        self.sampler = sampler
+        self.batch_size, self.seed, self.n_windows = sampler.batch_size, sampler.seed, sampler.n_windows
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.prefetch = prefetch
@@ -477,7 +454,6 @@ class BatchLoader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # The state is the position alone: everything else is recomputed from the constructor's inputs.
     def state_dict(self) -> dict:
         return {
             "step": self.step,
@@ -504,37 +480,19 @@ class BatchLoader:
     def epoch(self) -> int:
         return self.windows_handed_out // self.n_windows
 
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n_windows // (self.batch_size * self.world_size)
+
     def first_window(self, step: int) -> int:
         """The place in the run of this rank's first window of micro-batch `step`."""
         return self.offset + (step * self.world_size + self.rank) * self.batch_size
 
-    def window_numbers(self, step: int) -> np.ndarray:
-        """This rank's windows of micro-batch `step`: place p is window order[p % n] of epoch p // n."""
-        places = np.arange(self.first_window(step), self.first_window(step) + self.batch_size)
-        epochs, within = np.divmod(places, self.n_windows)
-        numbers = np.empty(self.batch_size, dtype=np.int64)
-        for epoch in np.unique(epochs):  # a micro-batch may span the end of an epoch
-            mask = epochs == epoch
-            numbers[mask] = _epoch_order(self.seed, int(epoch), self.n_windows)[within[mask]]
-        return numbers
-
-    def window_starts(self, step: int) -> np.ndarray:
-        return self.window_numbers(step) * self.seq_len
-
     def batch(self, step: int) -> Batch:
-        return self.as_batch(np.stack([self.tokens[s : s + self.seq_len + 1] for s in self.window_starts(step)]))
+        """This rank's micro-batch `step`, on the CPU."""
+        return self.sampler.batch(self.first_window(step))
 
-    def as_batch(self, windows: np.ndarray) -> Batch:
-        """(B, seq_len + 1) token windows -> the model's keyword arguments (pinned on CUDA)."""
-        windows = torch.from_numpy(windows.astype(np.int64))
-        if self.device.type == "cuda":
-            windows = windows.pin_memory()
-        batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
-        if self.eos_id is not None:
-            batch["document_ids"] = document_ids(batch["input_ids"], self.eos_id)
-        return batch
-
-    def __iter__(self) -> BatchLoader:
+    def __iter__(self) -> Prefetcher:
         return self
 
     def __next__(self) -> Batch:
@@ -556,6 +514,8 @@ class BatchLoader:
         try:
             while not self._stop.is_set():
                 item = self.batch(step)
+                if self.device.type == "cuda":  # pinned, so the copy to the GPU does not block
+                    item = {name: tensor.pin_memory() for name, tensor in item.items()}
                 while not self._stop.is_set():
                     try:
                         out.put(item, timeout=0.1)
@@ -571,6 +531,78 @@ class BatchLoader:
             self._stop.set()
             self._thread.join()
         self._queue, self._thread = None, None
+
+
+class TokenWindows:
+    """A sampler: the windows of seq_len + 1 tokens of one token array, in the run's order.
+
+    The array is cut into non-overlapping windows (neighbours share one token: the last target of
+    one is the first input of the next), numbered in the order handed out over all ranks (`window_order`).
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, eos_id: int | None = None) -> None:
+        self.tokens, self.batch_size, self.seq_len, self.seed, self.eos_id = tokens, batch_size, seq_len, seed, eos_id
+        self.n_windows = (len(tokens) - 1) // seq_len
+
+    def window_numbers(self, first: int) -> np.ndarray:
+        return window_order(first, self.batch_size, self.n_windows, self.seed)
+
+    def batch(self, first: int) -> Batch:
+        starts = self.window_numbers(first) * self.seq_len
+        return windows_batch(np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]), self.eos_id)
+
+
+class BatchLoader(Prefetcher):
+    """Random (input, target) windows of one corpus (`TokenWindows`), prefetched."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        prefetch: int = 4,
+        eos_id: int | None = None,  # given: batches carry document_ids (data.document_mask)
+    ) -> None:
+        super().__init__(TokenWindows(tokens, batch_size, seq_len, seed, eos_id), rank, world_size, device, prefetch)
+        check_global_batch(self.n_windows, seq_len, batch_size, world_size)
+
+    def window_starts(self, step: int) -> np.ndarray:
+        return self.sampler.window_numbers(self.first_window(step)) * self.sampler.seq_len
+
+
+def check_global_batch(n_windows: int, seq_len: int, batch_size: int, world_size: int) -> None:
+    """Refused: training data of fewer windows than one global micro-batch."""
+    if n_windows // (batch_size * world_size) == 0:
+        raise UserError(
+            f"the training data holds {n_windows} windows of {seq_len + 1} tokens, fewer than one "
+            f"global micro-batch of {batch_size * world_size}; lower train.batch_size or data.seq_len"
+        )
+
+
+def window_order(first: int, count: int, n_windows: int, seed: int) -> np.ndarray:
+    """The windows at places first .. first + count in the run: place p is window order[p % n] of epoch
+    p // n, the order drawn once an epoch from (seed, epoch), so every epoch visits every window once,
+    ranks never share a window, and a resume in another batch size goes on at the next unseen window."""
+    places = np.arange(first, first + count)
+    epochs, within = np.divmod(places, n_windows)
+    numbers = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(epochs):  # a micro-batch may span the end of an epoch
+        mask = epochs == epoch
+        numbers[mask] = _epoch_order(seed, int(epoch), n_windows)[within[mask]]
+    return numbers
+
+
+def windows_batch(windows: np.ndarray, eos_id: int | None = None) -> Batch:
+    """(B, seq_len + 1) token windows -> the model's keyword arguments (document_ids given an eos_id)."""
+    windows = torch.from_numpy(windows.astype(np.int64))
+    batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+    if eos_id is not None:
+        batch["document_ids"] = document_ids(batch["input_ids"], eos_id)
+    return batch
 
 
 @functools.lru_cache(maxsize=2)  # this epoch's and, while a micro-batch spans their end, the next
@@ -613,9 +645,5 @@ def eval_batches(
     batches = []
     for first in range(0, min(n_windows, batch_size * max_batches), batch_size):
         starts = range(first * seq_len, min(first + batch_size, n_windows) * seq_len, seq_len)
-        windows = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
-        batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
-        if eos_id is not None:
-            batch["document_ids"] = document_ids(batch["input_ids"], eos_id)
-        batches.append(batch)
+        batches.append(windows_batch(np.stack([tokens[s : s + seq_len + 1] for s in starts]), eos_id))
     return batches

@@ -28,11 +28,13 @@ from smollm2.config import Config, Source
 from smollm2.data import (
     Batch,
     BatchLoader,
+    Prefetcher,
     PreparedData,
     eval_batches,
     prepare,
     resolve_sources,
     say_without_validation,
+    windows_batch,
 )
 from smollm2.errors import UserError
 from smollm2.model_source import open_tokenizer
@@ -168,8 +170,8 @@ def validation_batches(data: PreparedData | MixtureData, config: Config) -> dict
     return sets
 
 
-def make_loader(data: PreparedData | MixtureData, config: Config, rank: int, world_size: int, device) -> BatchLoader:
-    """The trainer's one place to pick its loader."""
+def make_loader(data: PreparedData | MixtureData, config: Config, rank: int, world_size: int, device) -> Prefetcher:
+    """The loader of one corpus (`BatchLoader`) or of a mixture (`MixtureLoader`)."""
     settings = config.train
     eos_id = data.tokenizer.eos_id if config.data.document_mask else None
     args = (settings.batch_size, config.data.seq_len, settings.seed, rank, world_size, device)
@@ -223,22 +225,11 @@ def _source_order(seed: int, source: int, epoch: int, n_windows: int) -> np.ndar
     return np.random.default_rng([seed, source, epoch, 1]).permutation(n_windows)
 
 
-class MixtureLoader(BatchLoader):
-    """BatchLoader's prefetching and state (one integer), with windows drawn from weighted sources."""
+class MixtureWindows:
+    """A sampler: windows drawn from weighted sources, at a place in the run (no thread, no position)."""
 
-    def __init__(
-        self,
-        data: MixtureData,
-        batch_size: int,
-        seq_len: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-        prefetch: int = 4,
-        eos_id: int | None = None,
-    ) -> None:
-        self.set_up(batch_size, seq_len, seed, rank, world_size, device, prefetch, eos_id)
+    def __init__(self, data: MixtureData, batch_size: int, seq_len: int, seed: int, eos_id: int | None = None) -> None:
+        self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
         self.names = [s.source.name for s in data.sources]
         self.windows = [Windows(s.train, seq_len) for s in data.sources]
         self.counts = block_counts([s.source.weight for s in data.sources])
@@ -249,12 +240,6 @@ class MixtureLoader(BatchLoader):
                     "training tokens; add text or lower data.seq_len"
                 )
         self.n_windows = sum(w.count for w in self.windows)
-        self.batches_per_epoch = max(1, self.n_windows // (batch_size * world_size))
-        self._announced = self.source_epochs()
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self._announced = self.source_epochs()
 
     def draw(self, window: int) -> tuple[int, int]:
         """Global window number -> (source, how many windows that source gave before it)."""
@@ -269,28 +254,57 @@ class MixtureLoader(BatchLoader):
         epoch, within = divmod(drawn, windows.count)
         return windows[int(_source_order(self.seed, source, epoch, windows.count)[within])]
 
-    def window_sources(self, step: int) -> list[int]:
-        first = self.first_window(step)
+    def sources(self, first: int) -> list[int]:
+        """The source of each window of the batch whose first window has place `first`."""
         return [self.draw(g)[0] for g in range(first, first + self.batch_size)]
 
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        first = self.first_window(step)
-        return self.as_batch(np.stack([self.window(g) for g in range(first, first + self.batch_size)]))
+    def batch(self, first: int) -> Batch:
+        return windows_batch(np.stack([self.window(g) for g in range(first, first + self.batch_size)]), self.eos_id)
 
-    def drawn(self, step: int) -> np.ndarray:
-        """Windows each source has given over the first `step` global micro-batches."""
-        total = self.offset + step * self.batch_size * self.world_size
+    def drawn(self, total: int) -> np.ndarray:
+        """Windows each source has given over the first `total` windows of the run."""
         block, at = divmod(total, BLOCK)
         labels, _ = _block_layout(self.seed, block, tuple(self.counts.tolist()))
         within = np.bincount(labels[:at], minlength=len(self.counts))
         return block * self.counts + within
+
+
+class MixtureLoader(Prefetcher):
+    """`MixtureWindows` prefetched; says when a source runs out and repeats."""
+
+    def __init__(
+        self,
+        data: MixtureData,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        prefetch: int = 4,
+        eos_id: int | None = None,
+    ) -> None:
+        super().__init__(MixtureWindows(data, batch_size, seq_len, seed, eos_id), rank, world_size, device, prefetch)
+        self.names, self.windows = self.sampler.names, self.sampler.windows
+        self._announced = self.source_epochs()
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._announced = self.source_epochs()
+
+    def window_sources(self, step: int) -> list[int]:
+        return self.sampler.sources(self.first_window(step))
+
+    def drawn(self, step: int) -> np.ndarray:
+        """Windows each source has given over the first `step` global micro-batches."""
+        return self.sampler.drawn(self.offset + step * self.batch_size * self.world_size)
 
     def source_epochs(self) -> list[int]:
         """The epoch each source is in (0 = its first pass), after the micro-batches handed out."""
         drawn = self.drawn(self.step)
         return [int(d // w.count) if w.count else 0 for d, w in zip(drawn, self.windows, strict=True)]
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> Batch:
         batch = super().__next__()
         epochs = self.source_epochs()
         if self.rank == 0 and epochs != self._announced:

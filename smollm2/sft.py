@@ -35,7 +35,15 @@ from smollm2.chat_template import (
     training_targets,
 )
 from smollm2.config import Config
-from smollm2.data import Batch, BatchLoader, _is_val_piece, resolve_sources, say_without_validation
+from smollm2.data import (
+    Batch,
+    Prefetcher,
+    _is_val_piece,
+    check_global_batch,
+    resolve_sources,
+    say_without_validation,
+    window_order,
+)
 from smollm2.errors import UserError, error_reason
 from smollm2.model_source import open_tokenizer
 from smollm2.tokenizer import CHATML_TEMPLATE, Tokenizer, train_tokenizer
@@ -225,22 +233,24 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, work
 # Batches
 
 
-class ChatBatchLoader(BatchLoader):
-    """BatchLoader's order, prefetching and state over packed rows: row i plays window i."""
+class RowBatches:
+    """A sampler: packed rows in the run's order (row i plays window i of `data.window_order`)."""
+
+    def __init__(self, rows: PackedRows, batch_size: int, seed: int) -> None:
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.n_windows = len(rows)
+
+    def batch(self, first: int) -> Batch:
+        return self.rows.batch(window_order(first, self.batch_size, self.n_windows, self.seed))
+
+
+class ChatBatchLoader(Prefetcher):
+    """Packed rows (`RowBatches`) prefetched, in the order and with the state of every loader."""
 
     def __init__(self, rows: PackedRows, batch_size: int, seq_len: int, seed: int, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu") -> None:  # fmt: skip
-        self.rows = rows
-        # BatchLoader counts windows of seq_len tokens in a token array: a stand-in of the length that
-        # makes one window per row, without memory (a broadcast view).
-        stand_in = np.broadcast_to(np.zeros(1, dtype=np.uint8), (len(rows) * seq_len + 1,))
-        super().__init__(stand_in, batch_size, seq_len, seed, rank, world_size, device)
-
-    def batch(self, step: int) -> Batch:
-        batch = self.rows.batch(self.window_numbers(step))
-        if self.device.type == "cuda":
-            batch = {name: tensor.pin_memory() for name, tensor in batch.items()}
-        return batch
+        super().__init__(RowBatches(rows, batch_size, seed), rank, world_size, device)
+        check_global_batch(self.n_windows, seq_len, batch_size, world_size)
 
 
 def eval_batches(rows: PackedRows, batch_size: int, seq_len: int, max_batches: int) -> list[Batch]:

@@ -92,7 +92,9 @@ class DataPipeline(NamedTuple):
     """How a run's data is prepared, served and held out."""
 
     prepare: Callable  # (config, out_dir, quiet=False, workers=1) -> the prepared data
-    loader: Callable  # (data, config, rank, world_size, device) -> a BatchLoader
+    loader: (
+        Callable  # (data, config, rank, world_size, device) -> a Prefetcher (next, state_dict, load_state_dict, close)
+    )
     validation_sets: Callable  # (data, config) -> {name: (batches, weight)}; "" names a run's only set
 
 
