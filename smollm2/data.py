@@ -20,7 +20,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +31,12 @@ from tqdm import tqdm
 from smollm2.config import Config
 from smollm2.errors import UserError, error_reason
 from smollm2.files import build_folder, check_replaceable, clean_leftovers, is_inside, write_atomic
+from smollm2.parallel_encode import encode_pieces
 from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 2  # 2: pieces cut at any text, the split by tokens (1: only between ASCII lines)
 PREPARED_FILES = frozenset({"meta.json", "tokenizer.json", "train.bin", "val.bin"})
 SUFFIXES = (".txt", ".jsonl", ".parquet")
-ENCODE_BATCH_BYTES = 4 << 20  # text handed to the (parallel) batch encoder at once
 
 # A batch is the model's keyword arguments: input_ids and targets (B, T), and optionally
 # document_ids (B, T) where a window packs several documents. Every loader yields these.
@@ -175,45 +175,63 @@ def _missing_field(where: str, kind: str, field: str, found: list[str]) -> UserE
 
 
 def _jsonl_pieces(file: Path, text_field: str) -> Iterator[Piece]:
-    with open(file, encoding="utf-8", errors="strict") as f:
-        try:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    found = [k for k, v in record.items() if isinstance(v, str)] if isinstance(record, dict) else []
-                    raise _missing_field(f"{file}:{number}", "field", text_field, found)
-                yield Piece(text, ends_document=True)
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{file}: not UTF-8 at byte {exc.start}") from None
+    for where, record in jsonl_records(file):
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            found = [k for k, v in record.items() if isinstance(v, str)] if isinstance(record, dict) else []
+            raise _missing_field(where, "field", text_field, found)
+        yield Piece(text, ends_document=True)
 
 
 def _parquet_pieces(file: Path, text_field: str) -> Iterator[Piece]:
-    try:
+    def missing(schema) -> UserError:
         import pyarrow as pa
+
+        strings = [f.name for f in schema if f.type in (pa.string(), pa.large_string(), pa.string_view())]
+        return _missing_field(str(file), "column", text_field, strings)
+
+    for _, text in parquet_column(file, text_field, missing):
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise UserError(f"{file}: the {text_field!r} column holds {type(text).__name__} values, not strings")
+        yield Piece(text, ends_document=True)
+
+
+def jsonl_records(file: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) for each line of a .jsonl file that is not blank: the one reader of .jsonl
+    (text and conversations); a line that is not JSON, or bytes that are not UTF-8, are one line."""
+    try:
+        with open(file, encoding="utf-8", errors="strict") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{file}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
+                yield where, record
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{file}: not UTF-8 at byte {exc.start}") from None
+
+
+def parquet_column(file: Path, column: str, missing: Callable[[object], UserError]) -> Iterator[tuple[str, object]]:
+    """(where, value) for each row of one column of a .parquet file: the one reader of .parquet;
+    `missing(schema)` is the error for a file without the column, a damaged file is one line."""
+    try:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"{file}: reading parquet needs pyarrow (pip install pyarrow)") from None
     try:
         reader = pq.ParquetFile(file)
-        schema = reader.schema_arrow
-        if text_field not in schema.names:
-            strings = [f.name for f in schema if f.type in (pa.string(), pa.large_string(), pa.string_view())]
-            raise _missing_field(str(file), "column", text_field, strings)
-        for batch in reader.iter_batches(columns=[text_field], batch_size=1024):
-            for text in batch.column(0).to_pylist():
-                if text is None:
-                    continue
-                if not isinstance(text, str):
-                    raise UserError(
-                        f"{file}: the {text_field!r} column holds {type(text).__name__} values, not strings"
-                    )
-                yield Piece(text, ends_document=True)
+        if column not in reader.schema_arrow.names:
+            raise missing(reader.schema_arrow)
+        number = 0
+        for batch in reader.iter_batches(columns=[column], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                number += 1
+                yield f"{file} row {number}", value
     except UserError:
         raise
     except Exception as exc:  # pyarrow raises several types for damaged files
@@ -337,13 +355,7 @@ def _build(
     with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
         outputs = {"train": train_file, "val": val_file}
         pieces = read_pieces(files, piece_bytes, bad_bytes, config.data.text_field)
-        if workers > 1:
-            from smollm2.parallel_encode import encode_in_processes
-
-            encoded = encode_in_processes(pieces, tokenizer, progress, workers)
-        else:
-            encoded = _encode_pieces(pieces, tokenizer, progress)
-        for index, (piece, ids) in enumerate(encoded):
+        for index, (piece, ids) in enumerate(encode_pieces(pieces, tokenizer, progress, workers)):
             split = "val" if _goes_to_val(len(ids), counts, config.data.val_fraction) else "train"
             outputs[split].write(np.asarray(ids, dtype=dtype).tobytes())
             counts[split] += len(ids)
@@ -377,25 +389,6 @@ def _build(
     if not quiet:
         print(f"data: {counts['train']:,} train / {counts['val']:,} val tokens from {total_bytes / 1e6:.1f} MB")
     return meta
-
-
-def _encode_pieces(pieces: Iterator[Piece], tokenizer: Tokenizer, progress: tqdm) -> Iterator[tuple[Piece, list]]:
-    """Encode pieces in batches (the Rust encoder runs a batch in parallel), in order."""
-    batch: list[Piece] = []
-    size = 0
-
-    def flush() -> Iterator[list[int]]:
-        for piece, ids in zip(batch, tokenizer.encode_batch([p.text for p in batch]), strict=True):
-            progress.update(len(piece.text.encode()))
-            yield piece, (ids + [tokenizer.eos_id] if piece.ends_document else ids)
-
-    for piece in pieces:
-        batch.append(piece)
-        size += len(piece.text)
-        if size >= ENCODE_BATCH_BYTES:
-            yield from flush()
-            batch, size = [], 0
-    yield from flush()
 
 
 def _goes_to_val(tokens: int, counts: dict[str, int], fraction: float) -> bool:

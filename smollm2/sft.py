@@ -17,7 +17,6 @@ so a resumed run sees the same batches, bitwise.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,11 +39,13 @@ from smollm2.data import (
     Prefetcher,
     _is_val_piece,
     check_global_batch,
+    jsonl_records,
+    parquet_column,
     resolve_sources,
     say_without_validation,
     window_order,
 )
-from smollm2.errors import UserError, error_reason
+from smollm2.errors import UserError
 from smollm2.model_source import open_tokenizer
 from smollm2.tokenizer import CHATML_TEMPLATE, Tokenizer, train_tokenizer
 
@@ -107,39 +108,18 @@ def read_conversations(files: list[Path]) -> Iterator[tuple[str, list[Message]]]
 
 
 def _jsonl_conversations(file: Path) -> Iterator[tuple[str, list[Message]]]:
-    try:
-        with open(file, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{file}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or MESSAGES_FIELD not in record:
-                    raise UserError(f"{where}: no {MESSAGES_FIELD!r} field (data.format: chat)")
-                yield where, check_messages(record[MESSAGES_FIELD], where)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{file}: not UTF-8 at byte {exc.start}") from None
+    for where, record in jsonl_records(file):
+        if not isinstance(record, dict) or MESSAGES_FIELD not in record:
+            raise UserError(f"{where}: no {MESSAGES_FIELD!r} field (data.format: chat)")
+        yield where, check_messages(record[MESSAGES_FIELD], where)
 
 
 def _parquet_conversations(file: Path) -> Iterator[tuple[str, list[Message]]]:
-    import pyarrow.parquet as pq
+    def missing(_schema) -> UserError:
+        return UserError(f"{file}: no {MESSAGES_FIELD!r} column (data.format: chat)")
 
-    try:
-        reader = pq.ParquetFile(file)
-        if MESSAGES_FIELD not in reader.schema_arrow.names:
-            raise UserError(f"{file}: no {MESSAGES_FIELD!r} column (data.format: chat)")
-        number = 0
-        for batch in reader.iter_batches(columns=[MESSAGES_FIELD], batch_size=1024):
-            for messages in batch.column(0).to_pylist():
-                number += 1
-                yield f"{file} row {number}", check_messages(messages, f"{file} row {number}")
-    except UserError:
-        raise
-    except Exception as exc:  # pyarrow raises several types for damaged files
-        raise UserError(f"{file}: not a readable parquet file ({error_reason(exc, 100)})") from None
+    for where, messages in parquet_column(file, MESSAGES_FIELD, missing):
+        yield where, check_messages(messages, where)
 
 
 # ---------------------------------------------------------------------------------------------
