@@ -6,9 +6,11 @@ piece_bytes, whatever its text (CRLF, any script, one line without an end), cut 
 pre-tokenizer cuts anyway (where whitespace follows a word), so the token files equal the direct
 encoding of the whole text; only text without any whitespace is cut between two characters.
 
-BatchLoader: (input, target) windows in an order that is a pure function of (seed, epoch, place
-in the run), so its state is one integer (the windows handed out) and a resumed run sees exactly
-the same windows, in any batch size or world size.
+Batches by composition: a sampler answers "this rank's batch whose first window has place p in the
+run" (`TokenWindows` here; mixture.MixtureWindows, sft.RowBatches), in an order that is a pure function
+of (seed, place); `Prefetcher` hands them out ahead of time and owns the position, so a loader's state
+is one integer (the windows handed out) and a resumed run sees exactly the same windows, in any batch
+size or world size. `BatchLoader` is a Prefetcher over one corpus's `TokenWindows`.
 """
 
 from __future__ import annotations
@@ -396,11 +398,6 @@ def _goes_to_val(tokens: int, counts: dict[str, int], fraction: float) -> bool:
     nearer `fraction` of those so far, so the share is exact to half a piece, spread over the corpus."""
     target = fraction * (counts["train"] + counts["val"] + tokens)
     return counts["val"] + tokens / 2 < target
-
-
-def _is_val_piece(index: int, fraction: float) -> bool:
-    """Exactly `fraction` of the pieces, spread evenly over the corpus, the first one early."""
-    return int((index + 1) * fraction + 0.5) > int(index * fraction + 0.5)
 
 
 def _open(folder: Path, meta: dict) -> PreparedData:

@@ -170,14 +170,20 @@ def validation_batches(data: PreparedData | MixtureData, config: Config) -> dict
     return sets
 
 
-def make_loader(data: PreparedData | MixtureData, config: Config, rank: int, world_size: int, device) -> Prefetcher:
-    """The loader of one corpus (`BatchLoader`) or of a mixture (`MixtureLoader`)."""
+def corpus_loader(data: PreparedData, config: Config, rank: int, world_size: int, device) -> BatchLoader:
+    """One corpus's loader (data.path)."""
+    return BatchLoader(data.train, *_loader_args(data, config, rank, world_size, device))
+
+
+def mixture_loader(data: MixtureData, config: Config, rank: int, world_size: int, device) -> MixtureLoader:
+    """A mixture's loader (data.sources)."""
+    return MixtureLoader(data, *_loader_args(data, config, rank, world_size, device))
+
+
+def _loader_args(data: PreparedData | MixtureData, config: Config, rank: int, world_size: int, device) -> tuple:
     settings = config.train
     eos_id = data.tokenizer.eos_id if config.data.document_mask else None
-    args = (settings.batch_size, config.data.seq_len, settings.seed, rank, world_size, device)
-    if isinstance(data, MixtureData):
-        return MixtureLoader(data, *args, eos_id=eos_id)
-    return BatchLoader(data.train, *args, eos_id=eos_id)
+    return (settings.batch_size, config.data.seq_len, settings.seed, rank, world_size, device, 4, eos_id)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ rows trained 1.20x (fp32) and 1.03x (bf16) the conversation tokens/s of padding 
 to the longest of its batch on a 2-core CPU, with the shipped set's short, even conversations,
 padding's best case (bench/sft_packing.py, BENCHMARKS.md); and they have one shape. The rows are
 made in seconds, so they are built in memory at start-up;
-`ChatBatchLoader` draws them in BatchLoader's order (a pure function of seed, step, rank, world),
+`RowBatches` draws them in data.window_order (a pure function of seed and place) and `ChatBatchLoader`
+prefetches them (a `data.Prefetcher`),
 so a resumed run sees the same batches, bitwise.
 """
 
@@ -37,7 +38,6 @@ from smollm2.config import Config
 from smollm2.data import (
     Batch,
     Prefetcher,
-    _is_val_piece,
     check_global_batch,
     jsonl_records,
     parquet_column,
@@ -134,6 +134,11 @@ def chat_tokenizer(config: Config, conversations: list[list[Message]]) -> Tokeni
     return train_tokenizer(texts, config.model.vocab_size)
 
 
+def _is_val_conversation(index: int, fraction: float) -> bool:
+    """Exactly `fraction` of the conversations, spread evenly over the corpus, the first one early."""
+    return int((index + 1) * fraction + 0.5) > int(index * fraction + 0.5)
+
+
 def encode_all(
     tokenizer: Tokenizer, conversations: list[tuple[str, list[Message]]], seq_len: int
 ) -> list[Conversation]:
@@ -186,7 +191,7 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, work
     if tokenizer.eos_id is None:
         raise UserError(f"tokenizer {config.data.tokenizer}: no end-of-text token to pad with")
     encoded = encode_all(tokenizer, conversations, config.data.seq_len)
-    held_out = [_is_val_piece(index, config.data.val_fraction) for index in range(len(encoded))]
+    held_out = [_is_val_conversation(index, config.data.val_fraction) for index in range(len(encoded))]
     train_conversations = [c for c, out in zip(encoded, held_out, strict=True) if not out]
     val_conversations = [c for c, out in zip(encoded, held_out, strict=True) if out]
     train = pack(train_conversations, config.data.seq_len, tokenizer.eos_id)

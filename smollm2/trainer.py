@@ -104,8 +104,8 @@ def data_pipeline(config: Config) -> DataPipeline:
     if config.data.format == "chat":
         return DataPipeline(sft.prepare, sft.make_loader, sft.validation_sets)
     if config.data.sources is not None:
-        return DataPipeline(mixture.prepare_mixture, mixture.make_loader, mixture.validation_batches)
-    return DataPipeline(mixture.prepare_corpus, mixture.make_loader, mixture.validation_batches)
+        return DataPipeline(mixture.prepare_mixture, mixture.mixture_loader, mixture.validation_batches)
+    return DataPipeline(mixture.prepare_corpus, mixture.corpus_loader, mixture.validation_batches)
 
 
 class StopRequest:
