@@ -36,6 +36,7 @@ from smollm2.data import (
     say_without_validation,
     windows_batch,
 )
+from smollm2.datatrove_io import check_datatrove_folder, is_datatrove_folder, read_datatrove_folder
 from smollm2.errors import UserError
 from smollm2.model_source import open_tokenizer
 from smollm2.tokenizer import Tokenizer
@@ -69,8 +70,6 @@ def prepare_corpus(config: Config, out_dir: str | Path = ".", quiet: bool = Fals
 def prepare_mixture(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1) -> MixtureData:
     """Text sources first (with data.tokenizer=train the first one trains the tokenizer and the
     others are tokenized with it), then datatrove folders, checked against that tokenizer."""
-    from smollm2.datatrove_io import check_datatrove_folder, is_datatrove_folder, read_datatrove_folder
-
     sources = config.data.mixture(config.source)
     base = Path(config.data.prepared_dir) if config.data.prepared_dir else Path(out_dir) / "data"
     spec = config.data.tokenizer
