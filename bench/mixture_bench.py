@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_bench import make_corpus  # noqa: E402  (bench/ is a folder of scripts, not a package)
 
 from smollm2.config import load_config  # noqa: E402
-from smollm2.mixture import MixtureData, MixtureLoader, Source, SourceData, make_loader, prepare_data  # noqa: E402
+from smollm2.mixture import MixtureData, MixtureLoader, Source, SourceData, mixture_loader, prepare_mixture  # noqa: E402
 from smollm2.model import SmolLM2  # noqa: E402
 from smollm2.trainer import make_optimizer, optimizer_step  # noqa: E402
 
@@ -124,8 +124,8 @@ def mask_rows(steps: int) -> list[str]:
         for seq_len in (128, 512):
             config = load_config(ROOT / "config/tiny-mix.yaml", [f"data.seq_len={seq_len}", "data.document_mask=true"])
             config.data.sources = [{**s, "path": str(ROOT / s["path"])} for s in config.data.sources]
-            data = prepare_data(config, tmp, quiet=True)
-            loader = make_loader(data, config, 0, 1, "cpu")
+            data = prepare_mixture(config, tmp, quiet=True)
+            loader = mixture_loader(data, config, 0, 1, "cpu")
             batches = [loader.batch(s) for s in range(steps)]
             documents = statistics.mean(float(b["document_ids"].max(dim=1).values.float().mean() + 1) for b in batches)
             torch.manual_seed(0)

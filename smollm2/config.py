@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -90,9 +91,24 @@ class DataConfig:
     val_fraction: float = 0.1
     prepared_dir: str | None = None  # None = data/<corpus name>-<vocab size> under the run folder
     format: Literal["text", "chat"] = "text"  # chat: {"messages": [...]} per line, loss on the assistant's tokens
-    # A weighted mixture instead of data.path: [{path, weight, text_field?, name?}, ...] (smollm2.mixture)
+    # A weighted mixture instead of data.path: [{path, weight, text_field?, name?}, ...] (smollm2.mixture),
+    # kept as written (a resume compares it, a checkpoint saves it); `mixture()` is the checked, typed list
     sources: list[dict] | None = None
     document_mask: bool = False  # attention and positions restart at each end-of-text token
+
+    def mixture(self, where: str = "the config") -> list[Source]:
+        """data.sources parsed and checked: one `Source` each, in the order written."""
+        return parse_sources(self.sources, self.text_field, where)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of data.sources, checked, with its defaults filled in."""
+
+    name: str
+    path: str
+    weight: float
+    text_field: str
 
 
 @dataclass
@@ -374,14 +390,11 @@ def validate(config: Config, where: str) -> None:
     if not 0 <= data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction in {where}: must be in [0, 1), got {data.val_fraction}")
     if data.sources is not None:
-        from smollm2.mixture import parse_sources  # mixture reads data, which reads this module
-
         if data.format == "chat":
             raise ConfigError(
                 f"data.sources in {where}: mixtures are of text; data.format: chat reads conversations from data.path"
             )
-
-        parse_sources(data.sources, data.text_field, where)
+        data.mixture(where)
     for name in (
         "batch_size",
         "grad_accum",
@@ -421,3 +434,53 @@ def validate(config: Config, where: str) -> None:
         )
     if train.min_lr > train.lr:
         raise ConfigError(f"train.min_lr in {where}: {train.min_lr} is above train.lr={train.lr}")
+
+
+# ---------------------------------------------------------------------------------------------
+# data.sources
+
+SOURCE_KEYS = ("path", "weight", "text_field", "name")
+
+
+def parse_sources(raw: object, default_text_field: str, where: str) -> list[Source]:
+    """data.sources: a non-empty list of {path, weight[, text_field, name]}, checked."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"data.sources in {where}: expected a list of {{path, weight}} mappings")
+    sources = [_parse_source(item, f"data.sources[{i}] in {where}", default_text_field) for i, item in enumerate(raw)]
+    if not any(s.weight > 0 for s in sources):
+        raise ConfigError(f"data.sources in {where}: the weights are all zero; give at least one a positive weight")
+    names = [s.name for s in sources]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"data.sources in {where}: two sources are named {twice!r}; give one a name: key")
+    return sources
+
+
+def _parse_source(item: object, at: str, default_text_field: str) -> Source:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{at}: expected a mapping {{path, weight}}, got {item!r}")
+    unknown = sorted(set(item) - set(SOURCE_KEYS))
+    if unknown:
+        raise ConfigError(f"{at}: unknown key {unknown[0]!r} ({', '.join(SOURCE_KEYS)})")
+    path, weight = item.get("path"), item.get("weight")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{at}: path must name a file, folder or glob")
+    if isinstance(weight, str) and _looks_numeric(weight):  # YAML 1.1 reads "1e-2" as a string
+        weight = float(weight)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ConfigError(f"{at}: weight must be a finite number, got {weight!r}")
+    if weight < 0:
+        raise ConfigError(f"{at}: weight must not be negative, got {weight}")
+    text_field = item.get("text_field", default_text_field)
+    name = item.get("name", _default_name(path))
+    for key, value in (("text_field", text_field), ("name", name)):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{at}: {key} must be a non-empty string, got {value!r}")
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ConfigError(f"{at}: name {name!r} may hold only letters, digits, '_', '-' and '.'")
+    return Source(name=name, path=path, weight=float(weight), text_field=text_field)
+
+
+def _default_name(path: str) -> str:
+    stem = Path(path.rstrip("/").replace("*", "all")).stem
+    return re.sub(r"[^\w.-]", "-", stem) or "source"

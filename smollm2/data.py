@@ -6,9 +6,11 @@ piece_bytes, whatever its text (CRLF, any script, one line without an end), cut 
 pre-tokenizer cuts anyway (where whitespace follows a word), so the token files equal the direct
 encoding of the whole text; only text without any whitespace is cut between two characters.
 
-BatchLoader: (input, target) windows in an order that is a pure function of (seed, epoch, place
-in the run), so its state is one integer (the windows handed out) and a resumed run sees exactly
-the same windows, in any batch size or world size.
+Batches by composition: a sampler answers "this rank's batch whose first window has place p in the
+run" (`TokenWindows` here; mixture.MixtureWindows, sft.RowBatches), in an order that is a pure function
+of (seed, place); `Prefetcher` hands them out ahead of time and owns the position, so a loader's state
+is one integer (the windows handed out) and a resumed run sees exactly the same windows, in any batch
+size or world size. `BatchLoader` is a Prefetcher over one corpus's `TokenWindows`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +33,12 @@ from tqdm import tqdm
 from smollm2.config import Config
 from smollm2.errors import UserError, error_reason
 from smollm2.files import build_folder, check_replaceable, clean_leftovers, inside_another, is_inside, write_atomic
+from smollm2.parallel_encode import encode_pieces
 from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 2  # 2: pieces cut at any text, the split by tokens (1: only between ASCII lines)
 PREPARED_FILES = frozenset({"meta.json", "tokenizer.json", "train.bin", "val.bin"})
 SUFFIXES = (".txt", ".jsonl", ".parquet")
-ENCODE_BATCH_BYTES = 4 << 20  # text handed to the (parallel) batch encoder at once
 
 # A batch is the model's keyword arguments: input_ids and targets (B, T), and optionally
 # document_ids (B, T) where a window packs several documents. Every loader yields these.
@@ -63,24 +65,25 @@ class PreparedData:
 
 
 def resolve_sources(spec: str, base: Path = Path(".")) -> list[Path]:
-    """data.path: a file, a folder (searched recursively) or a glob of .txt / .jsonl / .parquet."""
+    """data.path: a file, a folder (searched recursively) or a glob of .txt / .jsonl / .parquet.
+    Its errors carry the key data.path (a mixture says them of its source)."""
     path = Path(spec) if Path(spec).is_absolute() else base / spec
     if any(ch in spec for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise UserError(f"data.path: the glob {spec!r} matches no file")
+            raise UserError(f"the glob {spec!r} matches no file", key="data.path")
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
         if not files:
-            raise UserError(f"data.path: folder {spec!r} holds no .txt, .jsonl or .parquet file")
+            raise UserError(f"folder {spec!r} holds no .txt, .jsonl or .parquet file", key="data.path")
     elif path.is_file():
         files = [path]
     else:
         what = "is not a regular file or folder" if path.exists() else "does not exist"
-        raise UserError(f"data.path: {spec!r} {what}")
+        raise UserError(f"{spec!r} {what}", key="data.path")
     unsupported = [f for f in files if f.suffix not in SUFFIXES]
     if unsupported:
-        raise UserError(f"data.path: {unsupported[0]} is not a .txt, .jsonl or .parquet file")
+        raise UserError(f"{unsupported[0]} is not a .txt, .jsonl or .parquet file", key="data.path")
     return files
 
 
@@ -174,45 +177,63 @@ def _missing_field(where: str, kind: str, field: str, found: list[str]) -> UserE
 
 
 def _jsonl_pieces(file: Path, text_field: str) -> Iterator[Piece]:
-    with open(file, encoding="utf-8", errors="strict") as f:
-        try:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    found = [k for k, v in record.items() if isinstance(v, str)] if isinstance(record, dict) else []
-                    raise _missing_field(f"{file}:{number}", "field", text_field, found)
-                yield Piece(text, ends_document=True)
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{file}: not UTF-8 at byte {exc.start}") from None
+    for where, record in jsonl_records(file):
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            found = [k for k, v in record.items() if isinstance(v, str)] if isinstance(record, dict) else []
+            raise _missing_field(where, "field", text_field, found)
+        yield Piece(text, ends_document=True)
 
 
 def _parquet_pieces(file: Path, text_field: str) -> Iterator[Piece]:
-    try:
+    def missing(schema) -> UserError:
         import pyarrow as pa
+
+        strings = [f.name for f in schema if f.type in (pa.string(), pa.large_string(), pa.string_view())]
+        return _missing_field(str(file), "column", text_field, strings)
+
+    for _, text in parquet_column(file, text_field, missing):
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise UserError(f"{file}: the {text_field!r} column holds {type(text).__name__} values, not strings")
+        yield Piece(text, ends_document=True)
+
+
+def jsonl_records(file: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) for each line of a .jsonl file that is not blank: the one reader of .jsonl
+    (text and conversations); a line that is not JSON, or bytes that are not UTF-8, are one line."""
+    try:
+        with open(file, encoding="utf-8", errors="strict") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{file}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
+                yield where, record
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{file}: not UTF-8 at byte {exc.start}") from None
+
+
+def parquet_column(file: Path, column: str, missing: Callable[[object], UserError]) -> Iterator[tuple[str, object]]:
+    """(where, value) for each row of one column of a .parquet file: the one reader of .parquet;
+    `missing(schema)` is the error for a file without the column, a damaged file is one line."""
+    try:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"{file}: reading parquet needs pyarrow (pip install pyarrow)") from None
     try:
         reader = pq.ParquetFile(file)
-        schema = reader.schema_arrow
-        if text_field not in schema.names:
-            strings = [f.name for f in schema if f.type in (pa.string(), pa.large_string(), pa.string_view())]
-            raise _missing_field(str(file), "column", text_field, strings)
-        for batch in reader.iter_batches(columns=[text_field], batch_size=1024):
-            for text in batch.column(0).to_pylist():
-                if text is None:
-                    continue
-                if not isinstance(text, str):
-                    raise UserError(
-                        f"{file}: the {text_field!r} column holds {type(text).__name__} values, not strings"
-                    )
-                yield Piece(text, ends_document=True)
+        if column not in reader.schema_arrow.names:
+            raise missing(reader.schema_arrow)
+        number = 0
+        for batch in reader.iter_batches(columns=[column], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                number += 1
+                yield f"{file} row {number}", value
     except UserError:
         raise
     except Exception as exc:  # pyarrow raises several types for damaged files
@@ -230,15 +251,12 @@ def prepared_folder(config: Config, out_dir: str | Path) -> Path:
     return Path(out_dir) / "data" / f"{name}-{config.model.vocab_size}"
 
 
-def fingerprint(config: Config, files: list[Path]) -> dict:
-    """What the prepared files depend on; any change rebuilds them."""
-    tokenizer_spec = config.data.tokenizer
-    if tokenizer_spec != "train":
-        tokenizer_spec = load_tokenizer(tokenizer_spec).hash
+def fingerprint(config: Config, files: list[Path], tokenizer: Tokenizer | None) -> dict:
+    """What the prepared files depend on; any change rebuilds them. `tokenizer`: the one given (None: trained)."""
     inputs = {
         "format": FORMAT_VERSION,
         "sources": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
-        "tokenizer": tokenizer_spec,
+        "tokenizer": "train" if tokenizer is None else tokenizer.hash,
         "vocab_size": config.model.vocab_size,
         "val_fraction": config.data.val_fraction,
     }
@@ -247,13 +265,20 @@ def fingerprint(config: Config, files: list[Path]) -> dict:
     return inputs
 
 
-def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1) -> PreparedData:
-    """Tokenize the corpus into token files, or reuse the ones already there for the same inputs."""
+def prepare(
+    config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1, tokenizer: Tokenizer | None = None
+) -> PreparedData:
+    """Tokenize the corpus into token files, or reuse the ones already there for the same inputs.
+
+    `tokenizer`: data.tokenizer as the pipeline resolved it (a checkpoint's is read above this module);
+    None reads a tokenizer file or folder data.tokenizer names, or trains one when it says `train`."""
     files = resolve_sources(config.data.path)
     folder = prepared_folder(config, out_dir)
     check_prepared_folder(folder, files, config.data.tokenizer)
     clean_leftovers(folder.parent, {folder.name})  # a killed build of this folder, even when it is reused
-    expected = fingerprint(config, files)
+    if tokenizer is None and config.data.tokenizer != "train":
+        tokenizer = load_tokenizer(config.data.tokenizer, config.model.vocab_size)
+    expected = fingerprint(config, files, tokenizer)
     meta = read_meta(folder)
     if meta is not None and meta.get("fingerprint") == expected:
         if not quiet:
@@ -262,7 +287,7 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, work
     # Only a folder about to be replaced must be provably ours: one reused above is only read.
     check_replaceable(folder, "data", "the prepared data folder", PREPARED_FILES)
     with build_folder(folder, "data") as staging:  # the old folder stays whole until the new one is complete
-        meta = _build(config, files, staging, expected, quiet, workers)
+        meta = _build(config, files, staging, expected, quiet, workers, tokenizer)
     return _open(folder, meta)
 
 
@@ -311,21 +336,27 @@ def _sizes_match(folder: Path, meta: dict) -> bool:
         return False
 
 
-def _build(config: Config, files: list[Path], staging: Path, expected: dict, quiet: bool, workers: int = 1) -> dict:
+def _build(
+    config: Config,
+    files: list[Path],
+    staging: Path,
+    expected: dict,
+    quiet: bool,
+    workers: int,
+    tokenizer: Tokenizer | None,
+) -> dict:
     total_bytes = sum(f.stat().st_size for f in files)
     # ~1000 pieces over the corpus (1 KB to 256 KB each): the validation split takes whole pieces.
     piece_bytes = max(1 << 10, min(256 << 10, total_bytes // 1000))
     bad_bytes: dict[str, int] = {}
     notes: list[str] = []  # said once the corpus is accepted: a refused one is one line, the error
     if total_bytes == 0:
-        raise UserError(f"data.path: the corpus {config.data.path!r} is empty")
-    if config.data.tokenizer == "train":
+        raise UserError(f"the corpus {config.data.path!r} is empty", key="data.path")
+    if tokenizer is None:
         if not quiet:
             print(f"data: training a {config.model.vocab_size}-token BPE tokenizer on {total_bytes / 1e6:.1f} MB")
         texts = (p.text for p in read_pieces(files, piece_bytes, {}, config.data.text_field))
         tokenizer = train_tokenizer(texts, config.model.vocab_size, notes)
-    else:
-        tokenizer = load_tokenizer(config.data.tokenizer, config.model.vocab_size)
     tokenizer.save(staging / "tokenizer.json")
     if tokenizer.eos_id is None:
         raise UserError(f"tokenizer {config.data.tokenizer}: no end-of-text token (<|endoftext|>, </s> or <eos>)")
@@ -338,13 +369,7 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
     with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
         outputs = {"train": train_file, "val": val_file}
         pieces = read_pieces(files, piece_bytes, bad_bytes, config.data.text_field)
-        if workers > 1:
-            from smollm2.parallel_encode import encode_in_processes
-
-            encoded = encode_in_processes(pieces, tokenizer, progress, workers)
-        else:
-            encoded = _encode_pieces(pieces, tokenizer, progress)
-        for index, (piece, ids) in enumerate(encoded):
+        for index, (piece, ids) in enumerate(encode_pieces(pieces, tokenizer, progress, workers)):
             split = "val" if _goes_to_val(len(ids), counts, config.data.val_fraction) else "train"
             outputs[split].write(np.asarray(ids, dtype=dtype).tobytes())
             counts[split] += len(ids)
@@ -355,11 +380,12 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
             os.fsync(file.fileno())
     progress.close()
     if not has_text:
-        raise UserError(f"data.path: the corpus {config.data.path!r} is empty or only whitespace")
+        raise UserError(f"the corpus {config.data.path!r} is empty or only whitespace", key="data.path")
     if counts["train"] < config.data.seq_len + 1:
         raise UserError(
-            f"data.path: the corpus gives {counts['train']} training tokens, fewer than one window of "
-            f"data.seq_len + 1 = {config.data.seq_len + 1}; add text or lower data.seq_len"
+            f"the corpus gives {counts['train']} training tokens, fewer than one window of "
+            f"data.seq_len + 1 = {config.data.seq_len + 1}; add text or lower data.seq_len",
+            key="data.path",
         )
     for note in notes:
         print(note, file=sys.stderr)
@@ -381,35 +407,11 @@ def _build(config: Config, files: list[Path], staging: Path, expected: dict, qui
     return meta
 
 
-def _encode_pieces(pieces: Iterator[Piece], tokenizer: Tokenizer, progress: tqdm) -> Iterator[tuple[Piece, list]]:
-    """Encode pieces in batches (the Rust encoder runs a batch in parallel), in order."""
-    batch: list[Piece] = []
-    size = 0
-
-    def flush() -> Iterator[list[int]]:
-        for piece, ids in zip(batch, tokenizer.encode_batch([p.text for p in batch]), strict=True):
-            progress.update(len(piece.text.encode()))
-            yield piece, (ids + [tokenizer.eos_id] if piece.ends_document else ids)
-
-    for piece in pieces:
-        batch.append(piece)
-        size += len(piece.text)
-        if size >= ENCODE_BATCH_BYTES:
-            yield from flush()
-            batch, size = [], 0
-    yield from flush()
-
-
 def _goes_to_val(tokens: int, counts: dict[str, int], fraction: float) -> bool:
     """Whether a piece of `tokens` tokens is held out: whichever split keeps the validation tokens
     nearer `fraction` of those so far, so the share is exact to half a piece, spread over the corpus."""
     target = fraction * (counts["train"] + counts["val"] + tokens)
     return counts["val"] + tokens / 2 < target
-
-
-def _is_val_piece(index: int, fraction: float) -> bool:
-    """Exactly `fraction` of the pieces, spread evenly over the corpus, the first one early."""
-    return int((index + 1) * fraction + 0.5) > int(index * fraction + 0.5)
 
 
 def _open(folder: Path, meta: dict) -> PreparedData:
@@ -433,43 +435,20 @@ def read_tokens(path: Path, dtype: str) -> np.ndarray:
 # Batches
 
 
-class BatchLoader:
-    """Random (input, target) windows of seq_len tokens, prefetched by a background thread.
+class Prefetcher:
+    """A sampler's batches handed out in order, prepared ahead by a background thread.
 
-    The corpus is cut into non-overlapping windows of seq_len + 1 tokens (neighbours share one
-    token: the last target of one is the first input of the next). The run's windows are numbered
-    in the order handed out, over all ranks; place p is window order[p % n] of epoch p // n, the
-    order drawn once an epoch from (seed, epoch), so every epoch visits every window once, ranks
-    never share a window, and a resume in another batch size goes on at the next unseen window.
+    It owns what every loader shares: the position (micro-batches handed out, and the windows before
+    the first of them after a resume in another shape) and its state_dict, the thread, pinning and the
+    copy to the device, and close(). The sampler only answers "this rank's batch whose first window
+    has place p in the run" (`sampler.batch(p)`) and says its `batch_size`, `seed` and `n_windows`.
+    The order is a function of each window's place, so the state is the position alone.
     """
 
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        batch_size: int,
-        seq_len: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-        prefetch: int = 4,
-        eos_id: int | None = None,  # given: batches carry document_ids (data.document_mask)
-    ) -> None:
-        self.tokens = tokens
-        self.set_up(batch_size, seq_len, seed, rank, world_size, device, prefetch, eos_id)
-        self.n_windows = (len(tokens) - 1) // seq_len
-        self.batches_per_epoch = self.n_windows // (batch_size * world_size)
-        if self.batches_per_epoch == 0:
-            raise UserError(
-                f"the training data holds {self.n_windows} windows of {seq_len + 1} tokens, fewer than one "
-                f"global micro-batch of {batch_size * world_size}; lower train.batch_size or data.seq_len"
-            )
-
-    def set_up(
-        self, batch_size: int, seq_len: int, seed: int, rank: int, world_size: int, device, prefetch: int, eos_id
-    ) -> None:
-        """What every loader shares: the order's inputs, the position, and the prefetching thread's state."""
-        self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
+    def __init__(self, sampler, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                 prefetch: int = 4) -> None:  # fmt: skip
+        self.sampler = sampler
+        self.batch_size, self.seed, self.n_windows = sampler.batch_size, sampler.seed, sampler.n_windows
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.prefetch = prefetch
@@ -479,7 +458,6 @@ class BatchLoader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # The state is the position alone: everything else is recomputed from the constructor's inputs.
     def state_dict(self) -> dict:
         return {
             "step": self.step,
@@ -506,37 +484,19 @@ class BatchLoader:
     def epoch(self) -> int:
         return self.windows_handed_out // self.n_windows
 
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n_windows // (self.batch_size * self.world_size)
+
     def first_window(self, step: int) -> int:
         """The place in the run of this rank's first window of micro-batch `step`."""
         return self.offset + (step * self.world_size + self.rank) * self.batch_size
 
-    def window_numbers(self, step: int) -> np.ndarray:
-        """This rank's windows of micro-batch `step`: place p is window order[p % n] of epoch p // n."""
-        places = np.arange(self.first_window(step), self.first_window(step) + self.batch_size)
-        epochs, within = np.divmod(places, self.n_windows)
-        numbers = np.empty(self.batch_size, dtype=np.int64)
-        for epoch in np.unique(epochs):  # a micro-batch may span the end of an epoch
-            mask = epochs == epoch
-            numbers[mask] = _epoch_order(self.seed, int(epoch), self.n_windows)[within[mask]]
-        return numbers
-
-    def window_starts(self, step: int) -> np.ndarray:
-        return self.window_numbers(step) * self.seq_len
-
     def batch(self, step: int) -> Batch:
-        return self.as_batch(np.stack([self.tokens[s : s + self.seq_len + 1] for s in self.window_starts(step)]))
+        """This rank's micro-batch `step`, on the CPU."""
+        return self.sampler.batch(self.first_window(step))
 
-    def as_batch(self, windows: np.ndarray) -> Batch:
-        """(B, seq_len + 1) token windows -> the model's keyword arguments (pinned on CUDA)."""
-        windows = torch.from_numpy(windows.astype(np.int64))
-        if self.device.type == "cuda":
-            windows = windows.pin_memory()
-        batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
-        if self.eos_id is not None:
-            batch["document_ids"] = document_ids(batch["input_ids"], self.eos_id)
-        return batch
-
-    def __iter__(self) -> BatchLoader:
+    def __iter__(self) -> Prefetcher:
         return self
 
     def __next__(self) -> Batch:
@@ -558,6 +518,8 @@ class BatchLoader:
         try:
             while not self._stop.is_set():
                 item = self.batch(step)
+                if self.device.type == "cuda":  # pinned, so the copy to the GPU does not block
+                    item = {name: tensor.pin_memory() for name, tensor in item.items()}
                 while not self._stop.is_set():
                     try:
                         out.put(item, timeout=0.1)
@@ -573,6 +535,78 @@ class BatchLoader:
             self._stop.set()
             self._thread.join()
         self._queue, self._thread = None, None
+
+
+class TokenWindows:
+    """A sampler: the windows of seq_len + 1 tokens of one token array, in the run's order.
+
+    The array is cut into non-overlapping windows (neighbours share one token: the last target of
+    one is the first input of the next), numbered in the order handed out over all ranks (`window_order`).
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, eos_id: int | None = None) -> None:
+        self.tokens, self.batch_size, self.seq_len, self.seed, self.eos_id = tokens, batch_size, seq_len, seed, eos_id
+        self.n_windows = (len(tokens) - 1) // seq_len
+
+    def window_numbers(self, first: int) -> np.ndarray:
+        return window_order(first, self.batch_size, self.n_windows, self.seed)
+
+    def batch(self, first: int) -> Batch:
+        starts = self.window_numbers(first) * self.seq_len
+        return windows_batch(np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]), self.eos_id)
+
+
+class BatchLoader(Prefetcher):
+    """Random (input, target) windows of one corpus (`TokenWindows`), prefetched."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        prefetch: int = 4,
+        eos_id: int | None = None,  # given: batches carry document_ids (data.document_mask)
+    ) -> None:
+        super().__init__(TokenWindows(tokens, batch_size, seq_len, seed, eos_id), rank, world_size, device, prefetch)
+        check_global_batch(self.n_windows, seq_len, batch_size, world_size)
+
+    def window_starts(self, step: int) -> np.ndarray:
+        return self.sampler.window_numbers(self.first_window(step)) * self.sampler.seq_len
+
+
+def check_global_batch(n_windows: int, seq_len: int, batch_size: int, world_size: int) -> None:
+    """Refused: training data of fewer windows than one global micro-batch."""
+    if n_windows // (batch_size * world_size) == 0:
+        raise UserError(
+            f"the training data holds {n_windows} windows of {seq_len + 1} tokens, fewer than one "
+            f"global micro-batch of {batch_size * world_size}; lower train.batch_size or data.seq_len"
+        )
+
+
+def window_order(first: int, count: int, n_windows: int, seed: int) -> np.ndarray:
+    """The windows at places first .. first + count in the run: place p is window order[p % n] of epoch
+    p // n, the order drawn once an epoch from (seed, epoch), so every epoch visits every window once,
+    ranks never share a window, and a resume in another batch size goes on at the next unseen window."""
+    places = np.arange(first, first + count)
+    epochs, within = np.divmod(places, n_windows)
+    numbers = np.empty(count, dtype=np.int64)
+    for epoch in np.unique(epochs):  # a micro-batch may span the end of an epoch
+        mask = epochs == epoch
+        numbers[mask] = _epoch_order(seed, int(epoch), n_windows)[within[mask]]
+    return numbers
+
+
+def windows_batch(windows: np.ndarray, eos_id: int | None = None) -> Batch:
+    """(B, seq_len + 1) token windows -> the model's keyword arguments (document_ids given an eos_id)."""
+    windows = torch.from_numpy(windows.astype(np.int64))
+    batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+    if eos_id is not None:
+        batch["document_ids"] = document_ids(batch["input_ids"], eos_id)
+    return batch
 
 
 @functools.lru_cache(maxsize=2)  # this epoch's and, while a micro-batch spans their end, the next
@@ -615,9 +649,5 @@ def eval_batches(
     batches = []
     for first in range(0, min(n_windows, batch_size * max_batches), batch_size):
         starts = range(first * seq_len, min(first + batch_size, n_windows) * seq_len, seq_len)
-        windows = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64))
-        batch = {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
-        if eos_id is not None:
-            batch["document_ids"] = document_ids(batch["input_ids"], eos_id)
-        batches.append(batch)
+        batches.append(windows_batch(np.stack([tokens[s : s + seq_len + 1] for s in starts]), eos_id))
     return batches

@@ -7,7 +7,14 @@ from pathlib import Path
 
 
 class UserError(Exception):
-    """A mistake the user must fix (or a machine limit they must know of): one line, exit code 2."""
+    """A mistake the user must fix (or a machine limit they must know of): one line, exit code 2.
+
+    `key`, when given, names the setting the error is about ("data.path: ..."); a caller that knows
+    better what the user wrote says the same `reason` of its own key."""
+
+    def __init__(self, reason: str, key: str | None = None) -> None:
+        super().__init__(f"{key}: {reason}" if key else reason)
+        self.reason, self.key = reason, key
 
 
 def error_reason(exc: BaseException, limit: int | None = None) -> str:

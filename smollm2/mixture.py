@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,29 +24,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from smollm2.config import Config, ConfigError, _looks_numeric
+from smollm2.config import Config, Source
 from smollm2.data import (
     Batch,
     BatchLoader,
+    Prefetcher,
     PreparedData,
     eval_batches,
     prepare,
     resolve_sources,
     say_without_validation,
+    windows_batch,
 )
+from smollm2.datatrove_io import check_datatrove_folder, is_datatrove_folder, read_datatrove_folder
 from smollm2.errors import UserError
-from smollm2.tokenizer import Tokenizer, load_tokenizer
+from smollm2.model_source import open_tokenizer
+from smollm2.tokenizer import Tokenizer
 
 BLOCK = 10_000  # windows per block: each source's share is exact to 1 / BLOCK within every block
-SOURCE_KEYS = ("path", "weight", "text_field", "name")
-
-
-@dataclass(frozen=True)
-class Source:
-    name: str
-    path: str
-    weight: float
-    text_field: str
 
 
 @dataclass
@@ -66,72 +59,20 @@ class MixtureData:
 
 
 # ---------------------------------------------------------------------------------------------
-# Config
-
-
-def parse_sources(raw: object, default_text_field: str, where: str) -> list[Source]:
-    """data.sources: a non-empty list of {path, weight[, text_field, name]}, checked."""
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError(f"data.sources in {where}: expected a list of {{path, weight}} mappings")
-    sources = [_parse_source(item, f"data.sources[{i}] in {where}", default_text_field) for i, item in enumerate(raw)]
-    if not any(s.weight > 0 for s in sources):
-        raise ConfigError(f"data.sources in {where}: the weights are all zero; give at least one a positive weight")
-    names = [s.name for s in sources]
-    twice = next((n for n in names if names.count(n) > 1), None)
-    if twice is not None:
-        raise ConfigError(f"data.sources in {where}: two sources are named {twice!r}; give one a name: key")
-    return sources
-
-
-def _parse_source(item: object, at: str, default_text_field: str) -> Source:
-    if not isinstance(item, dict):
-        raise ConfigError(f"{at}: expected a mapping {{path, weight}}, got {item!r}")
-    unknown = sorted(set(item) - set(SOURCE_KEYS))
-    if unknown:
-        raise ConfigError(f"{at}: unknown key {unknown[0]!r} ({', '.join(SOURCE_KEYS)})")
-    path, weight = item.get("path"), item.get("weight")
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f"{at}: path must name a file, folder or glob")
-    if isinstance(weight, str) and _looks_numeric(weight):  # YAML 1.1 reads "1e-2" as a string
-        weight = float(weight)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise ConfigError(f"{at}: weight must be a finite number, got {weight!r}")
-    if weight < 0:
-        raise ConfigError(f"{at}: weight must not be negative, got {weight}")
-    text_field = item.get("text_field", default_text_field)
-    name = item.get("name", _default_name(path))
-    for key, value in (("text_field", text_field), ("name", name)):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{at}: {key} must be a non-empty string, got {value!r}")
-    if not re.fullmatch(r"[\w.-]+", name):
-        raise ConfigError(f"{at}: name {name!r} may hold only letters, digits, '_', '-' and '.'")
-    return Source(name=name, path=path, weight=float(weight), text_field=text_field)
-
-
-def _default_name(path: str) -> str:
-    stem = Path(path.rstrip("/").replace("*", "all")).stem
-    return re.sub(r"[^\w.-]", "-", stem) or "source"
-
-
-# ---------------------------------------------------------------------------------------------
 # Preparing every source
 
 
-def prepare_data(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1):
-    """The run's data: `data.prepare`'s PreparedData for data.path, MixtureData for data.sources."""
-    if config.data.sources is None:
-        return prepare(config, out_dir, quiet, workers=workers)
-    return prepare_mixture(config, out_dir, quiet, workers)
+def prepare_corpus(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1) -> PreparedData:
+    """One corpus, data.path: `data.prepare` with the tokenizer data.tokenizer names."""
+    return prepare(config, out_dir, quiet, workers=workers, tokenizer=given_tokenizer(config))
 
 
-def prepare_mixture(config: Config, out_dir: str | Path, quiet: bool = False, workers: int = 1) -> MixtureData:
+def prepare_mixture(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1) -> MixtureData:
     """Text sources first (with data.tokenizer=train the first one trains the tokenizer and the
     others are tokenized with it), then datatrove folders, checked against that tokenizer."""
-    from smollm2.datatrove_io import check_datatrove_folder, is_datatrove_folder, read_datatrove_folder
-
-    sources = parse_sources(config.data.sources, config.data.text_field, config.source)
+    sources = config.data.mixture(config.source)
     base = Path(config.data.prepared_dir) if config.data.prepared_dir else Path(out_dir) / "data"
-    spec, tokenizer = config.data.tokenizer, None
+    spec = config.data.tokenizer
     prepared: dict[str, SourceData] = {}
     folders = {s.name: is_datatrove_folder(Path(s.path)) for s in sources}
     for index, source in enumerate(sources):  # a missing source fails before any is prepared
@@ -142,23 +83,23 @@ def prepare_mixture(config: Config, out_dir: str | Path, quiet: bool = False, wo
             with _about(index, source):
                 if sum(f.stat().st_size for f in resolve_sources(source.path)) == 0:
                     raise UserError(f"the corpus {source.path!r} is empty")
+    tokenizer = given_tokenizer(config)
     for index, source in enumerate(sources):
         if folders[source.name]:
             continue
         folder = base / f"{source.name}-{config.model.vocab_size}"
         with _about(index, source):
-            data = prepare(_source_config(config, source, spec, folder), out_dir, quiet, workers=workers)
+            config_of_source = _source_config(config, source, spec, folder)
+            data = prepare(config_of_source, out_dir, quiet, workers=workers, tokenizer=tokenizer)
         prepared[source.name] = SourceData(source, [data.train], data.val, data.folder)
-        if tokenizer is None:
+        if tokenizer is None:  # trained on the first text source, it serves the others
             tokenizer = data.tokenizer
-            spec = str(data.folder / "tokenizer.json") if spec == "train" else spec
+            spec = str(data.folder / "tokenizer.json")
     if tokenizer is None:
-        if spec == "train":
-            raise UserError(
-                "data.tokenizer=train needs a text source to train on, and every source is a datatrove folder: "
-                "set data.tokenizer to the tokenizer.json they were tokenized with"
-            )
-        tokenizer = load_tokenizer(spec, config.model.vocab_size)
+        raise UserError(
+            "data.tokenizer=train needs a text source to train on, and every source is a datatrove folder: "
+            "set data.tokenizer to the tokenizer.json they were tokenized with"
+        )
     for index, source in enumerate(sources):
         if folders[source.name]:
             with _about(index, source):
@@ -167,6 +108,13 @@ def prepare_mixture(config: Config, out_dir: str | Path, quiet: bool = False, wo
                 )
             prepared[source.name] = SourceData(source, train, val, Path(source.path))
     return MixtureData(tokenizer=tokenizer, sources=[prepared[s.name] for s in sources])
+
+
+def given_tokenizer(config: Config) -> Tokenizer | None:
+    """data.tokenizer read once for the whole pipeline: a file, a folder or a checkpoint's (None: train one)."""
+    if config.data.tokenizer == "train":
+        return None
+    return open_tokenizer(config.data.tokenizer, config.model.vocab_size)
 
 
 def _source_config(config: Config, source: Source, tokenizer: str, folder: Path) -> Config:
@@ -183,14 +131,13 @@ def _source_config(config: Config, source: Source, tokenizer: str, folder: Path)
 
 @contextlib.contextmanager
 def _about(index: int, source: Source) -> Iterator[None]:
-    """Errors while preparing a source name the source they are about."""
+    """Errors while preparing a source are said of it: one about data.path (the source's path, as data.py
+    sees it) by its reason, any other whole."""
     try:
         yield
     except UserError as error:
-        if str(error).startswith("data.sources"):
-            raise
-        message = str(error).removeprefix("data.path: ")
-        raise type(error)(f"data.sources[{index}] ({source.name}): {message}") from None
+        reason = error.reason if error.key == "data.path" else str(error)
+        raise type(error)(reason, key=f"data.sources[{index}] ({source.name})") from None
 
 
 def validation_sets(data: PreparedData | MixtureData) -> dict[str, tuple[np.ndarray, float]]:
@@ -222,14 +169,20 @@ def validation_batches(data: PreparedData | MixtureData, config: Config) -> dict
     return sets
 
 
-def make_loader(data: PreparedData | MixtureData, config: Config, rank: int, world_size: int, device) -> BatchLoader:
-    """The trainer's one place to pick its loader."""
+def corpus_loader(data: PreparedData, config: Config, rank: int, world_size: int, device) -> BatchLoader:
+    """One corpus's loader (data.path)."""
+    return BatchLoader(data.train, *_loader_args(data, config, rank, world_size, device))
+
+
+def mixture_loader(data: MixtureData, config: Config, rank: int, world_size: int, device) -> MixtureLoader:
+    """A mixture's loader (data.sources)."""
+    return MixtureLoader(data, *_loader_args(data, config, rank, world_size, device))
+
+
+def _loader_args(data: PreparedData | MixtureData, config: Config, rank: int, world_size: int, device) -> tuple:
     settings = config.train
     eos_id = data.tokenizer.eos_id if config.data.document_mask else None
-    args = (settings.batch_size, config.data.seq_len, settings.seed, rank, world_size, device)
-    if isinstance(data, MixtureData):
-        return MixtureLoader(data, *args, eos_id=eos_id)
-    return BatchLoader(data.train, *args, eos_id=eos_id)
+    return (settings.batch_size, config.data.seq_len, settings.seed, rank, world_size, device, 4, eos_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,22 +230,11 @@ def _source_order(seed: int, source: int, epoch: int, n_windows: int) -> np.ndar
     return np.random.default_rng([seed, source, epoch, 1]).permutation(n_windows)
 
 
-class MixtureLoader(BatchLoader):
-    """BatchLoader's prefetching and state (one integer), with windows drawn from weighted sources."""
+class MixtureWindows:
+    """A sampler: windows drawn from weighted sources, at a place in the run (no thread, no position)."""
 
-    def __init__(
-        self,
-        data: MixtureData,
-        batch_size: int,
-        seq_len: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        device: torch.device | str = "cpu",
-        prefetch: int = 4,
-        eos_id: int | None = None,
-    ) -> None:
-        self.set_up(batch_size, seq_len, seed, rank, world_size, device, prefetch, eos_id)
+    def __init__(self, data: MixtureData, batch_size: int, seq_len: int, seed: int, eos_id: int | None = None) -> None:
+        self.batch_size, self.seq_len, self.seed, self.eos_id = batch_size, seq_len, seed, eos_id
         self.names = [s.source.name for s in data.sources]
         self.windows = [Windows(s.train, seq_len) for s in data.sources]
         self.counts = block_counts([s.source.weight for s in data.sources])
@@ -303,12 +245,6 @@ class MixtureLoader(BatchLoader):
                     "training tokens; add text or lower data.seq_len"
                 )
         self.n_windows = sum(w.count for w in self.windows)
-        self.batches_per_epoch = max(1, self.n_windows // (batch_size * world_size))
-        self._announced = self.source_epochs()
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self._announced = self.source_epochs()
 
     def draw(self, window: int) -> tuple[int, int]:
         """Global window number -> (source, how many windows that source gave before it)."""
@@ -323,28 +259,57 @@ class MixtureLoader(BatchLoader):
         epoch, within = divmod(drawn, windows.count)
         return windows[int(_source_order(self.seed, source, epoch, windows.count)[within])]
 
-    def window_sources(self, step: int) -> list[int]:
-        first = self.first_window(step)
+    def sources(self, first: int) -> list[int]:
+        """The source of each window of the batch whose first window has place `first`."""
         return [self.draw(g)[0] for g in range(first, first + self.batch_size)]
 
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        first = self.first_window(step)
-        return self.as_batch(np.stack([self.window(g) for g in range(first, first + self.batch_size)]))
+    def batch(self, first: int) -> Batch:
+        return windows_batch(np.stack([self.window(g) for g in range(first, first + self.batch_size)]), self.eos_id)
 
-    def drawn(self, step: int) -> np.ndarray:
-        """Windows each source has given over the first `step` global micro-batches."""
-        total = self.offset + step * self.batch_size * self.world_size
+    def drawn(self, total: int) -> np.ndarray:
+        """Windows each source has given over the first `total` windows of the run."""
         block, at = divmod(total, BLOCK)
         labels, _ = _block_layout(self.seed, block, tuple(self.counts.tolist()))
         within = np.bincount(labels[:at], minlength=len(self.counts))
         return block * self.counts + within
+
+
+class MixtureLoader(Prefetcher):
+    """`MixtureWindows` prefetched; says when a source runs out and repeats."""
+
+    def __init__(
+        self,
+        data: MixtureData,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        prefetch: int = 4,
+        eos_id: int | None = None,
+    ) -> None:
+        super().__init__(MixtureWindows(data, batch_size, seq_len, seed, eos_id), rank, world_size, device, prefetch)
+        self.names, self.windows = self.sampler.names, self.sampler.windows
+        self._announced = self.source_epochs()
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._announced = self.source_epochs()
+
+    def window_sources(self, step: int) -> list[int]:
+        return self.sampler.sources(self.first_window(step))
+
+    def drawn(self, step: int) -> np.ndarray:
+        """Windows each source has given over the first `step` global micro-batches."""
+        return self.sampler.drawn(self.offset + step * self.batch_size * self.world_size)
 
     def source_epochs(self) -> list[int]:
         """The epoch each source is in (0 = its first pass), after the micro-batches handed out."""
         drawn = self.drawn(self.step)
         return [int(d // w.count) if w.count else 0 for d, w in zip(drawn, self.windows, strict=True)]
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> Batch:
         batch = super().__next__()
         epochs = self.source_epochs()
         if self.rank == 0 and epochs != self._announced:

@@ -14,15 +14,30 @@ from pathlib import Path
 
 import torch
 
-from smollm2.checkpoint import checkpoint_model_config, load_checkpoint, load_weights, state_tokenizer
+from smollm2.checkpoint import (
+    checkpoint_model_config,
+    checkpoint_tokenizer,
+    load_checkpoint,
+    load_weights,
+    state_tokenizer,
+)
 from smollm2.config import ModelConfig
 from smollm2.errors import UserError
 from smollm2.hf import load_pretrained, read_model_config
 from smollm2.model import SmolLM2
 from smollm2.run_folder import RunFolder
-from smollm2.tokenizer import Tokenizer, load_tokenizer
+from smollm2.tokenizer import Tokenizer, check_vocab_size, load_tokenizer
 
 MODEL_CONFIG_FILES = ("config.json", "smollm2_config.json")
+
+
+def open_tokenizer(spec: str | Path, vocab_size: int | None = None) -> Tokenizer:
+    """data.tokenizer (or model.init_from) as a tokenizer: tokenizer.json, a folder holding one, or the
+    tokenizer a training checkpoint (.pt) carries; refused when it has more tokens than vocab_size."""
+    path = Path(spec)
+    if path.suffix == ".pt" and path.is_file():
+        return check_vocab_size(checkpoint_tokenizer(path), path, vocab_size)
+    return load_tokenizer(path, vocab_size)
 
 
 def is_model_folder(folder: Path) -> bool:

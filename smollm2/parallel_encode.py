@@ -1,7 +1,8 @@
-"""`prepare --workers N`: the corpus's pieces encoded by N processes, in order, memory bounded.
+"""The corpus's pieces encoded in batches, in order: in this process (the Rust encoder runs a batch
+on its own threads), or with `prepare --workers N` by N spawned processes, memory bounded.
 
-The main process reads the pieces and writes the tokens; each worker encodes batches of text
-with its own copy of the tokenizer (one thread each: the processes are the parallelism). At
+With workers, the main process reads the pieces and writes the tokens; each worker encodes batches
+of text with its own copy of the tokenizer (one thread each: the processes are the parallelism). At
 most two batches per worker are in flight, so memory does not grow with the corpus.
 """
 
@@ -17,7 +18,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
-BATCH_CHARACTERS = 4 << 20  # text sent to a worker at once
+BATCH_CHARACTERS = 4 << 20  # text encoded at once (sent to a worker at once)
 IN_FLIGHT_PER_WORKER = 2
 
 _worker_tokenizer: HFTokenizer | None = None
@@ -37,8 +38,17 @@ def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(arrays), np.array([len(a) for a in arrays], dtype=np.int64)
 
 
-def encode_in_processes(pieces: Iterator, tokenizer, progress, workers: int) -> Iterator[tuple[object, np.ndarray]]:
+def encode_pieces(pieces: Iterator, tokenizer, progress, workers: int = 1) -> Iterator[tuple[object, np.ndarray]]:
     """(piece, ids) for every piece, in order; an end-of-text token after each document's last piece."""
+    if workers > 1:
+        yield from _encode_in_processes(pieces, tokenizer, progress, workers)
+        return
+    for batch in _batches(pieces):
+        encoded = tokenizer.encode_batch([p.text for p in batch])
+        yield from _with_ends(batch, [np.asarray(ids, dtype=np.uint32) for ids in encoded], tokenizer.eos_id, progress)
+
+
+def _encode_in_processes(pieces: Iterator, tokenizer, progress, workers: int) -> Iterator[tuple[object, np.ndarray]]:
     context = multiprocessing.get_context("spawn")  # a fork of a threaded process may deadlock
     with ProcessPoolExecutor(workers, context, _start_worker, (tokenizer.backend.to_str(),)) as pool:
         pending: deque[tuple[list, Future]] = deque()
@@ -65,7 +75,13 @@ def _batches(pieces: Iterator) -> Iterator[list]:
 def _results(batch: list, future: Future, eos_id: int, progress) -> Iterator[tuple[object, np.ndarray]]:
     flat, lengths = future.result()
     ends = np.cumsum(lengths)
-    for piece, end, length in zip(batch, ends, lengths, strict=True):
-        ids = flat[end - length : end]
+    yield from _with_ends(
+        batch, [flat[end - length : end] for end, length in zip(ends, lengths, strict=True)], eos_id, progress
+    )
+
+
+def _with_ends(batch: list, ids: list[np.ndarray], eos_id: int, progress) -> Iterator[tuple[object, np.ndarray]]:
+    """Each piece with its ids, an end-of-text token after a document's last piece; progress in bytes."""
+    for piece, piece_ids in zip(batch, ids, strict=True):
         progress.update(len(piece.text.encode()))
-        yield piece, (np.append(ids, np.uint32(eos_id)) if piece.ends_document else ids)
+        yield piece, (np.append(piece_ids, np.uint32(eos_id)) if piece.ends_document else piece_ids)

@@ -14,22 +14,19 @@ from pathlib import Path
 
 import torch
 
-from smollm2.checkpoint import Checkpoint, checkpoint_model_config, load_checkpoint, load_model_from_checkpoint
+from smollm2.checkpoint import Checkpoint
 from smollm2.config import Config, ConfigError, ModelConfig, model_config_from_dict, validate
 from smollm2.errors import UserError
-from smollm2.hf import load_pretrained, read_model_config
-from smollm2.tokenizer import load_tokenizer
+from smollm2.model_source import ModelSource, open_tokenizer
 
 FREE_KEYS = ("init_from", "attention", "init_std")  # the kernel is the machine's choice; init_std is unused
 
 
 def source_architecture(path: Path) -> ModelConfig:
     """The architecture the weights at `path` were made with, or one line saying it is not a model."""
-    if path.is_dir():
-        return read_model_config(path)
-    if path.is_file():
-        return checkpoint_model_config(load_checkpoint(path), path)
-    raise UserError(f"model.init_from: {path} does not exist (a model folder or a checkpoint .pt)")
+    if not path.exists():
+        raise UserError(f"model.init_from: {path} does not exist (a model folder or a checkpoint .pt)")
+    return ModelSource.open(path, "model.init_from").config()
 
 
 def resolve_init_from(config: Config, resume: Checkpoint | None = None, checkpoint: str | None = None) -> Config:
@@ -81,7 +78,7 @@ def resumed_source(config: Config, spec: str, resume: Checkpoint, checkpoint: st
     if resume.tokenizer is None:  # a checkpoint older than tokenizers in checkpoints: the source must still be there
         return source_architecture(Path(spec)), resolve_tokenizer(config, spec)
     if ours not in ("train", spec, resume.config.get("data", {}).get("tokenizer")):
-        if load_tokenizer(ours).hash != resume.tokenizer_hash:
+        if open_tokenizer(ours).hash != resume.tokenizer_hash:
             raise ConfigError(
                 f"data.tokenizer {ours} in {config.source} is not the tokenizer of the run it resumes: "
                 "leave data.tokenizer out (or train) to keep the checkpoint's"
@@ -92,8 +89,8 @@ def resumed_source(config: Config, spec: str, resume: Checkpoint, checkpoint: st
 def resolve_tokenizer(config: Config, spec: str) -> str:
     """data.tokenizer becomes the source's; one given that is another tokenizer is refused."""
     ours = config.data.tokenizer
-    theirs = load_tokenizer(spec)
-    if ours != "train" and ours != spec and load_tokenizer(ours).hash != theirs.hash:
+    theirs = open_tokenizer(spec)
+    if ours != "train" and ours != spec and open_tokenizer(ours).hash != theirs.hash:
         raise ConfigError(
             f"data.tokenizer {ours} in {config.source} is not the tokenizer of model.init_from {spec}: "
             "leave data.tokenizer out (or train) to use the weights' own"
@@ -103,6 +100,4 @@ def resolve_tokenizer(config: Config, spec: str) -> str:
 
 def initial_weights(spec: str) -> dict[str, torch.Tensor]:
     """The state dict of SmolLM2 at model.init_from (only the weights)."""
-    path = Path(spec)
-    model, _ = load_pretrained(path) if path.is_dir() else load_model_from_checkpoint(path)
-    return model.state_dict()
+    return ModelSource.open(spec, "model.init_from").weights()

@@ -11,13 +11,13 @@ rows trained 1.20x (fp32) and 1.03x (bf16) the conversation tokens/s of padding 
 to the longest of its batch on a 2-core CPU, with the shipped set's short, even conversations,
 padding's best case (bench/sft_packing.py, BENCHMARKS.md); and they have one shape. The rows are
 made in seconds, so they are built in memory at start-up;
-`ChatBatchLoader` draws them in BatchLoader's order (a pure function of seed, step, rank, world),
+`RowBatches` draws them in data.window_order (a pure function of seed and place) and `ChatBatchLoader`
+prefetches them (a `data.Prefetcher`),
 so a resumed run sees the same batches, bitwise.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,9 +35,19 @@ from smollm2.chat_template import (
     training_targets,
 )
 from smollm2.config import Config
-from smollm2.data import Batch, BatchLoader, _is_val_piece, resolve_sources, say_without_validation
-from smollm2.errors import UserError, error_reason
-from smollm2.tokenizer import CHATML_TEMPLATE, Tokenizer, load_tokenizer, train_tokenizer
+from smollm2.data import (
+    Batch,
+    Prefetcher,
+    check_global_batch,
+    jsonl_records,
+    parquet_column,
+    resolve_sources,
+    say_without_validation,
+    window_order,
+)
+from smollm2.errors import UserError
+from smollm2.model_source import open_tokenizer
+from smollm2.tokenizer import CHATML_TEMPLATE, Tokenizer, train_tokenizer
 
 MESSAGES_FIELD = "messages"
 
@@ -98,39 +108,18 @@ def read_conversations(files: list[Path]) -> Iterator[tuple[str, list[Message]]]
 
 
 def _jsonl_conversations(file: Path) -> Iterator[tuple[str, list[Message]]]:
-    try:
-        with open(file, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{file}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or MESSAGES_FIELD not in record:
-                    raise UserError(f"{where}: no {MESSAGES_FIELD!r} field (data.format: chat)")
-                yield where, check_messages(record[MESSAGES_FIELD], where)
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{file}: not UTF-8 at byte {exc.start}") from None
+    for where, record in jsonl_records(file):
+        if not isinstance(record, dict) or MESSAGES_FIELD not in record:
+            raise UserError(f"{where}: no {MESSAGES_FIELD!r} field (data.format: chat)")
+        yield where, check_messages(record[MESSAGES_FIELD], where)
 
 
 def _parquet_conversations(file: Path) -> Iterator[tuple[str, list[Message]]]:
-    import pyarrow.parquet as pq
+    def missing(_schema) -> UserError:
+        return UserError(f"{file}: no {MESSAGES_FIELD!r} column (data.format: chat)")
 
-    try:
-        reader = pq.ParquetFile(file)
-        if MESSAGES_FIELD not in reader.schema_arrow.names:
-            raise UserError(f"{file}: no {MESSAGES_FIELD!r} column (data.format: chat)")
-        number = 0
-        for batch in reader.iter_batches(columns=[MESSAGES_FIELD], batch_size=1024):
-            for messages in batch.column(0).to_pylist():
-                number += 1
-                yield f"{file} row {number}", check_messages(messages, f"{file} row {number}")
-    except UserError:
-        raise
-    except Exception as exc:  # pyarrow raises several types for damaged files
-        raise UserError(f"{file}: not a readable parquet file ({error_reason(exc, 100)})") from None
+    for where, messages in parquet_column(file, MESSAGES_FIELD, missing):
+        yield where, check_messages(messages, where)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,9 +129,14 @@ def _parquet_conversations(file: Path) -> Iterator[tuple[str, list[Message]]]:
 def chat_tokenizer(config: Config, conversations: list[list[Message]]) -> Tokenizer:
     """data.tokenizer, or with `train` a byte-level BPE trained on the conversations as ChatML renders them."""
     if config.data.tokenizer != "train":
-        return load_tokenizer(config.data.tokenizer, config.model.vocab_size)
+        return open_tokenizer(config.data.tokenizer, config.model.vocab_size)
     texts = (render_template(CHATML_TEMPLATE, messages) for messages in conversations)
     return train_tokenizer(texts, config.model.vocab_size)
+
+
+def _is_val_conversation(index: int, fraction: float) -> bool:
+    """Exactly `fraction` of the conversations, spread evenly over the corpus, the first one early."""
+    return int((index + 1) * fraction + 0.5) > int(index * fraction + 0.5)
 
 
 def encode_all(
@@ -197,7 +191,7 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, work
     if tokenizer.eos_id is None:
         raise UserError(f"tokenizer {config.data.tokenizer}: no end-of-text token to pad with")
     encoded = encode_all(tokenizer, conversations, config.data.seq_len)
-    held_out = [_is_val_piece(index, config.data.val_fraction) for index in range(len(encoded))]
+    held_out = [_is_val_conversation(index, config.data.val_fraction) for index in range(len(encoded))]
     train_conversations = [c for c, out in zip(encoded, held_out, strict=True) if not out]
     val_conversations = [c for c, out in zip(encoded, held_out, strict=True) if out]
     train = pack(train_conversations, config.data.seq_len, tokenizer.eos_id)
@@ -224,22 +218,24 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, work
 # Batches
 
 
-class ChatBatchLoader(BatchLoader):
-    """BatchLoader's order, prefetching and state over packed rows: row i plays window i."""
+class RowBatches:
+    """A sampler: packed rows in the run's order (row i plays window i of `data.window_order`)."""
+
+    def __init__(self, rows: PackedRows, batch_size: int, seed: int) -> None:
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.n_windows = len(rows)
+
+    def batch(self, first: int) -> Batch:
+        return self.rows.batch(window_order(first, self.batch_size, self.n_windows, self.seed))
+
+
+class ChatBatchLoader(Prefetcher):
+    """Packed rows (`RowBatches`) prefetched, in the order and with the state of every loader."""
 
     def __init__(self, rows: PackedRows, batch_size: int, seq_len: int, seed: int, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu") -> None:  # fmt: skip
-        self.rows = rows
-        # BatchLoader counts windows of seq_len tokens in a token array: a stand-in of the length that
-        # makes one window per row, without memory (a broadcast view).
-        stand_in = np.broadcast_to(np.zeros(1, dtype=np.uint8), (len(rows) * seq_len + 1,))
-        super().__init__(stand_in, batch_size, seq_len, seed, rank, world_size, device)
-
-    def batch(self, step: int) -> Batch:
-        batch = self.rows.batch(self.window_numbers(step))
-        if self.device.type == "cuda":
-            batch = {name: tensor.pin_memory() for name, tensor in batch.items()}
-        return batch
+        super().__init__(RowBatches(rows, batch_size, seed), rank, world_size, device)
+        check_global_batch(self.n_windows, seq_len, batch_size, world_size)
 
 
 def eval_batches(rows: PackedRows, batch_size: int, seq_len: int, max_batches: int) -> list[Batch]:

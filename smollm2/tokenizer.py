@@ -126,14 +126,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, notes: list[str] | No
 
 
 def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer:
-    """Load tokenizer.json, a Hugging Face folder holding one (e.g. a downloaded SmolLM2), or a checkpoint's."""
+    """Load tokenizer.json or a Hugging Face folder holding one (e.g. a downloaded SmolLM2). A checkpoint's
+    tokenizer is read above this module (`smollm2.model_source.open_tokenizer`)."""
     path = Path(path)
-    if path.suffix == ".pt" and path.is_file():  # a training checkpoint carries its tokenizer
-        from smollm2.checkpoint import checkpoint_tokenizer  # checkpoint imports this module
+    return check_vocab_size(load_tokenizer_file(path / "tokenizer.json" if path.is_dir() else path), path, vocab_size)
 
-        tokenizer = checkpoint_tokenizer(path)
-    else:
-        tokenizer = load_tokenizer_file(path / "tokenizer.json" if path.is_dir() else path)
+
+def check_vocab_size(tokenizer: Tokenizer, path: str | Path, vocab_size: int | None) -> Tokenizer:
+    """The tokenizer, refused when it has more tokens than the model has rows."""
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
         raise UserError(f"tokenizer {path} has {tokenizer.vocab_size} tokens, more than model.vocab_size={vocab_size}")
     return tokenizer

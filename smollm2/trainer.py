@@ -92,7 +92,9 @@ class DataPipeline(NamedTuple):
     """How a run's data is prepared, served and held out."""
 
     prepare: Callable  # (config, out_dir, quiet=False, workers=1) -> the prepared data
-    loader: Callable  # (data, config, rank, world_size, device) -> a BatchLoader
+    loader: (
+        Callable  # (data, config, rank, world_size, device) -> a Prefetcher (next, state_dict, load_state_dict, close)
+    )
     validation_sets: Callable  # (data, config) -> {name: (batches, weight)}; "" names a run's only set
 
 
@@ -101,7 +103,9 @@ def data_pipeline(config: Config) -> DataPipeline:
     windows of text (one corpus, data.path, or a weighted mixture, data.sources)."""
     if config.data.format == "chat":
         return DataPipeline(sft.prepare, sft.make_loader, sft.validation_sets)
-    return DataPipeline(mixture.prepare_data, mixture.make_loader, mixture.validation_batches)
+    if config.data.sources is not None:
+        return DataPipeline(mixture.prepare_mixture, mixture.mixture_loader, mixture.validation_batches)
+    return DataPipeline(mixture.prepare_corpus, mixture.corpus_loader, mixture.validation_batches)
 
 
 class StopRequest:
@@ -256,9 +260,11 @@ class DivergenceGuard:
 
 
 class Trainer:
-    def __init__(self, config: Config, out_dir: str | Path, resume: Checkpoint | None, train_steps: int) -> None:
+    def __init__(
+        self, config: Config, out_dir: str | Path, resume: Checkpoint | None, train_steps: int, world: distributed.World
+    ) -> None:
         self.config, self.out_dir, settings = config, Path(out_dir), config.train
-        self.world = distributed.setup()
+        self.world = world  # distributed.setup(), once, by train()
         self.device = distributed.device_for(self.world)
         self.precision = self.choose_precision(resume.progress.precision if resume else None)
         torch.manual_seed(settings.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
@@ -581,14 +587,15 @@ def train(
     # What this run creates, it may remove again: only these, only if it made them, only if empty.
     parts = (out_dir / "data", out_dir / "checkpoints", out_dir / "logs", out_dir)
     new_folders = [f for f in parts if not f.exists()]
-    is_main = distributed.setup().is_main
+    world = distributed.setup()
+    is_main = world.is_main
     marked, logs_before = False, None
     try:
         with RunLock(out_dir) if is_main else contextlib.nullcontext():
             checkpointer.check_folder(resume)  # again, now that no other run can change the folder
             logs_before = checkpointer.log_files()
             marked = is_main and checkpointer.mark_if_empty()
-            trainer = Trainer(config, out_dir, resume, train_steps)
+            trainer = Trainer(config, out_dir, resume, train_steps, world)
             try:
                 stopped_by = trainer.run(train_steps, resume_hint)
             finally:

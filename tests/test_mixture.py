@@ -13,7 +13,7 @@ from smollm2 import cli
 from smollm2.config import load_config
 from smollm2.data import document_ids, prepare
 from smollm2.datatrove_io import tokenize_steps
-from smollm2.mixture import BLOCK, MixtureData, MixtureLoader, Source, SourceData, block_counts, prepare_data
+from smollm2.mixture import BLOCK, MixtureData, MixtureLoader, Source, SourceData, block_counts, prepare_mixture
 from smollm2.trainer import train
 from tests.test_hostile import refused
 from tests.test_trainer import CORPUS, metrics, tiny_config
@@ -179,13 +179,13 @@ def test_a_changed_mixture_is_refused_on_resume(mix_dir, capsys):
 )
 def test_bad_sources_are_one_line_and_touch_nothing(mix_dir, capsys, sources, message):
     (mix_dir / "empty.txt").write_text("")
-    assert prepare_data(load_config("mix.yaml"), "run", quiet=True)  # something prepared to keep intact
+    assert prepare_mixture(load_config("mix.yaml"), "run", quiet=True)  # something prepared to keep intact
     argv = ["prepare", "--config", "mix.yaml", "--out_dir", "run", "--set", f"data.sources={sources}"]
     refused(capsys, mix_dir, cli.main, argv, message)
 
 
 def test_a_mixture_of_conversations_is_refused(mix_dir, capsys):
-    assert prepare_data(load_config("mix.yaml"), "run", quiet=True)
+    assert prepare_mixture(load_config("mix.yaml"), "run", quiet=True)
     argv = ["prepare", "--config", "mix.yaml", "--out_dir", "run", "--set", "data.format=chat"]
     refused(capsys, mix_dir, cli.main, argv, "mixtures are of text; data.format: chat reads conversations from")
 
@@ -207,17 +207,17 @@ def test_datatrove_tokenized_folder_trains_on_the_same_tokens_as_our_prepare(mix
     (mix_dir / "math").mkdir()
     (mix_dir / "math" / "a.jsonl").write_text("\n".join(ARITHMETIC) + "\n")
     ours = load_config("mix.yaml", ["data.val_fraction=0"])
-    prepared = prepare_data(ours, "ours", quiet=True)  # trains the tokenizer on input.txt
+    prepared = prepare_mixture(ours, "ours", quiet=True)  # trains the tokenizer on input.txt
     tokenizer = mix_dir / "ours" / "data" / "input-320" / "tokenizer.json"
     datatrove_tokenize(mix_dir / "math", tokenizer, mix_dir / "tokenized", mix_dir / "dt-logs")
     sources = "data.sources=[{path: input.txt, weight: 0.7}, {path: tokenized, weight: 0.3}]"
     theirs = load_config("mix.yaml", ["data.val_fraction=0", sources])
-    from_datatrove = prepare_data(theirs, "theirs", quiet=True)
+    from_datatrove = prepare_mixture(theirs, "theirs", quiet=True)
     assert isinstance(from_datatrove, MixtureData)
     ours_tokens, their_tokens = prepared.sources[1].train[0], from_datatrove.sources[1].train[0]
     assert len(ours_tokens) > 90_000 and np.array_equal(ours_tokens, their_tokens)
     # with a validation split: the last tenth of the file's documents, cut at a document start
-    split = prepare_data(load_config("mix.yaml", [sources]), "split", quiet=True).sources[1]
+    split = prepare_mixture(load_config("mix.yaml", [sources]), "split", quiet=True).sources[1]
     eos = split.val[-1]
     assert np.array_equal(np.concatenate([split.train[0], split.val]), their_tokens)
     assert split.train[0][-1] == eos and abs(len(split.val) / len(their_tokens) - 0.1) < 0.005
@@ -234,7 +234,7 @@ def test_datatrove_folder_of_another_tokenizer_is_refused(mix_dir, capsys):
     (mix_dir / "math" / "a.jsonl").write_text("\n".join(ARITHMETIC[:50]) + "\n")
     train_tokenizer(ARITHMETIC, 300).save(mix_dir / "other.json")
     datatrove_tokenize(mix_dir / "math", mix_dir / "other.json", mix_dir / "tokenized", mix_dir / "dt-logs")
-    assert prepare_data(load_config("mix.yaml"), "run", quiet=True)
+    assert prepare_mixture(load_config("mix.yaml"), "run", quiet=True)
     capsys.readouterr()  # datatrove's own log
     sources = "data.sources=[{path: input.txt, weight: 1}, {path: tokenized, weight: 1}]"
     argv = ["prepare", "--config", "mix.yaml", "--out_dir", "run", "--set", sources]
@@ -245,13 +245,13 @@ def test_datatrove_folder_with_empty_last_files_empty_or_beside_text(mix_dir, ca
     pytest.importorskip("datatrove")
     (mix_dir / "math").mkdir()
     (mix_dir / "math" / "a.jsonl").write_text("\n".join(ARITHMETIC[:200]) + "\n")
-    assert prepare_data(load_config("mix.yaml"), "run", quiet=True)
+    assert prepare_mixture(load_config("mix.yaml"), "run", quiet=True)
     tokenizer = mix_dir / "run" / "data" / "input-320" / "tokenizer.json"
     # more tasks than input files (README's --tasks 8 on a small corpus): the last .ds files are empty
     datatrove_tokenize(mix_dir / "math", tokenizer, mix_dir / "tokenized", mix_dir / "dt-logs", tasks=3)
     assert sorted(f.stat().st_size for f in (mix_dir / "tokenized").glob("*.ds"))[:2] == [0, 0]
     sources = "data.sources=[{path: input.txt, weight: 1}, {path: tokenized, weight: 1}]"
-    source = prepare_data(load_config("mix.yaml", [sources]), "run", quiet=True).sources[1]
+    source = prepare_mixture(load_config("mix.yaml", [sources]), "run", quiet=True).sources[1]
     assert len(source.val) > 0  # validation from the last file with tokens, not none
     capsys.readouterr()  # datatrove's own log
     (mix_dir / "empty").mkdir()
@@ -306,7 +306,7 @@ def _tokenize_script():
 def test_datatrove_script_writes_each_out_with_logs_of_its_own(mix_dir, capsys):
     pytest.importorskip("datatrove")
     tokenize = _tokenize_script()
-    assert prepare_data(load_config("mix.yaml"), "run", quiet=True)
+    assert prepare_mixture(load_config("mix.yaml"), "run", quiet=True)
     tokenizer = str(mix_dir / "run" / "data" / "input-320" / "tokenizer.json")
     for name, lines in (("first", ARITHMETIC[:100]), ("second", ARITHMETIC[100:300])):
         (mix_dir / name).mkdir()
