@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import random
-import re
 import shutil
 import sys
 import uuid
@@ -37,6 +36,7 @@ from smollm2.files import (
 )
 from smollm2.hf import MODEL_FILES, write_model_folder
 from smollm2.model import SmolLM2
+from smollm2.run_folder import RunFolder, list_checkpoints, step_of
 from smollm2.tokenizer import Tokenizer
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "config", "tokenizer_hash", "loader")
@@ -49,9 +49,6 @@ DATA_ORDER_KEYS = (
     ("data", "format"),
     ("train", "seed"),
 )
-
-
-LOG_FILES = ("metrics.jsonl", "samples.md", "loss.png", "summary.json", "wandb")  # what a run writes in logs/
 
 
 def new_run_id() -> str:
@@ -256,10 +253,6 @@ def _check_rng(state: dict) -> None:
         raise TypeError("cuda")
 
 
-def checkpoint_path(out_dir: Path, step: int) -> Path:
-    return Path(out_dir) / "checkpoints" / f"step_{step}.pt"
-
-
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write to a temporary name, fsync, rename: a crash leaves the old file or the new, never half."""
     write_atomic(path, lambda f: torch.save(state, f))
@@ -289,19 +282,6 @@ def load_checkpoint(path: str | Path) -> dict:
     if missing:
         raise UserError(f"{path}: not a smollm2 training checkpoint (no {', '.join(missing)})")
     return state
-
-
-def step_of(path: Path) -> int | None:
-    match = re.fullmatch(r"step_(\d+)\.pt", path.name)
-    return int(match.group(1)) if match else None
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    """The step_N.pt files in `folder`, oldest step first."""
-    if not Path(folder).is_dir():
-        return []
-    found = [(step_of(file), file) for file in Path(folder).glob("step_*.pt")]
-    return [file for step, file in sorted(found) if step is not None]
 
 
 def checkpoint_run_id(path: Path) -> str | None:
@@ -345,8 +325,8 @@ class Checkpointer:
 
     def __init__(self, out_dir: str | Path, train: TrainConfig, is_main: bool) -> None:
         self.out_dir = Path(out_dir)
-        self.folder = self.out_dir / "checkpoints"
-        self.final = self.out_dir / "final"
+        self.run = RunFolder(self.out_dir)
+        self.folder, self.final = self.run.checkpoints, self.run.final
         self.save_every, self.keep_last = train.save_every, train.keep_last
         self.is_main = is_main
         self.run_id: str | None = None
@@ -361,7 +341,7 @@ class Checkpointer:
                 raise UserError(f"{folder} is a file, not a folder: choose another --out_dir")
         self.check_not_inside_another_folder()
         existing = list_checkpoints(self.folder)
-        logged = [p for p in (self.out_dir / "logs" / name for name in LOG_FILES) if p.exists()]
+        logged = [p for p in self.run.log_files if p.exists()]
         if resume is None:
             held = existing[-1:] or [p for p in (self.final, *logged) if p.exists() and not _is_empty(p)]
             if held and existing:
@@ -414,7 +394,7 @@ class Checkpointer:
 
     def log_files(self) -> list[Path]:
         """What a run writes in logs/ that exists now."""
-        return [p for p in (self.out_dir / "logs" / name for name in LOG_FILES) if p.exists() or p.is_symlink()]
+        return [p for p in self.run.log_files if p.exists() or p.is_symlink()]
 
     def remove_new_logs(self, existed: list[Path]) -> None:
         """A fresh run that stops before its first checkpoint leaves nothing to continue: the log
@@ -454,7 +434,7 @@ class Checkpointer:
     def begin(self, step: int) -> None:
         """A session starts at `step`: the checkpoint it resumed from, when it lies here, is pending."""
         self.start = step
-        path = checkpoint_path(self.out_dir, step)
+        path = self.run.checkpoint(step)
         self.pending = path if step and path.is_file() else None
 
     def due(self, step: int, end: int) -> bool:
@@ -463,7 +443,7 @@ class Checkpointer:
     def save(self, checkpoint: Checkpoint) -> Path | None:
         """Write the checkpoint (rank 0), pending until shown good; None when its weights are not all
         finite: such weights are never written."""
-        path = checkpoint_path(self.out_dir, checkpoint.progress.step)
+        path = self.run.checkpoint(checkpoint.progress.step)
         written = checkpoint.weights_are_finite()
         if self.is_main and written:
             checkpoint.save(path)

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from smollm2.errors import UserError
+from smollm2.run_folder import PARTS  # what a run folder (marked "run") holds
 
 MARKER = ".smollm2"
-RUN_PARTS = ("checkpoints", "logs", "final", "data")  # what a run folder (marked "run") holds
 LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)")
 
 
@@ -177,7 +177,7 @@ def inside_another(path: Path, prepared: bool = False) -> str | None:
         if kind in ("data", "model", "space"):
             return f"lies inside {folder}, a {kind} folder smollm2 wrote"
     for folder in (path, *path.parents):
-        if folder.name not in RUN_PARTS or read_marker(folder.parent).get("kind") != "run":
+        if folder.name not in PARTS or read_marker(folder.parent).get("kind") != "run":
             continue
         if prepared and folder.name == "data" and folder == path.parent:
             continue
