@@ -10,25 +10,10 @@ OUT=${OUT:-runs/demo}
 STEPS=${STEPS:-600}
 MORE=${MORE:-50}
 
-newest_step() {  # the highest N of $1/checkpoints/step_N.pt, or nothing
-  local file n best=""
-  for file in "$1"/checkpoints/step_*.pt; do
-    n=${file##*/step_}
-    n=${n%.pt}
-    if [[ -f $file && $n =~ ^[0-9]+$ ]] && { [[ -z $best ]] || ((n > best)); }; then best=$n; fi
-  done
-  echo "$best"
-}
-
-step=$(newest_step "$OUT")
-if [[ -z $step ]]; then
-  $PY train.py --config config/tiny.yaml --train_steps "$STEPS" --out_dir "$OUT"
-  step=$STEPS
-else
-  echo "$OUT already holds a run (step_$step.pt): continuing it (OUT=another/folder starts a new one)"
-fi
-$PY train.py --config config/tiny.yaml --train_steps "$MORE" --checkpoint_path "$OUT/checkpoints/step_$step.pt" --out_dir "$OUT"
+source "$(dirname "$0")/run_lib.sh"
+start_or_find_run config/tiny.yaml
+continue_run config/tiny.yaml  # the seed's second phase: resume for $MORE steps
 echo
-echo "== a sample from the resumed model (step $((step + MORE))) =="
-$PY -m smollm2 generate --checkpoint "$OUT/checkpoints/step_$((step + MORE)).pt" --prompt "ROMEO:" \
+echo "== a sample from the resumed model (step $step) =="
+$PY -m smollm2 generate --checkpoint "$OUT/checkpoints/step_$step.pt" --prompt "ROMEO:" \
   --max_new_tokens 120 --temperature 0.8 --top_k 50 --seed 1

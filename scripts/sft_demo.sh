@@ -10,24 +10,9 @@ OUT=${OUT:-runs/sft-demo}
 STEPS=${STEPS:-300}
 MORE=${MORE:-50}
 
-newest_step() {  # the highest N of $1/checkpoints/step_N.pt, or nothing
-  local file n best=""
-  for file in "$1"/checkpoints/step_*.pt; do
-    n=${file##*/step_}
-    n=${n%.pt}
-    if [[ -f $file && $n =~ ^[0-9]+$ ]] && { [[ -z $best ]] || ((n > best)); }; then best=$n; fi
-  done
-  echo "$best"
-}
-
-step=$(newest_step "$OUT")
-if [[ -z $step ]]; then
-  $PY train.py --config config/sft-tiny.yaml --train_steps "$STEPS" --out_dir "$OUT"
-else
-  echo "$OUT already holds a run (step_$step.pt): continuing it (OUT=another/folder starts a new one)"
-  $PY train.py --config config/sft-tiny.yaml --train_steps "$MORE" --checkpoint_path "$OUT/checkpoints/step_$step.pt" \
-    --out_dir "$OUT"
-fi
+source "$(dirname "$0")/run_lib.sh"
+start_or_find_run config/sft-tiny.yaml
+if ((fresh == 0)); then continue_run config/sft-tiny.yaml; fi
 echo
 echo "== chat replies of the fine-tuned model (greedy) =="
 for question in "What is 12 plus 7?" "What is the opposite of early?" "Spell 'candle' backwards."; do
