@@ -262,7 +262,7 @@ def load_checkpoint(path: str | Path) -> dict:
     """The raw dictionary of a checkpoint file, or one line saying why it is not one."""
     path = Path(path)
     if path.is_dir():
-        inside = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        inside = RunFolder(path).checkpoints if RunFolder(path).checkpoints.is_dir() else path
         newest = list_checkpoints(inside)
         example = newest[-1] if newest else inside / "step_N.pt"
         raise UserError(f"{path} is a folder: pass a checkpoint file such as {example}")
@@ -284,14 +284,19 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def checkpoint_run_id(path: Path) -> str | None:
-    """The run id a checkpoint file holds (read without loading its tensors); None when it has none
-    or is not a readable checkpoint."""
+def peek_checkpoint(path: Path, key: str) -> object:
+    """One field of a checkpoint file, read without loading its tensors into memory (mmap); None when
+    the file has no such field or is not a readable checkpoint."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # torch raises many kinds for a file that is not a checkpoint
         return None
-    run_id = state.get("run_id") if isinstance(state, dict) else None
+    return state.get(key) if isinstance(state, dict) else None
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The run id a checkpoint file holds; None when it has none or is not a readable checkpoint."""
+    run_id = peek_checkpoint(path, "run_id")
     return run_id if isinstance(run_id, str) else None
 
 
@@ -426,7 +431,7 @@ class Checkpointer:
         if not self.is_main:
             return
         clean_leftovers(self.out_dir, {self.final.name, MARKER})  # the run folder may be the user's own
-        for folder in (self.folder, self.out_dir / "logs"):
+        for folder in (self.folder, self.run.logs):
             clean_leftovers(folder)
         if run_id and read_marker(self.out_dir).get("kind") == "run":
             mark(self.out_dir, "run", run_id=run_id)

@@ -14,6 +14,7 @@ from smollm2.errors import UserError, one_line, os_error_line
 from smollm2.files import remove_empty_folders
 from smollm2.generation import Sampling
 from smollm2.model import parameter_breakdown
+from smollm2.run_folder import RunFolder
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -179,7 +180,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         raise UserError(f"--workers must be between 1 and this machine's {cores} CPU cores, got {args.workers}")
     config = read_config(args)
     # The folders prepare creates on the way to its own, removed again (only if empty) when it fails.
-    targets = [Path(args.out_dir) / "data", Path(config.data.prepared_dir or ".")]
+    targets = [RunFolder(args.out_dir).data, Path(config.data.prepared_dir or ".")]
     created = {f for target in targets for f in (target, *target.parents) if not f.exists()}
     try:
         data_pipeline(config).prepare(config, args.out_dir, workers=args.workers)

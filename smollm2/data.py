@@ -34,6 +34,7 @@ from smollm2.config import Config
 from smollm2.errors import UserError, error_reason
 from smollm2.files import build_folder, check_replaceable, clean_leftovers, inside_another, is_inside, write_atomic
 from smollm2.parallel_encode import encode_pieces
+from smollm2.run_folder import RunFolder
 from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 2  # 2: pieces cut at any text, the split by tokens (1: only between ASCII lines)
@@ -248,7 +249,7 @@ def prepared_folder(config: Config, out_dir: str | Path) -> Path:
     if config.data.prepared_dir:
         return Path(config.data.prepared_dir)
     name = Path(config.data.path.replace("*", "all")).stem or "corpus"
-    return Path(out_dir) / "data" / f"{name}-{config.model.vocab_size}"
+    return RunFolder(out_dir).data / f"{name}-{config.model.vocab_size}"
 
 
 def fingerprint(config: Config, files: list[Path], tokenizer: Tokenizer | None) -> dict:

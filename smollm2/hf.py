@@ -197,8 +197,6 @@ def read_model_config(folder: Path) -> ModelConfig:
         except (KeyError, TypeError, AttributeError) as exc:
             raise UserError(f"{path}: not a complete Llama config ({error_reason(exc)} missing or malformed)") from None
         config = model_config_from_dict(dataclasses.asdict(config), str(path))
-    elif (folder / "final" / "config.json").is_file():  # a run folder: its model is final/
-        raise UserError(f"{folder}: a run folder, not a model folder: give {folder / 'final'}")
     else:
         raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
     return config

@@ -39,6 +39,7 @@ from smollm2.data import (
 from smollm2.datatrove_io import check_datatrove_folder, is_datatrove_folder, read_datatrove_folder
 from smollm2.errors import UserError
 from smollm2.model_source import open_tokenizer
+from smollm2.run_folder import RunFolder
 from smollm2.tokenizer import Tokenizer
 
 BLOCK = 10_000  # windows per block: each source's share is exact to 1 / BLOCK within every block
@@ -71,7 +72,7 @@ def prepare_mixture(config: Config, out_dir: str | Path = ".", quiet: bool = Fal
     """Text sources first (with data.tokenizer=train the first one trains the tokenizer and the
     others are tokenized with it), then datatrove folders, checked against that tokenizer."""
     sources = config.data.mixture(config.source)
-    base = Path(config.data.prepared_dir) if config.data.prepared_dir else Path(out_dir) / "data"
+    base = Path(config.data.prepared_dir) if config.data.prepared_dir else RunFolder(out_dir).data
     spec = config.data.tokenizer
     prepared: dict[str, SourceData] = {}
     folders = {s.name: is_datatrove_folder(Path(s.path)) for s in sources}

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from smollm2.checkpoint import peek_checkpoint
 from smollm2.config import ModelConfig
 from smollm2.errors import UserError, error_reason
 from smollm2.files import build_folder, check_replaceable, inside_another, is_inside, write_atomic
@@ -105,10 +106,11 @@ def read_record(config: ModelConfig, parameters: int, logs: Path | None) -> RunR
 
 
 def logs_beside(model: Path) -> Path | None:
-    """A run's logs/ for its final/ folder or one of its checkpoints/step_N.pt; None if absent."""
-    run = model.parent.parent if model.is_file() else model.parent
-    for candidate in (model / "logs", model.parent / "logs", run / "logs"):
-        if candidate.is_dir():
+    """The logs/ of the run a model belongs to (a run folder, its final/ or one of its checkpoints),
+    or beside an exported Space's model/; None if absent."""
+    run = RunFolder.containing(model)
+    for candidate in (run.logs if run else None, model.parent / "logs"):
+        if candidate is not None and candidate.is_dir():
             return candidate
     return None
 
@@ -157,12 +159,8 @@ def last_config(run: Path) -> dict:
 
 
 def checkpoint_config(path: Path) -> dict:
-    try:
-        # mmap: the config alone, without reading the weights and optimizer state into memory.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # a damaged checkpoint: the facts it holds are unknown, and nothing else breaks
-        return {}
-    config = state.get("config") if isinstance(state, dict) else None
+    """A checkpoint's config; {} for a damaged one: the facts it holds are unknown, and nothing else breaks."""
+    config = peek_checkpoint(path, "config")
     return config if isinstance(config, dict) else {}
 
 

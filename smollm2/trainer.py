@@ -38,6 +38,7 @@ from smollm2.metrics import Reporter, RunLog, Silent, SpeedModel, duration
 from smollm2.mixture import MixtureData
 from smollm2.model import SmolLM2
 from smollm2.pretrained import initial_weights, resolve_init_from
+from smollm2.run_folder import RunFolder
 
 MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops
 
@@ -585,7 +586,8 @@ def train(
     checkpointer = Checkpointer(out_dir, config.train, is_main=True)
     checkpointer.check_folder(resume)  # before the lock, which creates the folder
     # What this run creates, it may remove again: only these, only if it made them, only if empty.
-    parts = (out_dir / "data", out_dir / "checkpoints", out_dir / "logs", out_dir)
+    run = RunFolder(out_dir)
+    parts = (run.data, run.checkpoints, run.logs, out_dir)
     new_folders = [f for f in parts if not f.exists()]
     world = distributed.setup()
     is_main = world.is_main

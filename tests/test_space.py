@@ -338,7 +338,8 @@ def test_in_a_browser_generate_streams_text_and_training_shows_predictions(app_u
     with chromium() as browser:
         page = browser.new_page()
         page.goto(app_url)
-        page.get_by_label("Prompt", exact=True).fill("JULIET:")
+        # the prompt box (the first text box) has no label of its own to find it by once its limit is shown
+        page.get_by_test_id("textbox").first.fill("JULIET:")
         page.get_by_role("button", name="Generate").click()
         output = page.get_by_label("Prompt and continuation")
         page.wait_for_function(
