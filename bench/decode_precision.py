@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from fetch_instruct import instruct_folder  # noqa: E402
 
 from smollm2.generation import Sampling, generate  # noqa: E402
-from smollm2.inference import choose_decode_precision, load_for_inference  # noqa: E402
+from smollm2.hardware import choose_decode_precision  # noqa: E402
+from smollm2.inference import load_for_inference  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",

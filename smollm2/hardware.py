@@ -87,6 +87,17 @@ def choose_precision(
     return Precision(None, f"auto: {measured}")
 
 
+def choose_decode_precision(precision: str, config: ModelConfig, device: torch.device) -> Precision:
+    """fp32 or bf16 weights for decoding. auto: bf16 on CUDA; fp32 on a CPU, by measurement
+    (bench/decode_precision.py, BENCHMARKS.md): with the published SmolLM2-135M-Instruct, bf16
+    decoding was only 1.04-1.11x faster here, its perplexity +0.06%, and greedy text parts from
+    fp32's after a third of the tokens. A per-load microbenchmark was tried and dropped: one layer's
+    matrix-vector products fit in cache and measured 1.27x to 1.85x from one run to the next."""
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return Precision(None, "chosen" if precision == "fp32" else "auto: fp32 decodes about as fast on a CPU")
+    return Precision(torch.bfloat16, "chosen" if precision == "bf16" else "auto: CUDA")
+
+
 def cpu_bf16_speedup(config: ModelConfig, rows: int, repeats: int = 3) -> float:
     """fp32 time / bf16 time of the model's own matmul shapes (attention and MLP projections) on
     `rows` tokens; a second or two. A CPU without bf16 units is found after one bf16 round."""

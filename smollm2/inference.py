@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from smollm2.config import SEED_LIMIT, ModelConfig
+from smollm2.config import SEED_LIMIT
 from smollm2.cpu_packing import pack_for_cpu_inference
 from smollm2.errors import UserError
 from smollm2.generation import Sampling, check_new_tokens, fit_new_tokens, prompt_ids, stream
-from smollm2.hardware import Precision
+from smollm2.hardware import choose_decode_precision
 from smollm2.model import SmolLM2
 from smollm2.model_source import ModelSource
 from smollm2.tokenizer import Tokenizer
@@ -30,17 +30,6 @@ def load_for_inference(
     chosen = choose_decode_precision(precision, model.config, torch.device(device))
     model = model.to(device=device, dtype=chosen.dtype or torch.float32).eval()
     return (pack_for_cpu_inference(model) if pack else model), tokenizer
-
-
-def choose_decode_precision(precision: str, config: ModelConfig, device: torch.device) -> Precision:
-    """fp32 or bf16 weights for decoding. auto: bf16 on CUDA; fp32 on a CPU, by measurement
-    (bench/decode_precision.py, BENCHMARKS.md): with the published SmolLM2-135M-Instruct, bf16
-    decoding was only 1.04-1.11x faster here, its perplexity +0.06%, and greedy text parts from
-    fp32's after a third of the tokens. A per-load microbenchmark was tried and dropped: one layer's
-    matrix-vector products fit in cache and measured 1.27x to 1.85x from one run to the next."""
-    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
-        return Precision(None, "chosen" if precision == "fp32" else "auto: fp32 decodes about as fast on a CPU")
-    return Precision(torch.bfloat16, "chosen" if precision == "bf16" else "auto: CUDA")
 
 
 def stream_text(

@@ -87,6 +87,6 @@ def test_bf16_packed_decoding_follows_fp32():
     [("auto", "cpu", None), ("fp32", "cpu", None), ("bf16", "cpu", torch.bfloat16), ("auto", "cuda", torch.bfloat16)],
 )
 def test_decoding_precision_follows_the_choice(precision, device, dtype):
-    from smollm2.inference import choose_decode_precision
+    from smollm2.hardware import choose_decode_precision
 
     assert choose_decode_precision(precision, small_config(), torch.device(device)).dtype == dtype
