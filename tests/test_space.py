@@ -389,7 +389,9 @@ def test_in_a_browser_the_chat_tab_answers(app_url):
         page.goto(app_url)
         page.get_by_role("tab", name="Chat").click()
         box = page.get_by_role("textbox").filter(visible=True).last
+        box.wait_for(timeout=60_000)
         box.fill("Who are you?")
+        page.wait_for_function("el => el.value === 'Who are you?'", arg=box.element_handle(), timeout=30_000)
         box.press("Enter")
         bot = page.locator(".message.bot, [data-testid='bot']").filter(visible=True).first
         bot.wait_for(timeout=60_000)
