@@ -114,7 +114,8 @@ def to_hf_state_dict(model: SmolLM2) -> dict[str, torch.Tensor]:
                 state[name] = tensor
         else:
             state[f"model.{name}"] = tensor
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    # a model on the meta device (layout checks without memory) keeps its tensors there
+    return {k: v.detach() if v.is_meta else v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
