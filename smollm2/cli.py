@@ -11,7 +11,7 @@ from pathlib import Path
 
 from smollm2.config import Config, load_config
 from smollm2.errors import UserError, one_line, os_error_line
-from smollm2.files import remove_empty_folders
+from smollm2.files import missing_folders, remove_empty_folders
 from smollm2.generation import Sampling
 from smollm2.model import parameter_breakdown
 from smollm2.run_folder import RunFolder
@@ -180,12 +180,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         raise UserError(f"--workers must be between 1 and this machine's {cores} CPU cores, got {args.workers}")
     config = read_config(args)
     # The folders prepare creates on the way to its own, removed again (only if empty) when it fails.
-    targets = [RunFolder(args.out_dir).data, Path(config.data.prepared_dir or ".")]
-    created = {f for target in targets for f in (target, *target.parents) if not f.exists()}
+    created = missing_folders(RunFolder(args.out_dir).data, Path(config.data.prepared_dir or "."))
     try:
         data_pipeline(config).prepare(config, args.out_dir, workers=args.workers)
     except BaseException:
-        remove_empty_folders(*sorted(created, key=lambda f: len(f.parts), reverse=True))
+        remove_empty_folders(*created)
         raise
 
 

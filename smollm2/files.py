@@ -339,6 +339,13 @@ class RunLock:
             self.fd = None
 
 
+def missing_folders(*targets: Path) -> list[Path]:
+    """The targets and their parents that do not exist yet, deepest first: the folders a command is
+    about to create, and may remove again (with remove_empty_folders) when it fails."""
+    missing = {folder for target in targets for folder in (target, *target.parents) if not folder.exists()}
+    return sorted(missing, key=lambda folder: len(folder.parts), reverse=True)
+
+
 def remove_empty_folders(*folders: Path) -> None:
     """rmdir each folder that exists and is empty (rmdir refuses anything else), in order."""
     for folder in folders:

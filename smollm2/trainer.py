@@ -25,7 +25,7 @@ from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rn
 from smollm2.config import Config, TrainConfig
 from smollm2.data import PreparedData, to_device
 from smollm2.errors import UserError, error_reason
-from smollm2.files import RunLock, remove_empty_folders, unmark_if_alone
+from smollm2.files import RunLock, missing_folders, remove_empty_folders, unmark_if_alone
 from smollm2.generation import Sampling, check_fits, fit_new_tokens, generate, prompt_ids
 from smollm2.hardware import (
     Precision,
@@ -587,8 +587,7 @@ def train(
     checkpointer.check_folder(resume)  # before the lock, which creates the folder
     # What this run creates, it may remove again: only these, only if it made them, only if empty.
     run = RunFolder(out_dir)
-    parts = (run.data, run.checkpoints, run.logs, out_dir)
-    new_folders = [f for f in parts if not f.exists()]
+    new_folders = missing_folders(run.data, run.checkpoints, run.logs, Path(config.data.prepared_dir or "."))
     world = distributed.setup()
     is_main = world.is_main
     marked, logs_before = False, None
