@@ -127,7 +127,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1337
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
+    compile: Literal["auto", True, False] = "auto"  # auto: on for CUDA, off on a CPU (0.98x there, BENCHMARKS.md)
     grad_checkpointing: bool = False
     eval_every: int = 500
     eval_batches: int = 20
@@ -164,8 +164,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         allowed = typing.get_args(annotation)
-        if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
+        if not any(value == a and type(value) is type(a) for a in allowed):  # 1 is not true
+            shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+            raise ConfigError(f"{where}: {value!r} is not one of {shown}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)

