@@ -50,7 +50,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = False
-    attention: Literal["sdpa", "eager", "flash_attn2"] = "sdpa"
+    # flex: document masks as flex_attention block masks on CUDA (the dense mask with SDPA on a CPU)
+    attention: Literal["sdpa", "eager", "flash_attn2", "flex"] = "sdpa"
     init_std: float = 0.02
     # Start from these weights (a transformers Llama folder, a final/ folder or a checkpoint .pt): the
     # architecture and tokenizer come from there (smollm2.pretrained).

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from smollm2.config import ModelConfig
 
@@ -142,6 +143,8 @@ class Attention(nn.Module):
     def _kernel(self, q, k, v, mask, causal: bool) -> torch.Tensor:
         """softmax(q k^T / sqrt(d)) v over (B, H, T, D) heads, by the implementation the config names."""
         kind = self.config.attention
+        if isinstance(mask, BlockMask):
+            return flex_kernel(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         if kind == "flash_attn2" and flash_attn_func is not None and q.is_cuda and mask is None:
             # flash-attn wants (B, T, H, D) and handles grouped KV heads natively.
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
@@ -151,6 +154,20 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
         )
+
+
+_compiled_flex = None
+
+
+def flex_kernel(on_cuda: bool):
+    """flex_attention compiled once (its fused kernel, which skips the blocks a mask leaves empty) on
+    CUDA; elsewhere its reference implementation, which is correct but slow (a CPU compiles it for minutes)."""
+    global _compiled_flex
+    if not on_cuda:
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
 
 
 def eager_attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -277,18 +294,32 @@ def _chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
 # Windows that pack several documents
 
 
-def document_layout(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def document_layout(document_ids: torch.Tensor, blocks: bool = False) -> tuple[torch.Tensor, torch.Tensor | BlockMask]:
     """document_ids (B, T), equal along each document's run of tokens -> positions (B, T) that
     restart at 0 with each document, and the boolean mask (B, 1, T, T) that lets a token see the
-    earlier tokens of its own document only: each document is computed as if it were alone."""
+    earlier tokens of its own document only: each document is computed as if it were alone.
+    With `blocks`, the same mask as flex_attention's BlockMask (`document_block_mask`)."""
     length = document_ids.shape[1]
     index = torch.arange(length, device=document_ids.device).expand_as(document_ids)
     starts = torch.ones_like(document_ids, dtype=torch.bool)
     starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
     first_of_document = torch.where(starts, index, 0).cummax(dim=1).values
+    if blocks:
+        return index - first_of_document, document_block_mask(document_ids)
     same_document = document_ids[:, :, None] == document_ids[:, None, :]
     causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
     return index - first_of_document, (same_document & causal).unsqueeze(1)
+
+
+def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
+    """The same pattern as `document_layout`'s mask, as flex_attention's block mask: blocks of 128 x 128
+    that cross no document boundary are skipped or computed without a mask at all."""
+    batch, length = document_ids.shape
+
+    def same_document_causal(b, h, q_index, kv_index):
+        return (document_ids[b, q_index] == document_ids[b, kv_index]) & (q_index >= kv_index)
+
+    return create_block_mask(same_document_causal, batch, None, length, length, device=document_ids.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +368,9 @@ class SmolLM2(nn.Module):
         (B, T) stand for both in windows that pack several documents: see `document_layout`.
         """
         if document_ids is not None:
-            positions, mask = document_layout(document_ids)
+            # flex_attention has no backward on a CPU (torch 2.13): there the dense mask serves
+            blocks = self.config.attention == "flex" and document_ids.is_cuda
+            positions, mask = document_layout(document_ids, blocks=blocks)
         if mask is None and cache is not None and cache.length > 0 and input_ids.shape[1] > 1:
             raise ValueError("several new tokens after cached ones need an explicit mask")
         x = self.embed_tokens(input_ids)

@@ -199,7 +199,7 @@ def test_repetition_penalty_discourages_seen_tokens():
     assert int(chosen) == 1
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex"])
 def test_packed_documents_are_computed_as_if_each_were_alone(attention):
     torch.manual_seed(0)
     model = SmolLM2(small_config(attention=attention)).eval()
@@ -214,3 +214,21 @@ def test_packed_documents_are_computed_as_if_each_were_alone(attention):
     positions, mask = smollm2.model.document_layout(document_ids)
     assert positions.tolist() == [[0, 1, 2, 3, 4, 0, *range(10)]]
     assert mask.shape == (1, 1, 16, 16) and mask[0, 0, 5].tolist() == [False] * 5 + [True] + [False] * 10
+
+
+def test_flex_block_masks_give_the_dense_masks_logits_across_blocks():
+    """Documents longer than flex_attention's 128-token blocks, and boundaries inside blocks: the
+    block mask CUDA's `model.attention: flex` uses gives the dense mask's logits (forward only here:
+    flex_attention has no backward on a CPU, where that setting keeps the dense mask)."""
+    torch.manual_seed(0)
+    model = SmolLM2(small_config(max_seq_len=512)).eval()
+    lengths = [200, 7, 150, 3]
+    ids = torch.randint(0, model.config.vocab_size, (2, sum(lengths)))
+    document_ids = torch.cat([torch.full((2, n), i) for i, n in enumerate(lengths)], dim=1)
+    document_ids[1, 100:] += 1  # another row, other cuts
+    positions, blocks = smollm2.model.document_layout(document_ids, blocks=True)
+    assert isinstance(blocks, smollm2.model.BlockMask)
+    with torch.no_grad():
+        dense = model(ids, document_ids=document_ids)
+        flex = model(ids, positions=positions, mask=blocks)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
