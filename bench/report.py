@@ -26,11 +26,9 @@ def machine() -> str:
 
 
 def spread(values: Sequence[float], fmt: str = "{:,.1f}", suffix: str = "") -> str:
-    """Median and (min-max) of repeated measurements; a single one stands alone."""
-    if len(values) == 1:
-        return fmt.format(values[0]) + suffix
+    """Median and (min-max) of repeated measurements; one value (or all alike as written) stands alone."""
     low, mid, high = (fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
-    return f"{mid}{suffix} ({low}-{high})"
+    return f"{mid}{suffix}" if low == high else f"{mid}{suffix} ({low}-{high})"
 
 
 def run_json(code: str, *args: str) -> dict:
