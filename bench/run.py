@@ -44,7 +44,7 @@ BENCHMARKS = [
         "mixture",
         "mixture_bench.py",
         ("--big_mb", "200", "--runs", "3", "--steps", "10000", "--mask_steps", "20"),
-        ("--big_mb", "40", "--runs", "2", "--steps", "2000", "--mask_steps", "8"),
+        ("--big_mb", "20", "--runs", "2", "--steps", "10000", "--mask_steps", "8"),
     ),
     Benchmark("model", "model_bench.py", ("--runs", "3"), ("--runs", "2")),
     # decode_precision.py and eval_bench.py read the published model: scripts/fetch_instruct.py caches it once
