@@ -176,7 +176,10 @@ def bench_train(runs: int, names: tuple[str, ...]) -> dict:
             worker = workers[name]
             worker.stdin.write("run\n")
             worker.stdin.flush()
-            answer = json.loads(worker.stdout.readline())
+            line = worker.stdout.readline()
+            if not line:  # the worker died: on a crowded machine, most often the kernel's out-of-memory killer
+                raise RuntimeError(f"training contender {name!r} ended (exit {worker.wait()}) before answering")
+            answer = json.loads(line)
             seconds[name].append(answer["seconds"])
             faults[name].append(answer["faults"])
             peaks[name] = answer["peak_rss"]
