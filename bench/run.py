@@ -96,8 +96,9 @@ def assemble() -> str:
     header = (
         "# Benchmarks\n\nWritten by `make bench` (`python bench/run.py`) from the section files in bench/results/, "
         "each written by its script; do not edit by hand. Figures that vary are the median of the runs with "
-        "(min-max) beside it. Each section says its command, machine and date: sections can come from "
-        "different runs and machines (the GPU one from `make bench-gpu`).\n"
+        "(min-max) beside it. Each section says its command, machine, date, load and how long it took: sections "
+        "can come from different runs and machines (the GPU one from `make bench-gpu`), and one that was not "
+        "rerun says so.\n"
     )
     return header + "\n" + "\n\n".join(sections) + "\n"
 
