@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo sft-demo test lint format bench app
+.PHONY: demo sft-demo test lint format bench bench-quick bench-gpu app
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,5 +33,13 @@ format: $(STAMP)
 app: $(STAMP)
 	$(PY) app.py
 
+# Every CPU section of BENCHMARKS.md (bench/results/*.md); bench-quick: fewer rounds, smaller inputs.
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/run.py --quick
+
+# On a CUDA machine: the GPU section (bench/results/gpu.md), the rest of BENCHMARKS.md kept.
+bench-gpu: $(STAMP)
+	$(PY) bench/run.py --only gpu

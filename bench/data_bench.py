@@ -9,13 +9,11 @@ section; `bench/run.py` collects it into BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from report import run_json, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,11 +46,6 @@ loader.close()
 """
 
 
-def run_json(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def make_corpus(path: Path, megabytes: int) -> None:
     """A synthetic corpus of ~N MB: shuffled lines of input.txt, so the text stays realistic."""
     lines = (ROOT / "input.txt").read_text().splitlines(keepends=True)
@@ -67,9 +60,10 @@ def make_corpus(path: Path, megabytes: int) -> None:
             written += len(text.encode())
 
 
-def median_of(runs: int, fn) -> dict:
+def runs_of(runs: int, fn) -> dict[str, list[float]]:
+    """Each figure `fn` returns, over `runs` calls."""
     results = [fn() for _ in range(runs)]
-    return {k: statistics.median(r[k] for r in results) for k in results[0]}
+    return {k: [r[k] for r in results] for k in results[0]}
 
 
 def main() -> None:
@@ -87,33 +81,35 @@ def main() -> None:
             n[0] += 1
             return run_json(PREPARE, corpus, str(tmp / f"prep{n[0]}"), tokenizer, str(vocab))
 
-        train_tok = median_of(args.runs, lambda: prepare_run(small, "train", 32000))
+        train_tok = runs_of(args.runs, lambda: prepare_run(small, "train", 32000))
         rows.append(("input.txt, train a 32000-token BPE + encode", train_tok))
         tokenizer = str(tmp / "prep1" / "tokenizer.json")
-        encode_small = median_of(args.runs, lambda: prepare_run(small, tokenizer, 32000))
+        encode_small = runs_of(args.runs, lambda: prepare_run(small, tokenizer, 32000))
         rows.append(("input.txt, encode with that tokenizer", encode_small))
         big = tmp / "big.txt"
         make_corpus(big, args.big_mb)
-        encode_big = median_of(args.runs, lambda: prepare_run(str(big), tokenizer, 32000))
+        encode_big = runs_of(args.runs, lambda: prepare_run(str(big), tokenizer, 32000))
         rows.append((f"{args.big_mb} MB synthetic corpus, encode", encode_big))
         train_bin = next(tmp.glob("prep*/train.bin"))
-        loader = median_of(args.runs, lambda: run_json(LOADER, str(train_bin)))
+        loader = runs_of(args.runs, lambda: run_json(LOADER, str(train_bin)))
     print("## Data pipeline\n")
     print(
-        f"Command: `python bench/data_bench.py --big_mb {args.big_mb} --runs {args.runs}` "
-        f"(medians of {args.runs} runs; "
-        "each run is a fresh process, peak RSS is the process's maximum resident set).\n"
+        f"`python bench/data_bench.py --big_mb {args.big_mb} --runs {args.runs}`: median (min-max) of {args.runs} "
+        "runs; each run is a fresh process, peak RSS is the process's maximum resident set.\n"
     )
-    print("| what | seconds | MB/s | tokens/s | tokens | peak RSS |")
+    print("| what | seconds | MB/s | tokens/s | tokens | peak RSS (MiB) |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows:
+        rates = [(b / 1e6 / t, k / t) for b, k, t in zip(r["bytes"], r["tokens"], r["seconds"], strict=True)]
         print(
-            f"| {name} | {r['seconds']:.2f} | {r['bytes'] / 1e6 / r['seconds']:.1f} | "
-            f"{r['tokens'] / r['seconds']:,.0f} | {r['tokens']:,.0f} | {r['peak_rss'] / 2**20:,.0f} MiB |"
+            f"| {name} | {spread(r['seconds'], '{:.2f}')} | {spread([m for m, _ in rates])} | "
+            f"{spread([t for _, t in rates], '{:,.0f}')} | {r['tokens'][0]:,.0f} | "
+            f"{spread([b / 2**20 for b in r['peak_rss']], '{:,.0f}')} |"
         )
+    batches = loader["batches_per_sec"]
     print(
-        f"\nLoader: {loader['batches_per_sec']:,.0f} batches/s of 16 x 512 tokens "
-        f"({loader['batches_per_sec'] * 16 * 512:,.0f} tokens/s) from a memmap, with the prefetch thread.\n"
+        f"\nLoader: {spread(batches, '{:,.0f}')} batches/s of 16 x 512 tokens "
+        f"({spread([b * 16 * 512 for b in batches], '{:,.0f}')} tokens/s) from a memmap, with the prefetch thread.\n"
     )
 
 

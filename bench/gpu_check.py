@@ -1,12 +1,13 @@
 """The CUDA fast path, checked on a real card (bench/gpu_check.sh runs this; < 5 minutes on one GPU).
 
 Prints: which attention kernel SDPA ran; bf16-autocast vs fp32 losses over a few steps; tokens/s,
-MFU and peak memory for each preset at sequence length 2048 (compiled, bf16, fused AdamW), and
-peak memory with and without gradient checkpointing; document masks (data.document_mask): packed
-documents against each alone, the kernel the mask runs on, and tokens/s against plain causal.
-`--device cpu` runs a small smoke version.
+MFU and peak memory for each preset at sequence length 2048 (bf16, fused AdamW), one thing changed
+at a time: eager, then compiled (both without gradient checkpointing), then eager with gradient
+checkpointing; document masks (data.document_mask): packed documents against each alone, the kernel
+the mask runs on, and tokens/s against plain causal. `--device cpu` runs a small smoke version.
+`--markdown` prints it as BENCHMARKS.md's GPU section (`make bench-gpu` writes bench/results/gpu.md).
 
-    python bench/gpu_check.py [--batch_size 8] [--seq_len 2048] [--steps 10]
+    python bench/gpu_check.py [--batch_size 8] [--seq_len 2048] [--steps 10] [--markdown]
 """
 
 from __future__ import annotations
@@ -182,6 +183,12 @@ def describe(result: dict) -> str:
     )
 
 
+def settings(no_compile: bool) -> list[tuple[bool, bool]]:
+    """(compiled, checkpointing) pairs that change one thing at a time: eager against compiled without
+    checkpointing, and without against with checkpointing in eager mode (one compilation a preset)."""
+    return [(False, False), *([] if no_compile else [(True, False)]), (False, True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -190,8 +197,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--presets", nargs="+", default=PRESETS)
     parser.add_argument("--no_compile", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="as BENCHMARKS.md's GPU section")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.markdown:
+        print("## GPU: the CUDA fast path (`bash bench/gpu_check.sh`)\n\n```text")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
@@ -226,8 +236,7 @@ def main() -> None:
     for preset in args.presets:
         config = load_config(ROOT / preset)
         print(f"\n{preset}: micro-batch {args.batch_size} x {args.seq_len}, {'bf16' if bf16 else 'fp32'}")
-        for checkpointing in (False, True):
-            compiled = not args.no_compile and not checkpointing  # one compilation per preset keeps it short
+        for compiled, checkpointing in settings(args.no_compile):
             result = throughput(config, device, args.batch_size, args.seq_len, args.steps, compiled, checkpointing)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the previous model is gone; start the next from a clean pool
@@ -237,6 +246,8 @@ def main() -> None:
 
     print(f"\ndocument masks, {args.presets[-1]}: micro-batch {args.batch_size} x {args.seq_len}")
     document_mask_check(first, device, args.batch_size, args.seq_len, args.steps, document_len=args.seq_len // 8)
+    if args.markdown:
+        print("```")
 
 
 if __name__ == "__main__":

@@ -5,31 +5,34 @@ Prepare runs each measurement in a fresh process, so that its peak RSS (and its 
 own; the corpus is generated under a temporary folder and removed afterwards. Prints a Markdown
 section; `bench/run.py` collects it into BENCHMARKS.md.
 
-    python bench/mixture_bench.py [--big_mb 200] [--steps 10000]
+    python bench/mixture_bench.py [--big_mb 200] [--runs 3] [--steps 10000] [--mask_steps 20]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from data_bench import make_corpus  # bench/ is a folder of scripts, on sys.path when one runs
+from report import run_json, spread
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_bench import make_corpus  # noqa: E402  (bench/ is a folder of scripts, not a package)
-
-from smollm2.config import load_config  # noqa: E402
-from smollm2.mixture import MixtureData, MixtureLoader, Source, SourceData, mixture_loader, prepare_mixture  # noqa: E402
-from smollm2.model import SmolLM2  # noqa: E402
-from smollm2.trainer import make_optimizer, optimizer_step  # noqa: E402
+from smollm2.config import load_config
+from smollm2.mixture import (
+    BLOCK,
+    MixtureData,
+    MixtureLoader,
+    Source,
+    SourceData,
+    mixture_loader,
+    prepare_mixture,
+)
+from smollm2.model import SmolLM2
+from smollm2.trainer import make_optimizer, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
@@ -66,13 +69,16 @@ result = {"seconds": seconds, "tokens": tokens, "bytes": data.meta["bytes"], "rs
 print(json.dumps(result))
 """
 
+# What a prepare worker imports before its tokenizer: its resident set at that point, in a fresh process.
+WORKER_IMPORTS = """
+import json
+import smollm2.parallel_encode
+own = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"peak_rss": own}))
+"""
 
-def run_json(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
-
-def prepare_rows(big_mb: int) -> list[str]:
+def prepare_rows(big_mb: int, runs: int) -> list[str]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -83,15 +89,26 @@ def prepare_rows(big_mb: int) -> list[str]:
             corpus = tmp / f"corpus-{megabytes}.txt"
             make_corpus(corpus, megabytes)
             for workers in (1, 2):
-                r = run_json(PREPARE, str(corpus), str(tmp / f"prep-{megabytes}-{workers}"), tokenizer, str(workers))
-                worker = f"{r['worker_rss'] / 2**20:,.0f} MiB" if workers > 1 else "(none)"
+                folders = [tmp / f"prep-{megabytes}-{workers}-{run}" for run in range(runs)]
                 rows.append(
-                    f"| {r['bytes'] / 1e6:.0f} MB | {workers} | {r['seconds']:.1f} | "
-                    f"{r['bytes'] / 1e6 / r['seconds']:.2f} | {r['tokens'] / r['seconds']:,.0f} | "
-                    f"{r['rss'] / 2**20:,.0f} MiB | {worker} |"
+                    prepare_row(
+                        [run_json(PREPARE, str(corpus), str(f), tokenizer, str(workers)) for f in folders], workers
+                    )
                 )
             corpus.unlink()
     return rows
+
+
+def prepare_row(results: list[dict], workers: int) -> str:
+    seconds, size = [r["seconds"] for r in results], results[0]["bytes"]
+    mib = "{:,.0f}"
+    worker = spread([r["worker_rss"] / 2**20 for r in results], mib) if workers > 1 else "(none)"
+    return (
+        f"| {size / 1e6:.0f} MB | {workers} | {spread(seconds)} | "
+        f"{spread([size / 1e6 / t for t in seconds], '{:.2f}')} | "
+        f"{spread([r['tokens'] / r['seconds'] for r in results], mib)} | "
+        f"{spread([r['rss'] / 2**20 for r in results], mib)} | {worker} |"
+    )
 
 
 def fake_sources(weights: list[float]) -> MixtureData:
@@ -104,6 +121,9 @@ def fake_sources(weights: list[float]) -> MixtureData:
 
 
 def share_rows(steps: int, batch_size: int) -> list[str]:
+    """The loader's own draw against the weights. Over whole blocks of BLOCK windows the share is the
+    weights' largest-remainder rounding to 1 / BLOCK by construction: this checks the draw, it does
+    not measure chance."""
     rows = []
     for recipe, weights in RECIPES.items():
         loader = MixtureLoader(fake_sources(weights), batch_size=batch_size, seq_len=128, seed=1337)
@@ -140,10 +160,11 @@ def mask_rows(steps: int) -> list[str]:
                     optimizer_step(model, optimizer, 1.0)
                     times[masked].append(time.perf_counter() - start)
             tokens = config.train.batch_size * seq_len
-            plain, masked = (tokens / statistics.median(times[m][2:]) for m in (False, True))
+            plain, masked = ([tokens / t for t in times[m][2:]] for m in (False, True))  # two steps warm up
+            ratios = [m / p for m, p in zip(masked, plain, strict=True)]  # steps timed next to each other
             rows.append(
-                f"| {config.train.batch_size} x {seq_len} | {documents:.1f} | {plain:,.0f} | {masked:,.0f} | "
-                f"{masked / plain:.2f}x |"
+                f"| {config.train.batch_size} x {seq_len} | {documents:.1f} | {spread(plain, '{:,.0f}')} | "
+                f"{spread(masked, '{:,.0f}')} | {spread(ratios, '{:.2f}', 'x')} |"
             )
     return rows
 
@@ -151,47 +172,50 @@ def mask_rows(steps: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--big_mb", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=3, help="prepare runs of each corpus and worker count")
     parser.add_argument("--steps", type=int, default=10_000)
     parser.add_argument("--mask_steps", type=int, default=20)
     args = parser.parse_args()
-    load_before = os.getloadavg()[0]
     shares = share_rows(args.steps, batch_size=16)
     masks = mask_rows(args.mask_steps)
-    prepares = prepare_rows(args.big_mb)
+    prepares = prepare_rows(args.big_mb, args.runs)
+    worker_imports = run_json(WORKER_IMPORTS)["peak_rss"] / 2**20
     print("## Mixtures and document masks\n")
-    load_after = os.getloadavg()[0]
-    busy = max(load_before, load_after) > os.cpu_count()
-    note = (
-        "more runnable processes than cores: other work shared the machine, so the times are longer than "
-        "an idle machine's"
-        if busy
-        else "an otherwise idle machine"
+    print(
+        f"`python bench/mixture_bench.py --big_mb {args.big_mb} --runs {args.runs} --steps {args.steps} "
+        f"--mask_steps {args.mask_steps}`.\n"
     )
     print(
-        f"Command: `python bench/mixture_bench.py --big_mb {args.big_mb} --steps {args.steps} "
-        f"--mask_steps {args.mask_steps}`. Load average (1 min) on this {os.cpu_count()}-core machine: "
-        f"{load_before:.1f} at the start, {load_after:.1f} at the end ({note}).\n"
+        "Prepare (`prepare --workers N`) on a generated corpus (shuffled lines of input.txt), 32000-token BPE, "
+        f"median (min-max) of {args.runs} runs, each in a fresh process. With 1 worker the encoder's own threads use "
+        "every core; with N, N processes encode one thread each while the main process reads and writes. Peak RSS: "
+        "the main process's high-water mark, and the largest worker's resident set sampled every 0.1 s.\n"
     )
-    print(
-        "Prepare (`prepare --workers N`) on a generated corpus (shuffled lines of input.txt), 32000-token BPE, one "
-        "run each in a fresh process. With 1 worker the encoder's own threads use every core; with N, N processes "
-        "encode one thread each while the main process reads and writes. Peak RSS: the main process's high-water "
-        "mark, and the largest worker's resident set sampled every 0.1 s.\n"
-    )
-    print("| corpus | workers | seconds | MB/s | tokens/s | peak RSS, main | peak RSS, per worker |")
+    print("| corpus | workers | seconds | MB/s | tokens/s | peak RSS, main (MiB) | peak RSS, per worker (MiB) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(prepares))
     print(
-        f"\nShare of windows per source over {args.steps:,} steps of 16 windows (the loader's own draw, "
-        "sources of 1M, 200k, 50k, 7k and 2k tokens at 128 a window):\n"
+        f"\nWhat a worker imports (`smollm2.parallel_encode`, in a fresh process): {worker_imports:,.0f} MiB peak RSS; "
+        "its tokenizer and batches come on top.\n"
     )
-    print("| weights of | weights | measured share | largest difference | epochs per source |")
+    windows = args.steps * 16
+    blocks = windows // BLOCK
+    whole = f"{blocks:,} whole block{'s' * (blocks != 1)}" if windows % BLOCK == 0 else f"{windows / BLOCK:.1f} blocks"
+    print(
+        f"Share of windows per source over {args.steps:,} steps of 16 windows ({windows:,} windows: {whole} of "
+        f"{BLOCK:,}), the loader's own draw, sources of 1M, 200k, 50k, 7k and 2k tokens at 128 a window. Not a "
+        "measurement of chance: every block holds each source's share of its windows exactly (the weights times "
+        f"{BLOCK:,}, largest remainder), so over whole blocks the difference is zero by construction; the table "
+        "checks that the draw keeps it.\n"
+    )
+    print("| weights of | weights | drawn share | largest difference | epochs per source |")
     print("|---|---|---|---:|---|")
     print("\n".join(shares))
     print(
         "\nDocument masks (`data.document_mask: true`) on this CPU: a training step (forward, backward, AdamW) "
-        "of config/tiny-mix.yaml's model on its own batches, with and without document_ids, alternating; "
-        f"medians of {args.mask_steps - 2} steps each, fp32.\n"
+        "of config/tiny-mix.yaml's model on its own batches, with and without document_ids, taking turns step "
+        f"by step; median (min-max) over {args.mask_steps - 2} steps each (the ratio: of the steps timed next to "
+        "each other), fp32.\n"
     )
     print("| micro-batch | documents a window | plain causal tokens/s | masked tokens/s | masked / plain |")
     print("|---|---:|---:|---:|---:|")

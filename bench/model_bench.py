@@ -6,13 +6,14 @@ lives in a process of its own (process-wide settings such as our allocator tunin
 its peak memory is its own); generation runs in this process. Prints a Markdown section;
 `bench/run.py` collects it into BENCHMARKS.md.
 
-    python bench/model_bench.py [--runs 3] [--only train|generate|memory]
+    python bench/model_bench.py [--runs 3] [--only train|generate]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -23,13 +24,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import spread
 
 from smollm2.config import load_config
 from smollm2.cpu_packing import pack_for_cpu_inference
 from smollm2.generation import Sampling, generate
 from smollm2.hardware import flops_per_token, keep_freed_memory_on_cpu, measure_cpu_matmul_flops
 from smollm2.hf import to_hf_state_dict, to_llama_config
-from smollm2.model import SmolLM2
+from smollm2.model import LOGITS_PER_CHUNK, SmolLM2
 from smollm2.trainer import make_optimizer, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,9 +87,12 @@ def our_train_step(config, model: SmolLM2, compile_model: bool, full_logits: boo
     return step
 
 
-def their_train_step(config, model) -> Callable:
-    """What a transformers user writes: labels -> loss, backward, clip, torch AdamW."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+def their_train_step(config, model, fused: bool = False) -> Callable:
+    """What a transformers user writes: labels -> loss, backward, clip, torch AdamW (fused: one kernel for
+    all parameters, as ours)."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay, fused=fused
+    )
 
     def step(inputs, targets) -> None:
         model(input_ids=inputs, labels=inputs).loss.backward()  # transformers shifts the labels itself
@@ -115,20 +120,22 @@ def timed(fn: Callable, repeats: int) -> float:
 
 
 TRAINERS = ("ours", "ours, default allocator", "ours, compiled", "transformers")
-# Timed apart from TRAINERS: five 4 GB contenders at once would crowd a 23 GB machine.
+# Timed apart from TRAINERS, each pair in a run of its own: five 4 GB contenders at once would crowd a 23 GB machine.
 LOSS_CONTENDERS = ("ours", "ours, full logits")
+TUNED = "transformers, our allocator setting + fused AdamW"
+LIKE_FOR_LIKE = ("ours", TUNED)
 
 
 def train_worker(name: str) -> None:
     """One contender in its own process (so that process-wide settings stay its own): on each
     "run" line from the parent, time STEPS_PER_RUN steps and answer with JSON."""
     config, ours = build_ours()
-    if name == "transformers":
-        step = their_train_step(config, build_theirs(config, ours))
+    if name not in ("ours, default allocator", "transformers"):
+        keep_freed_memory_on_cpu()  # what Trainer does on a CPU
+    if name.startswith("transformers"):
+        step = their_train_step(config, build_theirs(config, ours), fused=name == TUNED)
         del ours
     else:
-        if name != "ours, default allocator":
-            keep_freed_memory_on_cpu()  # what Trainer does on a CPU
         step = our_train_step(
             config, ours, compile_model=name == "ours, compiled", full_logits=name == "ours, full logits"
         )
@@ -140,8 +147,10 @@ def train_worker(name: str) -> None:
     print(json.dumps({"ready": True, "first_step": first}), flush=True)
     for line in sys.stdin:
         if line.strip() == "run":
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             seconds = timed(lambda: step(inputs, targets), STEPS_PER_RUN)
-            print(json.dumps({"seconds": seconds, "peak_rss": peak_rss()}), flush=True)
+            faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / STEPS_PER_RUN
+            print(json.dumps({"seconds": seconds, "peak_rss": peak_rss(), "faults": faults}), flush=True)
 
 
 def peak_rss() -> int:
@@ -161,21 +170,25 @@ def bench_train(runs: int, names: tuple[str, ...]) -> dict:
             [sys.executable, __file__, "--worker", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         first_step[name] = json.loads(workers[name].stdout.readline())["first_step"]
-    seconds, peaks = {name: [] for name in names}, {}
+    seconds, peaks, faults = {name: [] for name in names}, {}, {name: [] for name in names}
     for run in range(runs):
         for name in names[run % len(names) :] + names[: run % len(names)]:
             worker = workers[name]
             worker.stdin.write("run\n")
             worker.stdin.flush()
-            answer = json.loads(worker.stdout.readline())
+            line = worker.stdout.readline()
+            if not line:  # the worker died: on a crowded machine, most often the kernel's out-of-memory killer
+                raise RuntimeError(f"training contender {name!r} ended (exit {worker.wait()}) before answering")
+            answer = json.loads(line)
             seconds[name].append(answer["seconds"])
+            faults[name].append(answer["faults"])
             peaks[name] = answer["peak_rss"]
     for worker in workers.values():
         worker.stdin.close()
         worker.wait()
     config = load_config(CONFIG)
     flops = flops_per_token(config.model, SEQ) * BATCH * SEQ
-    return {"seconds": seconds, "flops_per_step": flops, "first_step": first_step, "peak_rss": peaks}
+    return {"seconds": seconds, "flops_per_step": flops, "first_step": first_step, "peak_rss": peaks, "faults": faults}
 
 
 def bench_generate(runs: int) -> dict:
@@ -237,10 +250,11 @@ def report(runs: int, train: dict | None, generate: dict | None, peak: float) ->
     lines = [
         "## Training and generation vs transformers",
         "",
-        f"Command: `python bench/model_bench.py --runs {runs}`. Model: `config/smollm2-135m.yaml` "
+        f"`python bench/model_bench.py --runs {runs}`. Model: `config/smollm2-135m.yaml` "
         "(134,515,008 parameters), fp32, no gradient checkpointing, both with the same weights and batch; "
-        f"medians of {runs} runs, the contenders alternating within each run. transformers "
-        f"{_transformers_version()}, `LlamaForCausalLM` with `attn_implementation='sdpa'` and torch AdamW.",
+        f"median (min-max) of {runs} runs, the contenders taking turns within each run (a ratio is taken run by "
+        f"run, between contenders timed in the same run). transformers {_transformers_version()}, "
+        "`LlamaForCausalLM` with `attn_implementation='sdpa'`.",
         "",
         f"fp32 matmul peak measured here (the best 2048x2048 matmul of three rounds): {peak / 1e9:.0f} GFLOPS.",
         "",
@@ -252,49 +266,74 @@ def report(runs: int, train: dict | None, generate: dict | None, peak: float) ->
     return "\n".join(lines)
 
 
-def training_table(train: dict, peak: float) -> list[str]:
-    tokens = BATCH * SEQ
-    medians = {name: statistics.median(s) for name, s in train["seconds"].items()}
-    base = medians["transformers"]
-    lines = [
-        f"Training step, micro-batch {BATCH} x {SEQ} tokens (forward, backward, clip, AdamW):",
-        "",
-        "| | s/step | tokens/s | MFU | vs transformers | peak memory | first step |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, seconds in medians.items():
-        mfu = train["flops_per_step"] / seconds / peak
-        lines.append(
-            f"| {name} | {seconds:.2f} | {tokens / seconds:.0f} | {100 * mfu:.0f}% | {base / seconds:.2f}x "
-            f"| {train['peak_rss'][name] / 2**20:,.0f} MiB | {train['first_step'][name]:.0f} s |"
+def ratios(base: list[float], other: list[float]) -> list[float]:
+    """base / other, run by run (seconds of contenders timed in the same run)."""
+    return [b / o for b, o in zip(base, other, strict=True)]
+
+
+def train_rows(group: dict, base: str, peak: float | None) -> list[str]:
+    """One row a contender: s/step, tokens/s, (MFU), speed against `base`, peak memory, first step."""
+    tokens, rows = BATCH * SEQ, []
+    for name, runs in group["seconds"].items():
+        mfu = f" {100 * group['flops_per_step'] / statistics.median(runs) / peak:.0f}% |" if peak else ""
+        rows.append(
+            f"| {name} | {spread(runs, '{:.2f}')} | {spread([tokens / t for t in runs], '{:.0f}')} |{mfu} "
+            f"{spread(ratios(group['seconds'][base], runs), '{:.2f}', 'x')} | "
+            f"{group['peak_rss'][name] / 2**20:,.0f} | {group['first_step'][name]:.0f} s |"
         )
-    allocator = medians["ours, default allocator"] / medians["ours"]
-    loss = {name: statistics.median(s) for name, s in train["loss"]["seconds"].items()}
-    chunked = loss["ours, full logits"] / loss["ours"]
+    return rows
+
+
+def training_table(train: dict, peak: float) -> list[str]:
+    seconds, like = train["seconds"], train["like"]
+    lines = [
+        f"Training step, micro-batch {BATCH} x {SEQ} tokens (forward, backward, clip, AdamW). What each gives a "
+        "user by default: `ours` with what `Trainer` sets up on a CPU (the allocator setting "
+        "`keep_freed_memory_on_cpu` and fused AdamW), `transformers` with neither (glibc's default allocator, "
+        "torch's default AdamW), as a transformers user gets them unless they set them:",
+        "",
+        "| | s/step | tokens/s | MFU | vs transformers | peak memory (MiB) | first step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *train_rows(train, "transformers", peak),
+        "",
+        "Like for like, timed in a run of their own: transformers given both of ours too (the allocator "
+        "setting in its process, `torch.optim.AdamW(..., fused=True)`):",
+        "",
+        "| | s/step | tokens/s | MFU | vs transformers, like for like | peak memory (MiB) | first step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *train_rows(like, TUNED, peak),
+    ]
+    loss = train["loss"]["seconds"]
     saved = (train["loss"]["peak_rss"]["ours, full logits"] - train["loss"]["peak_rss"]["ours"]) / 2**20
-    compiled = medians["ours"] / medians["ours, compiled"]
+    faults = {name: statistics.median(f) for name, f in train["faults"].items()}
     bound = train["flops_per_step"] / peak
+    vocab = load_config(CONFIG).model.vocab_size
     lines += [
         "",
         "Peak memory is the process's high-water resident set (weights, gradients, AdamW state, activations, "
         "and for the compiled step the compiler); the first step includes `torch.compile`'s compilation.",
         "",
-        "What each change bought (`ours` is what `Trainer` runs on a CPU):",
+        "What each change bought (`ours` is what `Trainer` runs on a CPU; ratios run by run):",
         "",
-        f"- Keeping freed memory in the heap (`keep_freed_memory_on_cpu`, glibc `mallopt`): {allocator:.2f}x. "
-        "The profile showed ~300,000 page faults per step: every activation and gradient above glibc's 32 MB "
-        "mmap threshold was unmapped when freed and faulted back in on the next step.",
+        "- Keeping freed memory in the heap (`keep_freed_memory_on_cpu`, glibc `mallopt`): "
+        f"{spread(ratios(seconds['ours, default allocator'], seconds['ours']), '{:.2f}', 'x')}. Minor page faults "
+        f"per step: {faults['ours, default allocator']:,.0f} with glibc's default, {faults['ours']:,.0f} with it: "
+        "every activation and gradient above glibc's mmap threshold is unmapped when freed and faulted back "
+        "in on the next step.",
         "- The head and the cross-entropy in one chunked function (`smollm2.model.linear_cross_entropy`), "
         "against logits from the model and `F.cross_entropy`, timed in a run of their own "
-        f"(`ours` {loss['ours']:.2f} s/step, `ours, full logits` {loss['ours, full logits']:.2f} s/step): "
-        f"{chunked:.2f}x in speed, as the head's three matmuls are its cost either way, and {saved:,.0f} MiB "
-        "less peak memory: the 1024 x 49,152 logits and their gradient never exist whole. That is the point "
-        "on a GPU, where a batch of 16k tokens has 3 GB of fp32 logits; chunks hold 256 MB.",
-        f"- `torch.compile` (inductor) on top: {compiled:.2f}x, so `train.compile` stays off by default on CPU; "
-        "it fuses the element-wise work, but with the allocator fixed that work is small.",
-        f"- Fused AdamW (one kernel for all parameters) and SDPA's flash kernel for CPU are in every `ours` row. "
+        f"(`ours` {spread(loss['ours'], '{:.2f}')} s/step, `ours, full logits` "
+        f"{spread(loss['ours, full logits'], '{:.2f}')} s/step): "
+        f"{spread(ratios(loss['ours, full logits'], loss['ours']), '{:.2f}', 'x')} in speed, as the head's three "
+        f"matmuls are its cost either way, and {saved:,.0f} MiB less peak memory: the {BATCH * SEQ} x {vocab:,} "
+        "logits and their gradient never exist whole. That is the point on a GPU, where a batch of 16k tokens "
+        f"has {16384 * vocab * 4 / 1e9:.1f} GB of fp32 logits; chunks hold {LOGITS_PER_CHUNK * 4 / 2**20:.0f} MiB.",
+        "- `torch.compile` (inductor) on top: "
+        f"{spread(ratios(seconds['ours'], seconds['ours, compiled']), '{:.2f}', 'x')}; `train.compile` stays off "
+        "by default on CPU.",
+        "- Fused AdamW (one kernel for all parameters) and SDPA's flash kernel for CPU are in every `ours` row. "
         f"At the measured peak the matmuls alone need {bound:.2f} s per step, so no fp32 implementation of this "
-        f"step can beat transformers by more than {base / bound:.2f}x here.",
+        f"step can beat transformers by more than {statistics.median(seconds['transformers']) / bound:.2f}x here.",
     ]
     return lines
 
@@ -302,17 +341,19 @@ def training_table(train: dict, peak: float) -> list[str]:
 def generation_table(generate: dict) -> list[str]:
     lines = [
         "",
-        f"Greedy generation, {NEW_TOKENS} new tokens after a {PROMPT_LEN}-token prompt (prompt time included):",
+        f"Greedy generation, {NEW_TOKENS} new tokens after a {PROMPT_LEN}-token prompt (prompt time included), "
+        "both in this process with the default allocator:",
         "",
         "| batch | | tokens/s | vs transformers | same tokens as transformers |",
         "|---:|---|---:|---:|---|",
     ]
     for batch_size, result in generate["results"].items():
-        medians = {name: statistics.median(s) for name, s in result["seconds"].items()}
-        for name, seconds in medians.items():
-            rate = batch_size * NEW_TOKENS / seconds
+        seconds = result["seconds"]
+        for name, runs in seconds.items():
+            rates = [batch_size * NEW_TOKENS / t for t in runs]
             same = "yes" if result["agree"][name] else "no"
-            lines.append(f"| {batch_size} | {name} | {rate:.1f} | {medians['transformers'] / seconds:.2f}x | {same} |")
+            speedup = spread(ratios(seconds["transformers"], runs), "{:.2f}", "x")
+            lines.append(f"| {batch_size} | {name} | {spread(rates)} | {speedup} | {same} |")
     one = generate["results"][1]
     best = min(statistics.median(s) for s in one["seconds"].values())
     limit = generate["bandwidth"] / generate["weight_bytes"]
@@ -320,14 +361,13 @@ def generation_table(generate: dict) -> list[str]:
         "",
         f"Memory-bandwidth limit at batch 1: every token reads all {generate['weight_bytes'] / 2**20:.0f} MiB of "
         f"weights; at the {generate['bandwidth'] / 1e9:.1f} GB/s a large sum reaches here that is "
-        f"{limit:.1f} tokens/s. The fastest above reaches {NEW_TOKENS / best / limit:.0%} of it.",
+        f"{limit:.1f} tokens/s. The fastest above (median) reaches {NEW_TOKENS / best / limit:.0%} of it.",
         "",
-        "What each change bought: `ours (packed)` is `smollm2.cpu_packing.pack_for_cpu_inference` (what "
-        "`smollm2 generate` and the Space use): every linear weight reordered once into oneDNN's blocked layout, "
-        "q/k/v and gate/up fused into one matrix each. Decoding is a matrix-vector product per weight, and "
-        "MKL's (plain PyTorch) streams weights at ~11 GB/s on this CPU against ~20 GB/s for packed oneDNN. "
-        "The rest of a step is ~100 small ops per layer (norms, rotary, cache, attention), about a quarter of "
-        "the time at batch 1.",
+        "`ours (packed)` is `smollm2.cpu_packing.pack_for_cpu_inference` (what `smollm2 generate` and the Space "
+        "use): every linear weight reordered once into oneDNN's blocked layout, q/k/v and gate/up fused into one "
+        "matrix each. Decoding is a matrix-vector product per weight, so how fast each library's kernels stream "
+        "the weights decides it, and that differs between CPUs; the many small ops of each layer (norms, "
+        "rotary, cache, attention) take the rest of a step.",
     ]
     return lines
 
@@ -342,7 +382,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", choices=["train", "generate"])
-    parser.add_argument("--worker", choices=TRAINERS + LOSS_CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=TRAINERS + LOSS_CONTENDERS + LIKE_FOR_LIKE, help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     if args.worker:
@@ -353,6 +393,7 @@ def main() -> None:
     if args.only in (None, "train"):
         train = bench_train(args.runs, TRAINERS)
         train["loss"] = bench_train(args.runs, LOSS_CONTENDERS)
+        train["like"] = bench_train(args.runs, LIKE_FOR_LIKE)
     peaks.append(measure_cpu_matmul_flops(2048))
     generate = bench_generate(args.runs) if args.only in (None, "generate") else None
     peaks.append(measure_cpu_matmul_flops(2048))

@@ -6,21 +6,21 @@ one training step (forward, backward, AdamW) over the same conversations both wa
   attention across conversations; what smollm2.sft does);
 - padded: one conversation a row, padded to the longest of the batch (plain causal attention).
 Tokens/s counts the conversations' own tokens (not padding) over all timed steps; the two layouts
-take turns step by step, so that a busy machine slows both alike. Prints Markdown.
+take turns step by step, so that a busy machine slows both alike. One table a precision (bf16:
+autocast). Prints Markdown.
 
-    python bench/sft_packing.py [--steps 20] [--precision fp32]
+    python bench/sft_packing.py [--steps 20] [--precision fp32 bf16]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from report import spread
 
 from smollm2 import sft
 from smollm2.config import load_config
@@ -79,7 +79,7 @@ class Contender:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
     args = parser.parse_args()
     keep_freed_memory_on_cpu()
     config = load_config(CONFIG, [f"data.path={ROOT / 'examples' / 'conversations.jsonl'}"])
@@ -94,28 +94,42 @@ def main() -> None:
     per_row = sum(len(c.ids) for c in encoded) / len(sft.pack(encoded, seq_len, pad_id))
     per_batch = round(rows * per_row / np.mean([len(c.ids) for c in encoded]))  # the same conversations a step
     padded = padded_batches(encoded, per_batch, pad_id)
-    dtype = torch.bfloat16 if args.precision == "bf16" else None
-    contenders = {"packed": Contender(config, packed, pad_id), "padded": Contender(config, padded, pad_id)}
-    for index in range(args.steps + 2):  # the two take turns, so that a busy machine slows both alike
-        for contender in contenders.values():
-            contender.step(index, dtype, record=index >= 2)  # two steps warm up the allocator and kernels
-    mean_length = np.mean([len(c.ids) for c in encoded])
-    parameters = contenders["packed"].model.num_parameters()
+    padding = sum(int((b["input_ids"] == pad_id).sum()) for b in padded) / sum(b["input_ids"].numel() for b in padded)
+    parameters = SmolLM2(config.model).num_parameters()
     print("## Fine-tuning on conversations: packed vs padded\n")
-    print(f"Load average while it ran: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work shares them).\n")
     print(
-        f"Command: `python bench/sft_packing.py --steps {args.steps} --precision {args.precision}`. Model: "
+        f"`python bench/sft_packing.py --steps {args.steps} --precision {' '.join(args.precision)}`. Model: "
         f"`config/sft-tiny.yaml` ({parameters:,} parameters), {len(encoded):,} conversations of "
-        f"{mean_length:.0f} tokens on average; {args.steps} steps each, taking turns; s/step is the median.\n"
+        f"{np.mean([len(c.ids) for c in encoded]):.0f} tokens on average ({padding:.0%} of the padded layout's "
+        f"slots are padding); {args.steps} timed steps each after two to warm up, the layouts taking turns step by "
+        "step; s/step and tokens/s: median (min-max) over the steps, the ratio of the steps timed next to each other."
     )
-    print("| layout | batch shape (first) | conversation tokens / step | s/step | conversation tokens/s |")
-    print("|---|---|---:|---:|---:|")
-    rates = {name: sum(c.tokens) / sum(c.times) for name, c in contenders.items()}
+    for precision in args.precision:
+        contenders = {"packed": Contender(config, packed, pad_id), "padded": Contender(config, padded, pad_id)}
+        dtype = torch.bfloat16 if precision == "bf16" else None
+        for index in range(args.steps + 2):  # the two take turns, so that a busy machine slows both alike
+            for contender in contenders.values():
+                contender.step(index, dtype, record=index >= 2)  # two steps warm up the allocator and kernels
+        print(table(precision, contenders))
+
+
+def table(precision: str, contenders: dict[str, Contender]) -> str:
+    what = "fp32" if precision == "fp32" else "bf16 autocast"
+    lines = [
+        f"\n{what}:\n",
+        "| layout | batch shape (first) | conversation tokens / step | s/step | conversation tokens/s | vs padded |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    rates = {name: [n / t for n, t in zip(c.tokens, c.times, strict=True)] for name, c in contenders.items()}
     for name, contender in contenders.items():
-        seconds, tokens = statistics.median(contender.times), round(np.mean(contender.tokens))
         shape = tuple(contender.batches[0]["input_ids"].shape)
-        rate = f"{rates[name]:,.0f} ({rates[name] / rates['padded']:.2f}x)"
-        print(f"| {name} | {shape[0]} x {shape[1]} | {tokens:,} | {seconds:.3f} | {rate} |")
+        against = [r / p for r, p in zip(rates[name], rates["padded"], strict=True)]
+        lines.append(
+            f"| {name} | {shape[0]} x {shape[1]} | {round(np.mean(contender.tokens)):,} | "
+            f"{spread(contender.times, '{:.3f}')} | {spread(rates[name], '{:,.0f}')} | "
+            f"{spread(against, '{:.2f}', 'x')} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

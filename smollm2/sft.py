@@ -7,9 +7,9 @@ the next tokens where those are the assistant's, -100 (ignored by the loss) ever
 Conversations are packed, in order, into rows of data.seq_len tokens, each tagged with its
 conversation's document id, so the model restarts positions and attends within a conversation
 only (smollm2.model.document_layout); the rest of a row is padding with ignored targets. Packed
-rows trained 1.20x (fp32) and 1.03x (bf16) the conversation tokens/s of padding each conversation
-to the longest of its batch on a 2-core CPU, with the shipped set's short, even conversations,
-padding's best case (bench/sft_packing.py, BENCHMARKS.md); and they have one shape. The rows are
+rows trained more conversation tokens/s than padding each conversation to the longest of its batch
+on a 2-core CPU, even with the shipped set's short, even conversations, padding's best case
+(bench/sft_packing.py: the figures are in BENCHMARKS.md); and they have one shape. The rows are
 made in seconds, so they are built in memory at start-up;
 `RowBatches` draws them in data.window_order (a pure function of seed and place) and `ChatBatchLoader`
 prefetches them (a `data.Prefetcher`),
