@@ -1,4 +1,4 @@
-"""The CUDA fast path, checked on a real card (bench/gpu_check.sh runs this; < 5 minutes on one GPU).
+"""The CUDA fast path, checked on a real card (bench/gpu_check.sh runs this on one GPU).
 
 Prints: which attention kernel SDPA ran; bf16-autocast vs fp32 losses over a few steps; tokens/s,
 MFU and peak memory for each preset at sequence length 2048 (bf16, fused AdamW), one thing changed
@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +31,12 @@ from smollm2.model import SmolLM2
 from smollm2.trainer import make_optimizer, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ["config/model_config.yaml", "config/smollm2-135m.yaml"]
+PRESETS = [
+    "config/model_config.yaml",
+    "config/smollm2-135m.yaml",
+    "config/smollm2-360m.yaml",
+    "config/smollm2-1.7b.yaml",
+]
 ATTENTION_KERNELS = ("flash", "efficient", "cudnn", "math", "FlashAttn")
 
 
@@ -174,6 +183,44 @@ def document_mask_check(config, device, batch: int, seq: int, steps: int, docume
         print(f"  {label}: {batch * seq * steps / (time.perf_counter() - start):,.0f} tokens/s (eager)")
 
 
+def with_attention(config, kernel: str):
+    changed = load_config(config.source)
+    changed.model.attention = kernel
+    return changed
+
+
+def measured(run, *args) -> str:
+    """One throughput measurement described, or why there is none (a preset too big for the card)."""
+    try:
+        return describe(run(*args))
+    except torch.OutOfMemoryError as error:
+        torch.cuda.empty_cache()
+        return f"out of memory ({str(error).splitlines()[0][:120]})"
+
+
+def seed_job(steps: int, config: str) -> str:
+    """`python train.py --config config/model_config.yaml --train_steps N` as a user runs it (wandb off):
+    the whole command's wall time, and the median tokens/s of its steps after the first tenth."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / config)]
+        command += ["--train_steps", str(steps), "--out_dir", folder, "--set", "train.wandb=false"]
+        command += ["data.path=" + str(ROOT / "input.txt"), f"train.save_every={steps}"]
+        start = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - start
+        if result.returncode != 0:
+            return f"failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
+        rows = [json.loads(line) for line in open(Path(folder) / "logs" / "metrics.jsonl")]
+    speeds = [row["tokens_per_sec"] for row in rows if "tokens_per_sec" in row and row["step"] > steps // 10]
+    tokens_per_step = rows[-1].get("tokens", 0) / max(rows[-1]["step"], 1)
+    median = statistics.median(speeds)
+    projected = 5000 * tokens_per_step / median / 60 if tokens_per_step else float("nan")
+    return (
+        f"{wall:.0f} s for the whole command (tokenizer, data, compilation included); steps at "
+        f"{median:,.0f} tokens/s (median), so 5000 steps' training steps alone in about {projected:.1f} minutes"
+    )
+
+
 def describe(result: dict) -> str:
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
     memory = f"{result['peak_memory'] / 2**30:.1f} GiB" if result["peak_memory"] is not None else "n/a (CPU)"
@@ -197,6 +244,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--presets", nargs="+", default=PRESETS)
     parser.add_argument("--no_compile", action="store_true")
+    parser.add_argument("--seed_steps", type=int, default=0, help="also run the seed's train.py command this long")
+    parser.add_argument("--seed_config", default="config/model_config.yaml")
     parser.add_argument("--markdown", action="store_true", help="as BENCHMARKS.md's GPU section")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -227,25 +276,36 @@ def main() -> None:
     model = SmolLM2(first.model).to(device)
     print(f"  attention kernel with 8 documents a window: {attention_backend(model, device, bf16, documents=8)}")
     del model
-    for documents in (0, 8):
-        result = throughput(first, device, args.batch_size, args.seq_len, args.steps, False, False, documents)
-        label = f"{documents} documents a window (document_ids)" if documents else "plain causal"
-        print(f"  eager, {label}: {describe(result)}")
+    kernels = [("sdpa", 0), ("sdpa", 8)] + ([("flex", 8)] if device.type == "cuda" else [])
+    for kernel, documents in kernels:  # flex_attention trains on CUDA only (no CPU backward)
+        config = with_attention(first, kernel)
+        result = measured(
+            throughput, config, device, args.batch_size, args.seq_len, args.steps, False, False, documents
+        )
+        label = f"{documents} documents a window (document_ids, {kernel})" if documents else "plain causal"
+        print(f"  eager, {label}: {result}")
         sys.stdout.flush()
 
     for preset in args.presets:
         config = load_config(ROOT / preset)
         print(f"\n{preset}: micro-batch {args.batch_size} x {args.seq_len}, {'bf16' if bf16 else 'fp32'}")
         for compiled, checkpointing in settings(args.no_compile):
-            result = throughput(config, device, args.batch_size, args.seq_len, args.steps, compiled, checkpointing)
+            result = measured(
+                throughput, config, device, args.batch_size, args.seq_len, args.steps, compiled, checkpointing
+            )
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the previous model is gone; start the next from a clean pool
             label = f"{'compiled' if compiled else 'eager'}, grad checkpointing {'on' if checkpointing else 'off'}"
-            print(f"  {label}: {describe(result)}")
+            print(f"  {label}: {result}")
             sys.stdout.flush()
 
     print(f"\ndocument masks, {args.presets[-1]}: micro-batch {args.batch_size} x {args.seq_len}")
     document_mask_check(first, device, args.batch_size, args.seq_len, args.steps, document_len=args.seq_len // 8)
+    if args.seed_steps:
+        print(
+            f"\nthe seed's job as its config stands (train.compile: auto), {args.seed_config}, {args.seed_steps} steps:"
+        )
+        print(f"  {seed_job(args.seed_steps, args.seed_config)}")
     if args.markdown:
         print("```")
 

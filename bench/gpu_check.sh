@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The CUDA fast path on one GPU, in under 5 minutes: attention kernel, bf16 vs fp32 losses,
-# tokens/s + MFU + peak memory for both 135M presets at sequence length 2048.
+# The CUDA fast path on one GPU: attention kernel, bf16 vs fp32 losses, document masks (dense and
+# flex), tokens/s + MFU + peak memory for the family's presets at sequence length 2048, and with
+# --seed_steps N the seed's own train.py command. `make bench-gpu` runs it into BENCHMARKS.md.
 #   bash bench/gpu_check.sh [--batch_size 8] [--steps 10]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -22,6 +22,10 @@ def test_gpu_check_runs_end_to_end_on_cpu():
             "--steps",
             "1",
             "--no_compile",
+            "--seed_steps",
+            "3",
+            "--seed_config",
+            "config/tiny.yaml",
         ],  # fmt: skip
         capture_output=True,
         text=True,
@@ -33,3 +37,5 @@ def test_gpu_check_runs_end_to_end_on_cpu():
     assert result.stdout.count("tokens/s, MFU") == 4  # with and without gradient checkpointing; masked and not
     difference = float(result.stdout.split("largest logit difference ")[1].split()[0])
     assert difference < 1e-5  # fp32 on a CPU: packed documents compute as if each were alone
+    seed_job = result.stdout.split("the seed's job as its config stands")[1]
+    assert "s for the whole command" in seed_job and "5000 steps' training steps alone in about" in seed_job
