@@ -56,7 +56,13 @@ BENCHMARKS = [
         ("--steps", "6", "--precision", "fp32", "bf16"),
     ),
     Benchmark("eval", "eval_bench.py", ("--rounds", "3", "--bytes", "50000"), ("--rounds", "2", "--bytes", "20000")),
-    Benchmark("gpu", "gpu_check.py", ("--steps", "10", "--seed_steps", "500", "--markdown"), ("--steps", "3", "--markdown"), cuda=True),
+    Benchmark(
+        "gpu",
+        "gpu_check.py",
+        ("--steps", "10", "--seed_steps", "500", "--markdown"),
+        ("--steps", "3", "--markdown"),
+        cuda=True,
+    ),
 ]
 
 
