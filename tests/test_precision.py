@@ -109,15 +109,12 @@ def test_bf16_training_tracks_fp32(run_dir):  # noqa: F811
     assert linear_output_dtypes(run("bf16")) == {torch.bfloat16}  # the step's matmuls really ran in bf16
     fp32, bf16 = metrics(run_dir / "fp32"), metrics(run_dir / "bf16")
     assert fp32[-1]["val_loss"] < fp32[0]["loss"] - 1  # it learned something
-    print(
-        "DIFFS",
-        fp32[0]["loss"],
-        bf16[0]["loss"],
-        fp32[-1]["val_loss"],
-        bf16[-1]["val_loss"],
-        sum(r["loss"] for r in bf16[-20:]),
-        sum(r["loss"] for r in fp32[-20:]),
-    )
+    # Step 1 is the same weights on the same batch: only bf16 rounding sets the losses apart.
+    assert 0 < abs(bf16[0]["loss"] - fp32[0]["loss"]) < 1e-3 * fp32[0]["loss"]
+    # After 200 steps the two runs part by about 0.5% here (val loss 4.090 vs 4.112, the last 20 steps'
+    # losses 0.45% apart): a bound of twice that.
+    assert bf16[-1]["val_loss"] == pytest.approx(fp32[-1]["val_loss"], rel=0.01)
+    assert sum(r["loss"] for r in bf16[-20:]) == pytest.approx(sum(r["loss"] for r in fp32[-20:]), rel=0.01)
 
 
 def test_bf16_resume_is_bitwise_exact(run_dir):  # noqa: F811
