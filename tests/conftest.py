@@ -1,7 +1,58 @@
+import os
+
 import pytest
 import torch
 
 from smollm2.config import ModelConfig
+
+# Skip reasons (substrings) that CI accepts: tests of hardware a CI machine does not have. Every
+# other skip under SMOLLM2_CI=1 (set by .ci/run) fails the test: CI must not be green on what it hid.
+CI_ALLOWED_SKIPS = ("needs CUDA", "needs more than one GPU")
+CI_HOW_TO_GET = (
+    "CI must run it: get what the reason names (make's .venv installs requirements.txt and requirements-dev.txt; "
+    "python scripts/fetch_instruct.py caches the published model; .ci/run installs chromium), "
+    "or add the reason to CI_ALLOWED_SKIPS in tests/conftest.py if CI cannot have it"
+)
+
+
+_hidden_modules: list[str] = []  # test files skipped whole at collection (a module-level importorskip)
+
+
+def _ci_refuses(report) -> str | None:
+    """Under SMOLLM2_CI=1, the line that fails a skip not on the allowlist; None when it may pass."""
+    if not (report.skipped and os.environ.get("SMOLLM2_CI") == "1") or hasattr(report, "wasxfail"):
+        return None
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    reason = reason.removeprefix("Skipped: ")
+    if any(allowed in reason for allowed in CI_ALLOWED_SKIPS):
+        return None
+    return f"SMOLLM2_CI=1: skipped ({reason}); {CI_HOW_TO_GET}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    refusal = _ci_refuses(report)
+    if refusal:
+        report.outcome, report.longrepr = "failed", refusal
+    return report
+
+
+def pytest_collectreport(report) -> None:
+    refusal = _ci_refuses(report)
+    if refusal:
+        path, line, _ = report.longrepr  # a collection skip's: (path, line, reason)
+        _hidden_modules.append(f"{path}:{line}: {refusal}")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for line in _hidden_modules:
+        terminalreporter.write_line(f"FAILED {line}", red=True)
+
+
+def pytest_sessionfinish(session) -> None:
+    if _hidden_modules and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)

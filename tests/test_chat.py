@@ -23,9 +23,9 @@ from smollm2.tokenizer import CHATML_TEMPLATE, load_tokenizer, train_tokenizer
 from smollm2.trainer import train
 from tests.conftest import small_config
 from tests.test_hostile import refused
+from tests.test_real_weights import FOLDER as INSTRUCT  # $SMOLLM2_CACHE, as every real-weights test
 from tests.test_trainer import ROOT, metrics, tiny_config
 
-INSTRUCT = Path.home() / ".cache" / "smollm2" / "SmolLM2-135M-Instruct"
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "2 plus 2 is 4."}],
     [

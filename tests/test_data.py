@@ -1,5 +1,7 @@
 import contextlib
 import json
+import random
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 from smollm2.config import UserError, config_from_dict
 from smollm2.data import BatchLoader, eval_batches, prepare, resolve_sources
+from smollm2.parallel_encode import encode_pieces
 from smollm2.tokenizer import load_tokenizer, train_tokenizer
 
 PLAY = "".join(
@@ -62,13 +65,75 @@ def test_token_files_equal_direct_encoding(tmp_path):
     assert len(data.val) == 0
 
 
-def test_validation_split_is_whole_pieces_and_disjoint(tmp_path):
-    corpus = tmp_path / "play.txt"
-    corpus.write_text(PLAY * 4)  # ~80 KB: several pieces
-    data = prepare(config_for(corpus), tmp_path, quiet=True)
-    total = len(data.tokenizer.encode(PLAY * 4)) + 1
-    assert len(data.train) + len(data.val) == total
-    assert 0.05 < len(data.val) / total < 0.2
+def random_words(n_bytes: int, seed: int = 0) -> str:
+    """Lines of words drawn at random: any 17 tokens in a row occur once, so a window is found by its tokens."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 7))) for _ in range(300)]
+    lines = []
+    while sum(len(line) + 1 for line in lines) < n_bytes:
+        lines.append(" ".join(rng.choices(words, k=rng.randint(6, 12))))
+    return "\n".join(lines) + "\n"
+
+
+def test_validation_split_is_whole_pieces_and_disjoint(tmp_path, monkeypatch):
+    """The corpus's pieces (as prepare encodes them) go whole to train.bin or val.bin, and no token of any
+    window the trainer's loader hands out over an epoch lies in a piece of the validation split."""
+    import smollm2.data
+    from smollm2.mixture import corpus_loader
+
+    pieces = []
+
+    def recording(*args, **kwargs):
+        for piece, ids in encode_pieces(*args, **kwargs):
+            pieces.append(np.asarray(ids))
+            yield piece, ids
+
+    monkeypatch.setattr(smollm2.data, "encode_pieces", recording)
+    corpus = tmp_path / "words.txt"
+    corpus.write_text(random_words(80_000))  # ~80 pieces of 1 KB
+    config = config_for(corpus)
+    data = prepare(config, tmp_path, quiet=True)
+    train, val = np.asarray(data.train), np.asarray(data.val)
+    stream = np.concatenate(pieces)  # the corpus's tokens in order
+    assert len(train) + len(val) == len(stream) == len(data.tokenizer.encode(corpus.read_text())) + 1
+
+    in_val = np.zeros(len(stream), dtype=bool)  # where each piece went, found by its tokens
+    train_at = []  # the corpus position of each token of train.bin
+    cursor = {"train": 0, "val": 0}
+    start = 0
+    for ids in pieces:
+        matches = [name for name, tokens in (("train", train), ("val", val))
+                   if np.array_equal(tokens[cursor[name] : cursor[name] + len(ids)], ids)]  # fmt: skip
+        assert len(matches) == 1, f"the piece at token {start} is not whole in exactly one split: {matches}"
+        cursor[matches[0]] += len(ids)
+        if matches[0] == "val":
+            in_val[start : start + len(ids)] = True
+        else:
+            train_at.extend(range(start, start + len(ids)))
+        start += len(ids)
+    assert cursor == {"train": len(train), "val": len(val)}
+    val_pieces = int(np.sum(np.diff(in_val.astype(int)) == 1)) + int(in_val[0])
+    assert val_pieces >= 4 and 0.05 < in_val.mean() < 0.2  # spread over the corpus, not one block
+
+    width = config.data.seq_len + 1
+    where = {}
+    for position, window in enumerate(np.lib.stride_tricks.sliding_window_view(train, width)):
+        where.setdefault(window.tobytes(), []).append(position)
+    loader = corpus_loader(data, config, 0, 1, "cpu")
+    seen = set()
+    try:
+        for _ in range(loader.batches_per_epoch):
+            batch = next(loader)
+            windows = torch.cat([batch["input_ids"], batch["targets"][:, -1:]], dim=1).numpy().astype(train.dtype)
+            for window in windows:
+                found = where.get(window.tobytes(), [])
+                assert len(found) == 1, f"a training window is {len(found)} places in train.bin: {window.tolist()}"
+                corpus_positions = np.asarray(train_at[found[0] : found[0] + width])
+                assert not in_val[corpus_positions].any(), f"a training window overlaps validation: {corpus_positions}"
+                seen.add(found[0])
+    finally:
+        loader.close()
+    assert len(seen) == loader.batches_per_epoch * loader.batch_size  # an epoch: every window once
     meta = json.loads((data.folder / "meta.json").read_text())
     assert meta["train_tokens"] == len(data.train) and meta["tokenizer_hash"] == data.tokenizer.hash
 
@@ -78,11 +143,16 @@ def test_reuse_and_rebuild(tmp_path, capsys):
     corpus.write_text(PLAY)
     config = config_for(corpus)
     first = prepare(config, tmp_path)
-    assert "reusing" in prepare(config, tmp_path).folder.name or "reusing" in capsys.readouterr().out
+    assert "reusing" not in capsys.readouterr().out
+    built = {p.name: p.stat().st_mtime_ns for p in first.folder.iterdir()}
+    again = prepare(config, tmp_path)
+    tokens = f"{len(first.train):,} train / {len(first.val):,} val tokens"
+    assert capsys.readouterr().out == f"data: reusing {first.folder} ({tokens})\n"
+    assert {p.name: p.stat().st_mtime_ns for p in again.folder.iterdir()} == built  # read, not rewritten
     corpus.write_text(PLAY + "EPILOGUE:\nThe end.\n")
     rebuilt = prepare(config, tmp_path)
     assert "reusing" not in capsys.readouterr().out
-    assert rebuilt.meta["bytes"] > first.meta["bytes"]
+    assert rebuilt.meta["bytes"] == first.meta["bytes"] + len("EPILOGUE:\nThe end.\n")
 
 
 def test_folder_of_jsonl_and_text(tmp_path):
@@ -150,9 +220,12 @@ def test_parquet_source(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"text": [PLAY[:2000], PLAY[2000:4000]] * 10}), tmp_path / "c.parquet")
+    texts = [PLAY[:2000], PLAY[2000:4000]] * 10
+    pq.write_table(pa.table({"text": texts}), tmp_path / "c.parquet")
     data = prepare(config_for(tmp_path / "c.parquet"), tmp_path, quiet=True)
-    assert len(data.train) > 100
+    expected = [t for text in texts for t in [*data.tokenizer.encode(text), data.tokenizer.eos_id]]
+    assert len(data.val) > 0  # the split holds out pieces of the rows
+    assert sorted([*data.train.tolist(), *data.val.tolist()]) == sorted(expected)  # every row's tokens, once
 
 
 @pytest.mark.parametrize(

@@ -281,10 +281,19 @@ def test_a_full_disk_is_one_line(workspace, capsys, monkeypatch):
 
     monkeypatch.setattr("smollm2.checkpoint.save_checkpoint", full)
     argv = [*TRAIN, "--train_steps", "2", "--checkpoint_path", "run/checkpoints/step_4.pt", "--out_dir", "run"]
-    before = {name: digest for name, digest in snapshot(workspace).items() if "checkpoints" in name}
+    before = snapshot(workspace)
     assert cli.train_main(argv) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("no space left on device")
-    assert all(snapshot(workspace)[name] == digest for name, digest in before.items())
+    assert capsys.readouterr().err == "error: run/checkpoints/.step_6.pt.tmp-1: no space left on device\n"
+    after = snapshot(workspace)
+    assert sorted(after) == sorted(before) and not leftovers(workspace)  # no file more, none less
+    changed = sorted(name for name, digest in before.items() if after[name] != digest)
+    # Only what the two steps before the failed save wrote: their log rows, and the data folder
+    # re-prepared because this copy of the workspace moved the corpus. Checkpoints and final/ untouched.
+    assert changed == [
+        "run/data/input-320/.smollm2",
+        "run/data/input-320/meta.json",
+        *("run/logs/loss.png", "run/logs/metrics.jsonl", "run/logs/samples.md"),
+    ]
 
 
 def test_sigterm_during_prepare_exits_with_a_line_and_leaves_no_staging(workspace, capsys, monkeypatch):

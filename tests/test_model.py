@@ -54,12 +54,38 @@ def test_sdpa_matches_eager_reference(norm, mlp):
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_flash_attn2_falls_back_to_sdpa_on_cpu():
-    model = SmolLM2(small_config()).eval()
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v, written out here, apart from the model's code; the
+    grouped k and v heads shared by consecutive query heads."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    length = q.shape[2]
+    future = torch.triu(torch.full((length, length), float("-inf")), diagonal=1)
+    weights = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + future, dim=-1)
+    return weights @ v
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flash_attn2"])
+def test_each_attention_kernel_equals_the_written_out_reference(attention):
+    config = small_config(n_heads=4, n_kv_heads=2, attention=attention)
+    layer = smollm2.model.Attention(config, 0)
+    q = torch.randn(2, 4, 12, config.head_dim)
+    k, v = torch.randn(2, 2, 12, config.head_dim), torch.randn(2, 2, 12, config.head_dim)
+    torch.testing.assert_close(layer._kernel(q, k, v, None, causal=True), reference_attention(q, k, v))
+
+
+def test_flash_attn2_falls_back_to_sdpa_on_cpu(monkeypatch):
+    model = SmolLM2(small_config(attention="eager")).eval()
     ids = torch.randint(0, 97, (2, 12))
-    expected = model(ids)
+    expected = model(ids)  # the model's eager attention, itself checked against the reference above
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        smollm2.model.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw)
+    )
     model.config.attention = "flash_attn2"
-    torch.testing.assert_close(model(ids), expected)
+    torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=1e-5)
+    assert len(calls) == model.config.n_layers  # one SDPA call per layer: the fallback, not eager
 
 
 def test_causality_future_tokens_do_not_change_the_past():

@@ -263,38 +263,52 @@ def test_checkpoints_load_with_weights_only(run_dir):
     assert state["step"] == 2 and state["loader"]["step"] == 4  # 2 steps x 2 micro-batches
 
 
+# The writer of a save, in a process the test kills: half the checkpoint's bytes written and flushed,
+# then it says where it stands and waits, so the kill certainly lands while the save is in flight.
+HALF_WRITTEN_SAVE = """
+import io, sys, threading, torch
+from pathlib import Path
+from smollm2.checkpoint import save_checkpoint
+
+def half_then_wait(obj, f):
+    whole = io.BytesIO()
+    torch.serialization.save(obj, whole)
+    f.write(whole.getvalue()[: len(whole.getvalue()) // 2])
+    f.flush()
+    print(f"in flight: {f.name} {len(whole.getvalue())}", flush=True)
+    threading.Event().wait()
+
+torch.save = half_then_wait
+save_checkpoint({"weights": torch.ones(1_000_000), "step": 1}, Path(sys.argv[1]))
+"""
+
+
 def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "ckpt.pt"
     save_checkpoint({"weights": torch.zeros(10), "step": 0}, path)
-    script = (
-        "import sys, torch\nfrom pathlib import Path\nfrom smollm2.checkpoint import save_checkpoint\n"
-        "big = torch.randn(40_000_000)\n"
-        "for i in range(1, 1000):\n"
-        "    save_checkpoint({'weights': big, 'step': i}, Path(sys.argv[1]))\n"
-    )
-    for delay in (0.6, 1.1, 1.7):
-        proc = subprocess.Popen([sys.executable, "-c", script, str(path)])
-        time.sleep(delay)
+    before = path.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", HALF_WRITTEN_SAVE, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # the save is in flight once this line comes
+    finally:
         proc.kill()
         proc.wait()
-        state = torch.load(path, weights_only=True)  # never a truncated file under the real name
-        assert state["weights"].numel() in (10, 40_000_000)
+        proc.stdout.close()
+    assert line.startswith("in flight: "), line
+    written, size = line.split()[2], int(line.split()[3])
+    assert Path(written).parent == tmp_path and Path(written) != path  # a temporary name beside the real one
+    assert Path(written).stat().st_size == size // 2  # half the new checkpoint was on disk at the kill
+    assert path.read_bytes() == before  # the real name still holds the previous checkpoint, whole
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 0 and torch.equal(state["weights"], torch.zeros(10))
 
 
-def test_sigterm_saves_a_resumable_checkpoint(run_dir):
-    args = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "--config",
-        "config/tiny.yaml",
-        "--train_steps",
-        "100000",
-        "--set",
-        "train.save_every=100000",
-        "train.eval_every=100000",
-        "train.predict_every=100000",
-    ]
-    proc = subprocess.Popen(args, cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_sigterm_saves_a_checkpoint_that_resumes_bitwise(run_dir):
+    settings = ["train.save_every=100000", "train.eval_every=100000", "train.predict_every=100000"]
+    args = [sys.executable, str(ROOT / "train.py"), "--config", "config/tiny.yaml", "--train_steps", "100000"]
+    proc = subprocess.Popen(
+        [*args, "--set", *settings], cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics_file = run_dir / "logs" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3):
@@ -307,6 +321,14 @@ def test_sigterm_saves_a_resumable_checkpoint(run_dir):
     step = load_checkpoint(saved[0])["step"]
     assert step >= 3 and "resume with: python train.py --config config/tiny.yaml" in out
     assert f"--checkpoint_path {saved[0].relative_to(run_dir)}" in out
+    # The resume it names goes on as the run would have, bitwise: against one run of step + 2 steps
+    # whose schedule spans the same 100000 steps.
+    train(load_config("config/tiny.yaml", settings), 2, str(saved[0].relative_to(run_dir)), ".")
+    reference = [*settings, "train.schedule_steps=100000"]
+    train(load_config("config/tiny.yaml", reference), step + 2, None, "uninterrupted")
+    resumed, uninterrupted = metrics(run_dir), metrics(run_dir / "uninterrupted")
+    assert [r["step"] for r in resumed] == list(range(1, step + 3))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in uninterrupted]
 
 
 def test_seed_commands_end_to_end(tmp_path):
