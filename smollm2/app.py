@@ -151,7 +151,11 @@ def chat_tab(model, tokenizer, most: int) -> None:
         textbox=textbox,
         additional_inputs=[
             # half the context at most by default: a reply that takes all of it leaves no room for a message
-            lenient(gr.Slider(1, longest, value=min(128, longest // 2), step=1, label="max new tokens", render=False)),
+            lenient(
+                gr.Slider(
+                    1, longest, value=max(1, min(128, longest // 2)), step=1, label="max new tokens", render=False
+                )
+            ),
             lenient(gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)", render=False)),
         ],
         api_name="chat",
