@@ -109,12 +109,15 @@ def parameter_report(config: Config, source: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from smollm2.chat import single_reply
     from smollm2.inference import load_for_inference, stream_text
 
     model, tokenizer = load_for_inference(args.checkpoint or args.model, precision=args.precision)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
-    produce = single_reply if args.chat else stream_text
+    produce = stream_text
+    if args.chat:  # the chat template's jinja2 is start-up that only --chat pays
+        from smollm2.chat import single_reply
+
+        produce = single_reply
     for piece in produce(model, tokenizer, args.prompt, args.max_new_tokens, sampling, args.seed):
         sys.stdout.write(piece)
         sys.stdout.flush()
