@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from smollm2.cli import main
 from smollm2.cpu_packing import Int8Linear, can_pack, pack_for_cpu_inference, quantize_for_cpu_inference
 from smollm2.generation import Sampling, generate
 from smollm2.hardware import choose_decode_precision, decode_step_seconds
 from smollm2.hf import write_model_folder
-from smollm2.inference import decode_candidates, load_for_inference
+from smollm2.inference import decode_candidates, load_for_inference, stream_text
 from smollm2.model import SmolLM2
 from smollm2.tokenizer import train_tokenizer
 from tests.conftest import small_config
@@ -121,6 +122,17 @@ def test_auto_chooses_one_of_the_decodings_it_measured_and_keeps_the_choice(tmp_
     assert {path: path.read_bytes() for path in (tmp_path / "model").iterdir()} == before
     int8, _ = load_for_inference(tmp_path / "model", precision="int8")
     assert int8.decode_precision.key == "int8" and isinstance(int8.lm_head, Int8Linear)
+
+
+def test_generate_takes_precision_int8(tmp_path, capsys):
+    tokenizer = train_tokenizer(["ROMEO: But soft, what light through yonder window breaks? " * 20], 300)
+    write_model_folder(SmolLM2(small_config(vocab_size=300, max_seq_len=64)), tmp_path / "model", tokenizer)
+    int8, tokenizer = load_for_inference(tmp_path / "model", precision="int8")
+    expected = "".join(stream_text(int8, tokenizer, "ROMEO:", 6, GREEDY))
+    argv = ["generate", "--model", str(tmp_path / "model"), "--prompt", "ROMEO:", "--max_new_tokens", "6"]
+    assert main([*argv, "--temperature", "0", "--precision", "int8"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n" and err == ""
 
 
 def test_decode_steps_are_timed_for_every_candidate():
