@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from smollm2.config import SEED_LIMIT
-from smollm2.cpu_packing import can_pack, pack_for_cpu_inference, quantize_for_cpu_inference
+from smollm2.cpu_packing import PackedSmolLM2, can_pack, pack_for_cpu_inference, quantize_for_cpu_inference
 from smollm2.errors import UserError
 from smollm2.generation import Sampling, check_new_tokens, fit_new_tokens, prompt_ids, stream
 from smollm2.hardware import DecodePrecision, choose_decode_precision, decode_step_seconds
@@ -38,6 +39,7 @@ def load_for_inference(
     else:
         chosen = choose_decode_precision(precision, model.config, target)
         model = in_precision(model, chosen, pack)
+        chosen = dataclasses.replace(chosen, packed=isinstance(model, PackedSmolLM2))  # as it is, not as asked
     model.decode_precision = chosen
     return model, tokenizer
 

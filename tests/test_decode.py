@@ -122,6 +122,8 @@ def test_auto_chooses_one_of_the_decodings_it_measured_and_keeps_the_choice(tmp_
     assert {path: path.read_bytes() for path in (tmp_path / "model").iterdir()} == before
     int8, _ = load_for_inference(tmp_path / "model", precision="int8")
     assert int8.decode_precision.key == "int8" and isinstance(int8.lm_head, Int8Linear)
+    plain, _ = load_for_inference(tmp_path / "model", precision="bf16", pack=False)  # scoring: unpacked, said so
+    assert plain.decode_precision.name == "bf16" and type(plain) is SmolLM2
 
 
 def test_generate_takes_precision_int8(tmp_path, capsys):
