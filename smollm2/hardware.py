@@ -1,9 +1,11 @@
-"""The machine: CPU allocator tuning, bf16 support and autocast dtype, training FLOPs, peak FLOP/s."""
+"""The machine: CPU allocator tuning, the precision of training and of decoding (measured), training FLOPs,
+peak FLOP/s."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from smollm2.config import ModelConfig
-from smollm2.model import parameter_count
+from smollm2.model import KVCache, parameter_count
 
 
 def keep_freed_memory_on_cpu() -> bool:
@@ -87,15 +89,74 @@ def choose_precision(
     return Precision(None, f"auto: {measured}")
 
 
-def choose_decode_precision(precision: str, config: ModelConfig, device: torch.device) -> Precision:
-    """fp32 or bf16 weights for decoding. auto: bf16 on CUDA; fp32 on a CPU, by measurement
-    (bench/decode_precision.py, BENCHMARKS.md): with the published SmolLM2-135M-Instruct, bf16
-    decoding was only 1.04-1.11x faster here, its perplexity +0.06%, and greedy text parts from
-    fp32's after a third of the tokens. A per-load microbenchmark was tried and dropped: one layer's
-    matrix-vector products fit in cache and measured 1.27x to 1.85x from one run to the next."""
-    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
-        return Precision(None, "chosen" if precision == "fp32" else "auto: fp32 decodes about as fast on a CPU")
-    return Precision(torch.bfloat16, "chosen" if precision == "bf16" else "auto: CUDA")
+DECODE_PROBE_STEPS = 3  # timed single-token steps per candidate, after the prompt built the kernels; the fastest counts
+BF16_DECODE_MIN_SPEEDUP = 1.1  # bf16 weights only when whole decode steps are clearly faster than fp32's
+
+
+@dataclass(frozen=True)
+class DecodePrecision:
+    """The weights decoding uses (fp32, bf16, or int8 with bf16 activations), whether oneDNN packs them,
+    and why: what `--precision` resolved to, for a header line and the benchmarks."""
+
+    key: str  # fp32 | bf16 | int8
+    packed: bool
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype the model's tensors are cast to (None: fp32, as loaded)."""
+        return None if self.key == "fp32" else torch.bfloat16
+
+    @property
+    def name(self) -> str:
+        return f"{self.key}{' packed' if self.packed and self.key != 'int8' else ''}"
+
+
+def choose_decode_precision(
+    precision: str, config: ModelConfig, device: torch.device, measured: dict[str, float] | None = None
+) -> DecodePrecision:
+    """The weights for decoding. fp32, bf16 and int8 are the user's choice; auto is bf16 on CUDA and,
+    on a CPU, whichever of the candidates decoded fastest in `measured` (candidate name -> seconds per
+    whole decode step of this model on this machine, `decode_step_seconds`): bf16 only when it beats
+    fp32 by BF16_DECODE_MIN_SPEEDUP (its greedy text parts from fp32's sooner or later), int8 never
+    (it costs perplexity: a user's choice). Unmeasured (scoring, not decoding), auto is fp32 on a CPU.
+    Measured as a microbenchmark instead, one layer's matrix-vector products fit in cache and gave
+    1.27x to 1.85x from one run to the next: only whole steps are trusted."""
+    packed = device.type == "cpu"
+    if precision in ("fp32", "bf16", "int8"):
+        return DecodePrecision(precision, packed, "chosen")
+    if device.type == "cuda":
+        return DecodePrecision("bf16", False, "auto: CUDA")
+    if not measured:
+        return DecodePrecision("fp32", packed, "auto: not measured (fp32)")
+    rates = ", ".join(f"{name} {1 / seconds:.1f}" for name, seconds in measured.items())
+    fastest: dict[str, tuple[float, str]] = {}
+    for name, seconds in measured.items():
+        key = name.split()[0]
+        fastest[key] = min(fastest.get(key, (math.inf, name)), (seconds, name))
+    _, name = fastest["fp32"]
+    if "bf16" in fastest and fastest["fp32"][0] / fastest["bf16"][0] >= BF16_DECODE_MIN_SPEEDUP:
+        _, name = fastest["bf16"]
+    return DecodePrecision(name.split()[0], name.endswith("packed"), f"auto: fastest decoding here ({rates} steps/s)")
+
+
+@torch.inference_mode()
+def decode_step_seconds(models: dict[str, torch.nn.Module], steps: int = DECODE_PROBE_STEPS) -> dict[str, float]:
+    """name -> the fastest of `steps` single-token decode steps (after a short prompt, with the KV
+    cache), the candidates taking turns so that a busy moment of the machine hits them alike."""
+    caches, seconds = {}, {name: float("inf") for name in models}
+    prompt = torch.arange(8)[None]
+    for name, model in models.items():
+        weight = model.embed_tokens.weight
+        caches[name] = KVCache(model.config, 1, prompt.shape[1] + steps + 1, weight.device, weight.dtype)
+        model(prompt, cache=caches[name])  # the prompt, and oneDNN's kernels built
+    token = prompt[:, -1:]
+    for _ in range(steps):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(token, cache=caches[name])
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
+    return seconds
 
 
 def cpu_bf16_speedup(config: ModelConfig, rows: int, repeats: int = 3) -> float:

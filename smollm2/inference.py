@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,10 +11,10 @@ from pathlib import Path
 import torch
 
 from smollm2.config import SEED_LIMIT
-from smollm2.cpu_packing import pack_for_cpu_inference
+from smollm2.cpu_packing import PackedSmolLM2, can_pack, pack_for_cpu_inference, quantize_for_cpu_inference
 from smollm2.errors import UserError
 from smollm2.generation import Sampling, check_new_tokens, fit_new_tokens, prompt_ids, stream
-from smollm2.hardware import choose_decode_precision
+from smollm2.hardware import DecodePrecision, choose_decode_precision, decode_step_seconds
 from smollm2.model import SmolLM2
 from smollm2.model_source import ModelSource
 from smollm2.tokenizer import Tokenizer
@@ -21,15 +23,47 @@ from smollm2.tokenizer import Tokenizer
 def load_for_inference(
     source: str | Path, device: str = "cpu", precision: str = "fp32", pack: bool = True
 ) -> tuple[SmolLM2, Tokenizer]:
-    """A model and its tokenizer from a checkpoint (.pt), a run folder, its final/ or a HF Llama folder.
+    """A model and its tokenizer from a checkpoint (.pt), a run folder, its final/ or a HF Llama folder,
+    in the weights `hardware.choose_decode_precision` picks (kept as the model's `decode_precision`).
     pack=False for scoring many tokens at once (evaluation): the packed layout, chosen for one row
-    at a time, made batches of prompts 2-5x slower here."""
+    at a time, made batches of prompts 2-5x slower here; auto then measures nothing (fp32 on a CPU)."""
     model, tokenizer = ModelSource.open(source).load()
     if tokenizer is None:
         raise UserError(f"{source}: no tokenizer found beside the model")
-    chosen = choose_decode_precision(precision, model.config, torch.device(device))
-    model = model.to(device=device, dtype=chosen.dtype or torch.float32).eval()
-    return (pack_for_cpu_inference(model) if pack else model), tokenizer
+    model = model.to(device).eval()
+    target = torch.device(device)
+    if precision == "auto" and pack and target.type == "cpu" and can_pack(model):
+        candidates = decode_candidates(model)
+        chosen = choose_decode_precision("auto", model.config, target, decode_step_seconds(candidates))
+        model = candidates[chosen.name]
+    else:
+        chosen = choose_decode_precision(precision, model.config, target)
+        model = in_precision(model, chosen, pack)
+        chosen = dataclasses.replace(chosen, packed=isinstance(model, PackedSmolLM2))  # as it is, not as asked
+    model.decode_precision = chosen
+    return model, tokenizer
+
+
+def in_precision(model: SmolLM2, chosen: DecodePrecision, pack: bool) -> SmolLM2:
+    """An fp32 `model` in the chosen weights (int8: always quantized), packed when asked and useful."""
+    if chosen.key == "int8":
+        if model.embed_tokens.weight.device.type != "cpu":
+            raise UserError("--precision int8 decodes on a CPU only; use bf16 on a GPU")
+        return quantize_for_cpu_inference(model)
+    model = model.to(dtype=chosen.dtype or torch.float32)
+    return pack_for_cpu_inference(model) if pack else model
+
+
+def decode_candidates(model: SmolLM2) -> dict[str, SmolLM2]:
+    """What `--precision auto` measures on a CPU: fp32 and bf16 weights, each plain and packed (a name
+    `DecodePrecision.name` gives back). The packed ones share the embedding and norms of their plain one."""
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    return {
+        "fp32": model,
+        "fp32 packed": pack_for_cpu_inference(model),
+        "bf16": bf16,
+        "bf16 packed": pack_for_cpu_inference(bf16),
+    }
 
 
 def stream_text(
