@@ -36,6 +36,7 @@ from smollm2.hardware import (
 )
 from smollm2.metrics import Reporter, RunLog, Silent, SpeedModel, duration
 from smollm2.mixture import MixtureData
+from smollm2.muon import ADJUST_LR, GatheringMuon, MuonWithAdamW, adamw_groups, hidden_matrices
 from smollm2.model import SmolLM2
 from smollm2.pretrained import initial_weights, resolve_init_from
 from smollm2.run_folder import RunFolder
@@ -63,14 +64,25 @@ def learning_rate(step: int, settings: TrainConfig, span: int) -> float:
     return settings.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (settings.lr - settings.min_lr)
 
 
-def make_optimizer(model: SmolLM2, settings: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms or embeddings)."""
-    embedding = model.embed_tokens.weight
-    decay = [p for p in model.parameters() if p.dim() >= 2 and p is not embedding]
-    no_decay = [p for p in model.parameters() if p.dim() < 2 or p is embedding]
-    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(model: SmolLM2, settings: TrainConfig, device: torch.device) -> torch.optim.Optimizer | MuonWithAdamW:
+    """AdamW (weight decay on matrices only, not on norms or embeddings); with train.optimizer=muon,
+    Muon for the blocks' 2-D matrices and AdamW for the rest. Each group keeps `lr_ratio`, its base
+    lr over train.lr, so the schedule scales every group's own learning rate."""
+    matrices = [p for _, p in hidden_matrices(model)] if settings.optimizer == "muon" else []
+    groups = [g | {"lr_ratio": 1.0} for g in adamw_groups(model, matrices, settings.weight_decay)]
     # The fused kernel exists for CUDA and, in recent PyTorch, for CPU: one kernel for all parameters.
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=1e-8, fused=True)
+    adamw = torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=1e-8, fused=True)
+    if not matrices:
+        return adamw
+    muon_group = {"params": matrices, "lr_ratio": settings.muon_lr / settings.lr}
+    muon = GatheringMuon(
+        [muon_group],
+        lr=settings.muon_lr,
+        weight_decay=settings.muon_weight_decay,
+        momentum=settings.muon_momentum,
+        adjust_lr_fn=ADJUST_LR,
+    )
+    return MuonWithAdamW(muon, adamw)
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
@@ -379,7 +391,7 @@ class Trainer:
         settings, step = self.config.train, self.progress.step + 1
         lr = learning_rate(step, settings, self.progress.schedule_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_ratio"]
         tick = time.perf_counter()
         try:
             loss, grad_norm = self.forward_backward_step()
