@@ -36,8 +36,8 @@ from smollm2.hardware import (
 )
 from smollm2.metrics import Reporter, RunLog, Silent, SpeedModel, duration
 from smollm2.mixture import MixtureData
-from smollm2.muon import ADJUST_LR, GatheringMuon, MuonWithAdamW, adamw_groups, hidden_matrices
 from smollm2.model import SmolLM2
+from smollm2.muon import ADJUST_LR, GatheringMuon, MuonWithAdamW, adamw_groups, hidden_matrices
 from smollm2.pretrained import initial_weights, resolve_init_from
 from smollm2.run_folder import RunFolder
 
@@ -64,7 +64,9 @@ def learning_rate(step: int, settings: TrainConfig, span: int) -> float:
     return settings.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (settings.lr - settings.min_lr)
 
 
-def make_optimizer(model: SmolLM2, settings: TrainConfig, device: torch.device) -> torch.optim.Optimizer | MuonWithAdamW:
+def make_optimizer(
+    model: SmolLM2, settings: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer | MuonWithAdamW:
     """AdamW (weight decay on matrices only, not on norms or embeddings); with train.optimizer=muon,
     Muon for the blocks' 2-D matrices and AdamW for the rest. Each group keeps `lr_ratio`, its base
     lr over train.lr, so the schedule scales every group's own learning rate."""
