@@ -10,7 +10,8 @@ tokens per second), so checkpoints and evaluations do not count against a recipe
 
 Prints a Markdown section (for BENCHMARKS.md):
     python bench/time_to_quality.py           # 600 steps (make demo's length), seeds 1337 and 1338, lr sweep
-    python bench/time_to_quality.py --quick   # 150 steps, no sweep (the lrs given), ~10 min on 2 cores
+    python bench/time_to_quality.py --quick   # 150 steps, no sweep (AdamW 3e-3, Muon 4e-3, as given)
+    (--steps, --every, --corpora, --seeds, --budgets cut it down further on a busy machine)
 """
 
 from __future__ import annotations
@@ -127,11 +128,16 @@ def machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="150 steps, no lr sweep: about 10 minutes")
+    parser.add_argument("--quick", action="store_true", help="150 steps, no lr sweep")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338])
+    parser.add_argument("--steps", type=int, help="steps a run (default 600; --quick 150)")
+    parser.add_argument("--every", type=int, help="steps between measured checkpoints (default 50; --quick 25)")
+    parser.add_argument("--budgets", type=int, nargs="+", help="seconds of training to report bpb at")
+    parser.add_argument("--corpora", nargs="+", choices=list(CORPORA), default=list(CORPORA))
     args = parser.parse_args()
-    steps, every = (150, 25) if args.quick else (600, 50)
-    budgets = [15, 30, 45] if args.quick else [60, 180, 600]
+    steps = args.steps or (150 if args.quick else 600)
+    every = args.every or (25 if args.quick else 50)
+    budgets = args.budgets or ([60, 120, 180] if args.quick else [60, 180, 600])
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
@@ -140,7 +146,8 @@ def main() -> None:
         else:
             adamw_lr, muon_lr, notes = sweep({"adamw": [1e-3, 2e-3, 4e-3], "muon": [2e-3, 4e-3, 8e-3]}, 300, work)
         table = {}
-        for corpus, data in CORPORA.items():
+        for corpus in args.corpora:
+            data = CORPORA[corpus]
             for index, (name, overrides) in enumerate(recipes(adamw_lr, muon_lr).items()):
                 table[corpus, name] = [
                     run([*data, *overrides, f"train.seed={seed}"], steps, every, work / f"{corpus}-{index}-{seed}")
@@ -150,7 +157,7 @@ def main() -> None:
 
 
 def report(table: dict, args, steps: int, budgets: list[int], notes: list[str], seconds: float) -> str:
-    command = "python bench/time_to_quality.py" + (" --quick" if args.quick else "")
+    command = "python " + " ".join(sys.argv)
     lines = [
         f"## Time to quality (`{command}`)",
         "",
@@ -161,7 +168,7 @@ def report(table: dict, args, steps: int, budgets: list[int], notes: list[str], 
         *notes,
         "",
     ]
-    for corpus in CORPORA:
+    for corpus in args.corpora:
         names = [name for c, name in table if c == corpus]
         reference = table[corpus, names[0]]
         target = max(points[-1][2] for points in reference)  # every seed of the default reaches it
