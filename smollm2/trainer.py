@@ -518,8 +518,15 @@ class Trainer:
             f"{self.precision.name} ({self.precision.reason}) | "
             f"global batch {self.tokens_per_step:,} tokens ({settings.batch_size} x {settings.grad_accum} accum x "
             f"{self.config.data.seq_len} seq x {self.world.size} ranks)",
-            f"{verb} step {start}, to step {end}; lr schedule spans {self.progress.schedule_steps} steps",
+            f"{verb} step {start}, to step {end}; lr schedule spans {self.progress.schedule_steps} steps; "
+            + self.optimizer_words(),
         ]
+
+    def optimizer_words(self) -> str:
+        settings = self.config.train
+        if settings.optimizer == "muon":
+            return f"Muon (lr {settings.muon_lr:g}) for the blocks' matrices, AdamW (lr {settings.lr:g}) for the rest"
+        return f"AdamW (lr {settings.lr:g})"
 
     def finish(self, reporter, path: Path | None, start: int, end: int, stopped_early: bool, resume_hint: str) -> None:
         seconds = reporter.close()
