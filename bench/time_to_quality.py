@@ -146,13 +146,13 @@ def main() -> None:
         else:
             adamw_lr, muon_lr, notes = sweep({"adamw": [1e-3, 2e-3, 4e-3], "muon": [2e-3, 4e-3, 8e-3]}, 300, work)
         table = {}
-        for corpus in args.corpora:
-            data = CORPORA[corpus]
-            for index, (name, overrides) in enumerate(recipes(adamw_lr, muon_lr).items()):
-                table[corpus, name] = [
-                    run([*data, *overrides, f"train.seed={seed}"], steps, every, work / f"{corpus}-{index}-{seed}")
-                    for seed in args.seeds
-                ]
+        for seed in args.seeds:  # every recipe under one seed before the next seed: a cut-short run still compares
+            for corpus in args.corpora:
+                for index, (name, overrides) in enumerate(recipes(adamw_lr, muon_lr).items()):
+                    setting = [*CORPORA[corpus], *overrides, f"train.seed={seed}"]
+                    points = run(setting, steps, every, work / f"{corpus}-{index}-{seed}")
+                    print(f"{corpus} | {name} | seed {seed} | (step, seconds, bpb): {points}", file=sys.stderr)
+                    table.setdefault((corpus, name), []).append(points)
     print(report(table, args, steps, budgets, notes, time.time() - started))
 
 
