@@ -120,6 +120,13 @@ class Checkpoint:
                     f"checkpoint has model.{key}={saved['model'].get(key)!r} but {config.source} says {value!r}: "
                     "it was trained with another architecture"
                 )
+        was_optimizer = saved.get("train", {}).get("optimizer", "adamw")  # older checkpoints: AdamW
+        if was_optimizer != config.train.optimizer:
+            raise UserError(
+                f"checkpoint was trained with train.optimizer={was_optimizer} but {config.source} says "
+                f"{config.train.optimizer}: its optimizer state is another optimizer's (to switch, start a new "
+                "run from its weights with model.init_from)"
+            )
         for section, key in DATA_ORDER_KEYS:
             was, now = saved.get(section, {}).get(key), current[section][key]
             if (section, key) == ("data", "tokenizer") and config.model.init_from:

@@ -125,6 +125,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    # muon: torch.optim.Muon for the blocks' 2-D matrices (smollm2.muon), AdamW above for the rest
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 4e-3  # on AdamW's scale (match_rms_adamw); the schedule scales it as it scales lr
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 1337
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -401,6 +406,7 @@ def validate(config: Config, where: str) -> None:
         "batch_size",
         "grad_accum",
         "lr",
+        "muon_lr",
         "eval_every",
         "eval_batches",
         "eval_limit",
@@ -416,14 +422,14 @@ def validate(config: Config, where: str) -> None:
             f"{train.batch_size * data.seq_len:,} tokens a micro-batch, more than {MAX_MICRO_BATCH_TOKENS:,} "
             "(for larger batches raise train.grad_accum)"
         )
-    for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip"):
+    for name in ("min_lr", "warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip"):
         if getattr(train, name) < 0:
             raise ConfigError(f"train.{name} in {where}: must not be negative, got {getattr(train, name)}")
     if train.schedule_steps is not None:
         _positive("train", "schedule_steps", train.schedule_steps, where)
     if not 0 <= train.decay_fraction <= 1:
         raise ConfigError(f"train.decay_fraction in {where}: must be in [0, 1], got {train.decay_fraction}")
-    for name in ("beta1", "beta2"):
+    for name in ("beta1", "beta2", "muon_momentum"):
         if not 0 <= getattr(train, name) < 1:
             raise ConfigError(f"train.{name} in {where}: must be in [0, 1), got {getattr(train, name)}")
     if not 0 <= train.seed < SEED_LIMIT:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from smollm2.config import TrainConfig
+from smollm2.muon import parts
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state, by_name = get_state_dict(model, optimizer, options=options)
+    model_state, by_name = get_state_dict(model, list(parts(optimizer)), options=options)
     names = _optimizer_names(model, optimizer)
     index = {name: i for i, name in enumerate(names)}
     optimizer_state = {
@@ -162,7 +163,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
         "state": {names[i]: value for i, value in state["state"].items()},
         "param_groups": [group | {"params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
     }
-    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, list(parts(optimizer)), by_name, options=StateDictOptions(full_state_dict=True))
 
 
 def mean_across_ranks(value: float, device: torch.device) -> float:

@@ -37,6 +37,7 @@ from smollm2.hardware import (
 from smollm2.metrics import Reporter, RunLog, Silent, SpeedModel, duration
 from smollm2.mixture import MixtureData
 from smollm2.model import SmolLM2
+from smollm2.muon import ADJUST_LR, GatheringMuon, MuonWithAdamW, adamw_groups, hidden_matrices
 from smollm2.pretrained import initial_weights, resolve_init_from
 from smollm2.run_folder import RunFolder
 
@@ -63,14 +64,27 @@ def learning_rate(step: int, settings: TrainConfig, span: int) -> float:
     return settings.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (settings.lr - settings.min_lr)
 
 
-def make_optimizer(model: SmolLM2, settings: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms or embeddings)."""
-    embedding = model.embed_tokens.weight
-    decay = [p for p in model.parameters() if p.dim() >= 2 and p is not embedding]
-    no_decay = [p for p in model.parameters() if p.dim() < 2 or p is embedding]
-    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(
+    model: SmolLM2, settings: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer | MuonWithAdamW:
+    """AdamW (weight decay on matrices only, not on norms or embeddings); with train.optimizer=muon,
+    Muon for the blocks' 2-D matrices and AdamW for the rest. Each group keeps `lr_ratio`, its base
+    lr over train.lr, so the schedule scales every group's own learning rate."""
+    matrices = [p for _, p in hidden_matrices(model)] if settings.optimizer == "muon" else []
+    groups = [g | {"lr_ratio": 1.0} for g in adamw_groups(model, matrices, settings.weight_decay)]
     # The fused kernel exists for CUDA and, in recent PyTorch, for CPU: one kernel for all parameters.
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=1e-8, fused=True)
+    adamw = torch.optim.AdamW(groups, lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=1e-8, fused=True)
+    if not matrices:
+        return adamw
+    muon_group = {"params": matrices, "lr_ratio": settings.muon_lr / settings.lr}
+    muon = GatheringMuon(
+        [muon_group],
+        lr=settings.muon_lr,
+        weight_decay=settings.muon_weight_decay,
+        momentum=settings.muon_momentum,
+        adjust_lr_fn=ADJUST_LR,
+    )
+    return MuonWithAdamW(muon, adamw)
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
@@ -379,7 +393,7 @@ class Trainer:
         settings, step = self.config.train, self.progress.step + 1
         lr = learning_rate(step, settings, self.progress.schedule_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_ratio"]
         tick = time.perf_counter()
         try:
             loss, grad_norm = self.forward_backward_step()
@@ -504,13 +518,20 @@ class Trainer:
             f"{self.precision.name} ({self.precision.reason}) | {self.compile_note()} | "
             f"global batch {self.tokens_per_step:,} tokens ({settings.batch_size} x {settings.grad_accum} accum x "
             f"{self.config.data.seq_len} seq x {self.world.size} ranks)",
-            f"{verb} step {start}, to step {end}; lr schedule spans {self.progress.schedule_steps} steps",
+            f"{verb} step {start}, to step {end}; lr schedule spans {self.progress.schedule_steps} steps; "
+            + self.optimizer_words(),
         ]
 
     def compile_note(self) -> str:
         compiled = distributed.compiles(self.config.train, self.device)
         how = "auto: " + ("CUDA" if compiled else "a CPU") if self.config.train.compile == "auto" else "train.compile"
         return f"{'torch.compile' if compiled else 'eager'} ({how})"
+
+    def optimizer_words(self) -> str:
+        settings = self.config.train
+        if settings.optimizer == "muon":
+            return f"Muon (lr {settings.muon_lr:g}) for the blocks' matrices, AdamW (lr {settings.lr:g}) for the rest"
+        return f"AdamW (lr {settings.lr:g})"
 
     def finish(self, reporter, path: Path | None, start: int, end: int, stopped_early: bool, resume_hint: str) -> None:
         seconds = reporter.close()
