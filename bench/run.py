@@ -49,6 +49,14 @@ BENCHMARKS = [
     Benchmark("model", "model_bench.py", ("--runs", "3"), ("--runs", "2")),
     # decode_precision.py and eval_bench.py read the published model: scripts/fetch_instruct.py caches it once
     Benchmark("decode_precision", "decode_precision.py", ("--rounds", "3"), ("--rounds", "2")),
+    Benchmark("decode", "decode_bench.py", ("--rounds", "5", "--startup"), ("--rounds", "2")),
+    Benchmark(
+        "muon_step",
+        "muon_step.py",
+        ("--batches", "4", "16", "64", "--steps", "15"),
+        ("--batches", "16", "64", "--steps", "5"),
+    ),
+    Benchmark("time_to_quality", "time_to_quality.py", (), ("--quick",)),
     Benchmark(
         "sft_packing",
         "sft_packing.py",
