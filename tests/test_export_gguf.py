@@ -322,3 +322,17 @@ def test_a_model_llama_cpp_cannot_express_is_refused(workspace, capsys):
     train(load_config("seed.yaml", []), 2, None, "seed")
     argv = ["export", "--checkpoint", "seed/checkpoints/step_2.pt", "--format", "gguf", "--out", "m.gguf"]
     main_refused(capsys, workspace, argv, "cannot export to GGUF: model.norm=layernorm")
+
+
+def test_the_space_cards_gguf_commands_run_as_written(workspace):
+    """The card's export line, run in the Space folder with the Space's own smollm2, writes the
+    GGUF its llama.cpp and ollama lines name (beside the Space: nothing is added inside it)."""
+    assert cli.main(["export-space", "--run", "run", "--out", "space"]) == 0
+    card = (workspace / "space" / "README.md").read_text()
+    export = next(line for line in card.splitlines() if line.startswith("python -m smollm2 export"))
+    name = export.split("--out ../")[1]
+    assert f"llama-cli -m {name}" in card and f'echo "FROM ./{name}" > Modelfile' in card
+    before = snapshot(workspace / "space")
+    result = subprocess.run([sys.executable, *export.split()[1:]], cwd=workspace / "space", capture_output=True)
+    assert result.returncode == 0, result.stderr
+    assert is_our_gguf(workspace / name) and snapshot(workspace / "space") == before
