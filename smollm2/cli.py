@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smollm2.config import Config, load_config
 from smollm2.errors import UserError, one_line, os_error_line
@@ -15,6 +16,9 @@ from smollm2.files import remove_empty_folders
 from smollm2.generation import Sampling
 from smollm2.model import parameter_breakdown
 from smollm2.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from smollm2.model_source import ModelSource
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -177,8 +181,16 @@ def export_gguf_main(args: argparse.Namespace) -> None:
         ModelSource.checkpoint_file(args.checkpoint) if args.checkpoint else ModelSource.open(args.model, "--model")
     )
     model, tokenizer = source.load()
-    export_gguf(model, tokenizer, args.out, outtype, name=Path(args.checkpoint or args.model).name)
+    export_gguf(model, tokenizer, args.out, outtype, name=gguf_model_name(source))
     print(f"wrote {args.out} ({outtype}; llama.cpp: llama-cli -m {args.out})")
+
+
+def gguf_model_name(source: ModelSource) -> str:
+    """The name llama.cpp, ollama and LM Studio show: the run's (with the step of a checkpoint), else the folder's."""
+    if source.run is None:
+        return source.path.resolve().name
+    run = source.run.root.resolve().name
+    return f"{run} {source.path.stem}" if source.is_checkpoint else run
 
 
 def cmd_export_space(args: argparse.Namespace) -> None:
