@@ -20,6 +20,7 @@ from tokenizers import pre_tokenizers
 from smollm2 import cli
 from smollm2.config import load_config
 from smollm2.errors import UserError
+from smollm2.generation import Sampling, generate
 from smollm2.gguf_export import export_gguf, interleave_rope, is_our_gguf, llama_cpp_pre_tokenizer
 from smollm2.hf import load_pretrained
 from smollm2.model_source import ModelSource
@@ -88,10 +89,32 @@ def checkpoint(folder: Path) -> Path:
     return next((folder / "run" / "checkpoints").glob("step_*.pt"))
 
 
-def llama(path: Path, all_logits: bool = False):
-    from llama_cpp import Llama
+@pytest.fixture
+def llama():
+    """Opens a GGUF in llama.cpp: keys and values cached in f32 (its default is f16), so that what is
+    compared is the file's weights, and every position's logits kept (llama-cpp-python keeps none
+    otherwise). Closed after the test."""
+    from llama_cpp import GGML_TYPE_F32, Llama
 
-    return Llama(str(path), n_ctx=512, n_threads=2, logits_all=all_logits, verbose=False)
+    opened = []
+
+    def open_gguf(path: Path) -> Llama:
+        opened.append(
+            Llama(
+                str(path),
+                n_ctx=512,
+                n_threads=2,
+                logits_all=True,
+                type_k=GGML_TYPE_F32,
+                type_v=GGML_TYPE_F32,
+                verbose=False,
+            )
+        )
+        return opened[-1]
+
+    yield open_gguf
+    for model in opened:
+        model.close()
 
 
 def llama_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
@@ -106,11 +129,9 @@ def llama_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 def our_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    ids = list(prompt)
+    """Our greedy decoding (KV cache, fp32), as `generate --temperature 0` runs it, without stopping at eos."""
     with torch.no_grad():
-        for _ in range(new_tokens):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt) :]
+        return generate(model, [prompt], new_tokens, sampling=Sampling(temperature=0.0))[0]
 
 
 def llama_mean_nll(model, ids: list[int]) -> float:
@@ -159,7 +180,7 @@ def test_q_and_k_rows_are_interleaved_for_llama_cpps_rope():
 
 @needs_llama_cpp
 @pytest.mark.parametrize("outtype", ["f32", "bf16", "q8_0"])
-def test_llama_cpp_tokenizes_and_continues_as_we_do(workspace, outtype):
+def test_llama_cpp_tokenizes_and_continues_as_we_do(workspace, llama, outtype):
     """The tiny trained model: llama.cpp's tokens equal ours on every text (special tokens parsed,
     as ours are), its text from ids equals ours, and at f32 its greedy continuation equals ours."""
     ckpt = checkpoint(workspace)
@@ -173,11 +194,17 @@ def test_llama_cpp_tokenizes_and_continues_as_we_do(workspace, outtype):
         assert theirs.detokenize(ids, special=True).decode() == tokenizer.decode(ids), text
     if outtype == "f32":
         prompt = tokenizer.encode("ROMEO:\nWhat say you")
-        assert llama_greedy(theirs, prompt, NEW_TOKENS) == our_greedy(ours.eval(), prompt, NEW_TOKENS)
+        assert llama_greedy(theirs, prompt, NEW_TOKENS) == our_greedy(ours, prompt, NEW_TOKENS)
+        ids = tokenizer.encode(CORPUS[-2000:])[: NEW_TOKENS * 2]  # every position's logits, RoPE far along
+        theirs.reset()
+        theirs.eval(ids)
+        with torch.no_grad():
+            expected = ours(torch.tensor([ids]))[0]
+        torch.testing.assert_close(torch.from_numpy(theirs.scores[: len(ids)]), expected, atol=1e-4, rtol=1e-4)
 
 
 @needs_llama_cpp
-def test_a_tokenizer_that_splits_digits_first_exports_as_smollm(workspace):
+def test_a_tokenizer_that_splits_digits_first_exports_as_smollm(workspace, llama):
     """Digits(individual) before ByteLevel is llama.cpp's "smollm": the same tokens again."""
     ours, tokenizer = ModelSource.checkpoint_file(checkpoint(workspace)).load()
     backend = tokenizer.backend
@@ -211,9 +238,15 @@ def test_only_pre_tokenizers_llama_cpp_splits_alike_are_named():
 
 
 @pytest.fixture(scope="module")
-def instruct_ggufs(tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("instruct")
+def instruct():
     model, tokenizer = load_pretrained(INSTRUCT)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def instruct_ggufs(instruct, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("instruct")
+    model, tokenizer = instruct
     paths = {outtype: folder / f"instruct-{outtype}.gguf" for outtype in ("f32", "bf16", "q8_0")}
     for outtype, path in paths.items():
         export_gguf(model, tokenizer, path, outtype)
@@ -222,15 +255,15 @@ def instruct_ggufs(tmp_path_factory) -> dict[str, Path]:
 
 @needs_llama_cpp
 @needs_instruct
-def test_the_published_model_tokenizes_and_continues_in_llama_cpp_as_in_ours(instruct_ggufs):
-    ours, tokenizer = load_pretrained(INSTRUCT)
+def test_the_published_model_tokenizes_and_continues_in_llama_cpp_as_in_ours(instruct, instruct_ggufs, llama):
+    ours, tokenizer = instruct
     theirs = llama(instruct_ggufs["f32"])
     for text in TEXTS:
         ids = tokenizer.encode(text)
         assert theirs.tokenize(text.encode(), add_bos=False, special=True) == ids, text
         assert theirs.detokenize(ids, special=True).decode() == tokenizer.decode(ids), text
     prompt = tokenizer.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
-    assert llama_greedy(theirs, prompt, NEW_TOKENS) == our_greedy(ours.eval(), prompt, NEW_TOKENS)
+    assert llama_greedy(theirs, prompt, NEW_TOKENS) == our_greedy(ours, prompt, NEW_TOKENS)
 
 
 # Mean negative log-likelihood (nats per token) of a passage of input.txt: bf16 and q8_0 weights
@@ -240,11 +273,11 @@ NLL_COST = {"bf16": 0.01, "q8_0": 0.01}
 
 @needs_llama_cpp
 @needs_instruct
-def test_bf16_and_q8_0_lose_little_against_f32_on_held_out_text(instruct_ggufs):
-    ours, tokenizer = load_pretrained(INSTRUCT)
+def test_bf16_and_q8_0_lose_little_against_f32_on_held_out_text(instruct, instruct_ggufs, llama):
+    ours, tokenizer = instruct
     ids = tokenizer.encode((ROOT / "input.txt").read_text()[-6000:])[-400:]
-    reference = our_mean_nll(ours.eval(), ids)
-    nll = {outtype: llama_mean_nll(llama(path, all_logits=True), ids) for outtype, path in instruct_ggufs.items()}
+    reference = our_mean_nll(ours, ids)
+    nll = {outtype: llama_mean_nll(llama(path), ids) for outtype, path in instruct_ggufs.items()}
     print({"ours": reference} | nll, {k: math.exp(v) for k, v in nll.items()})
     assert abs(nll["f32"] - reference) < 1e-3
     for outtype, cost in NLL_COST.items():
