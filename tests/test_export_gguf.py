@@ -267,8 +267,9 @@ def test_the_published_model_tokenizes_and_continues_in_llama_cpp_as_in_ours(ins
 
 
 # Mean negative log-likelihood (nats per token) of a passage of input.txt: bf16 and q8_0 weights
-# may cost at most this much over f32 (perplexity at most 1% higher); f32 equals ours to 1e-3.
-NLL_COST = {"bf16": 0.01, "q8_0": 0.01}
+# may cost at most this much over f32 (perplexity at most 1% and 2% higher; bench/gguf_quality.py
+# measured +0.0001 and +0.0077 on 1024 tokens); f32 equals ours to 1e-3.
+NLL_COST = {"bf16": 0.01, "q8_0": 0.02}
 
 
 @needs_llama_cpp
