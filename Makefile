@@ -6,9 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo sft-demo test lint format bench bench-quick bench-gpu app
 
+# llama-cpp-python (requirements-dev.txt) compiles llama.cpp for this machine's CPU (GGML_NATIVE), once
+# per virtualenv: a wheel pip cached from an earlier build, perhaps on another CPU, is dropped first
+# (it could use instructions this CPU lacks).
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip cache remove -q llama_cpp_python 2>/dev/null || true
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smollm2.config import Config, load_config
 from smollm2.errors import UserError, one_line, os_error_line
@@ -15,6 +16,9 @@ from smollm2.files import missing_folders, remove_empty_folders
 from smollm2.generation import Sampling
 from smollm2.model import parameter_breakdown
 from smollm2.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from smollm2.model_source import ModelSource
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -154,6 +158,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.format == "gguf":
+        return export_gguf_main(args)
+    if args.model or args.outtype:
+        flag = "--model" if args.model else "--outtype"
+        raise UserError(f"{flag} is for --format gguf; --format hf exports a checkpoint: give --checkpoint")
     from smollm2.checkpoint import check_export_folder
     from smollm2.hf import export_llama
     from smollm2.model_source import ModelSource
@@ -162,6 +171,29 @@ def cmd_export(args: argparse.Namespace) -> None:
     check_export_folder(args.out, args.checkpoint)
     export_llama(model, args.out, tokenizer)
     print(f"wrote {args.out} (transformers: AutoModelForCausalLM.from_pretrained({str(args.out)!r}))")
+
+
+def export_gguf_main(args: argparse.Namespace) -> None:
+    from smollm2.gguf_export import check_outtype, check_target, export_gguf
+    from smollm2.model_source import ModelSource
+
+    outtype = args.outtype or "f32"
+    check_outtype(outtype)
+    check_target(Path(args.out))  # before the model is read: a refusal costs nothing
+    source = (
+        ModelSource.checkpoint_file(args.checkpoint) if args.checkpoint else ModelSource.open(args.model, "--model")
+    )
+    model, tokenizer = source.load()
+    export_gguf(model, tokenizer, args.out, outtype, name=gguf_model_name(source))
+    print(f"wrote {args.out} ({outtype}; llama.cpp: llama-cli -m {args.out})")
+
+
+def gguf_model_name(source: ModelSource) -> str:
+    """The name llama.cpp, ollama and LM Studio show: the run's (with the step of a checkpoint), else the folder's."""
+    if source.run is None:
+        return source.path.resolve().name
+    run = source.run.root.resolve().name
+    return f"{run} {source.path.stem}" if source.is_checkpoint else run
 
 
 def cmd_export_space(args: argparse.Namespace) -> None:
@@ -374,11 +406,26 @@ def add_export(commands: Subcommands) -> None:
     export = add_command(
         commands,
         "export",
-        "write a checkpoint as a transformers model folder",
-        examples("python -m smollm2 export --checkpoint runs/mine/checkpoints/step_600.pt --out runs/mine/hf"),
+        "write a model as a transformers model folder, or as a GGUF file for llama.cpp, ollama, LM Studio",
+        examples(
+            "python -m smollm2 export --checkpoint runs/mine/checkpoints/step_600.pt --out runs/mine/hf",
+            "python -m smollm2 export --model runs/mine/final --format gguf --out mine.gguf --outtype q8_0",
+        ),
     )
-    export.add_argument("--checkpoint", required=True, help="the training checkpoint (checkpoints/step_N.pt)")
-    export.add_argument("--out", required=True, help="the model folder to write (new, empty, or an earlier export)")
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="the training checkpoint (checkpoints/step_N.pt)")
+    source.add_argument("--model", help="--format gguf: a model folder or run folder (final/, a downloaded SmolLM2)")
+    export.add_argument(
+        "--out", required=True, help="hf: the model folder to write (new, empty, or an earlier export); gguf: the file"
+    )
+    export.add_argument(
+        "--format", choices=["hf", "gguf"], default="hf", help="hf: transformers folder; gguf: one llama.cpp file"
+    )
+    export.add_argument(
+        "--outtype",
+        choices=["f32", "bf16", "q8_0"],
+        help="--format gguf: how weights are stored (default f32, exact; bf16 half the size; q8_0 about a quarter)",
+    )
     export.set_defaults(run=cmd_export)
 
 

@@ -50,17 +50,27 @@ def fsync_folder(folder: Path) -> None:
 
 def write_atomic(path: str | Path, content: bytes | str | Callable[[BinaryIO], None]) -> None:
     """Write `content` (bytes, text, or a function that writes to a binary file) to `path` atomically."""
+    with staged_file(path) as tmp, open(tmp, "wb") as f:
+        if callable(content):
+            content(f)
+        else:
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+
+
+@contextlib.contextmanager
+def staged_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary name beside `path` to write a file to (for writers that open a file by its
+    name); when the block ends without error it is fsynced and renamed over `path`, else removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_name(path)
     try:
-        with open(tmp, "wb") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content.encode("utf-8") if isinstance(content, str) else content)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shlex
 import shutil
 from dataclasses import dataclass, field
@@ -298,6 +299,7 @@ def front_matter(record: RunRecord) -> str:
 
 def usage(record: RunRecord, facts: RunFacts) -> str:
     """How to run the model outside the Space: transformers when it is llama-shaped, else smollm2."""
+    local = gguf_name(facts.name)  # the GGUF's name, and the model's in ollama
     if llama_incompatibility(record.config) is None:
         return f"""## Use it with transformers
 
@@ -312,6 +314,20 @@ inputs = tokenizer({facts.first_prompt!r}, return_tensors="pt")
 output = model.generate(**inputs, max_new_tokens=100, do_sample=True, temperature=0.8, top_k=50)
 print(tokenizer.decode(output[0]))
 ```
+
+## Run it with llama.cpp, ollama or LM Studio
+
+smollm2 writes it as one GGUF file beside this folder (`--outtype bf16` or `q8_0` for a smaller one):
+
+```bash
+pip install -r requirements.txt gguf
+python -m smollm2 export --model model --format gguf --out ../{local}.gguf
+cd ..
+llama-cli -m {local}.gguf                                                        # llama.cpp
+echo "FROM ./{local}.gguf" > Modelfile && ollama create {local} -f Modelfile && ollama run {local}
+```
+
+LM Studio: `lms import {local}.gguf`, or put the file under its models folder.
 """
     return f"""## Use it with smollm2
 
@@ -323,6 +339,11 @@ pip install -r requirements.txt
 python -m smollm2 generate --model model --prompt {shlex.quote(facts.first_prompt)} --max_new_tokens 100
 ```
 """
+
+
+def gguf_name(run_name: str) -> str:
+    """The run's name as a file and ollama model name: lower case, no character a shell or ollama minds."""
+    return re.sub(r"[^a-z0-9._-]+", "-", run_name.lower()).strip("-.") or "smollm2"
 
 
 def space_readme(record: RunRecord, facts: RunFacts) -> str:
