@@ -20,6 +20,7 @@ llama.cpp rows are left out and the section says so.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import platform
 import statistics
 import subprocess
@@ -84,9 +85,7 @@ def contenders(folder: Path, ids: list[int], gguf: Path | None, threads: int) ->
     found = dict(ours(folder, p, ids) for p in ("auto", "fp32", "bf16", "int8"))
     found.update([transformers_fp32(folder, ids)])
     note = ""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         return found, "llama.cpp rows left out: llama-cpp-python is not installed."
     if gguf is None:
         return found, "llama.cpp rows left out: no --gguf folder given."
