@@ -13,7 +13,8 @@ as a whole process (start-up to the first token).
     python bench/decode_bench.py [--rounds 5] [--threads 2] [--gguf DIR] [--startup]
 
 DIR holds `*-f32.gguf`, `*-bf16.gguf`, `*-q8_0.gguf` (from `python -m smollm2 export --format gguf
---outtype ...`, or llama.cpp's convert_hf_to_gguf.py); without it, or without llama-cpp-python, the
+--outtype ...`, or llama.cpp's convert_hf_to_gguf.py); without it our export writes them once beside the
+cached model; without llama-cpp-python, the
 llama.cpp rows are left out and the section says so.
 """
 
@@ -81,6 +82,21 @@ def llama_cpp(path: Path, kind: str, ids: list[int], threads: int) -> tuple[str,
     return f"llama.cpp {kind}", decode
 
 
+def exported_ggufs(folder: Path) -> Path:
+    """The published model as f32, bf16 and q8_0 GGUFs written by our export (cached beside the model)."""
+    from smollm2.gguf_export import export_gguf
+    from smollm2.hf import load_pretrained
+
+    target = folder.parent / f"{folder.name}-gguf"
+    target.mkdir(exist_ok=True)
+    model, tokenizer = load_pretrained(folder)
+    for kind in GGUF_KINDS:
+        path = target / f"{folder.name}-{kind}.gguf"
+        if not path.exists():
+            export_gguf(model, tokenizer, path, kind, name=folder.name)
+    return target
+
+
 def contenders(folder: Path, ids: list[int], gguf: Path | None, threads: int) -> tuple[dict[str, Decoder], str]:
     found = dict(ours(folder, p, ids) for p in ("auto", "fp32", "bf16", "int8"))
     found.update([transformers_fp32(folder, ids)])
@@ -88,7 +104,8 @@ def contenders(folder: Path, ids: list[int], gguf: Path | None, threads: int) ->
     if importlib.util.find_spec("llama_cpp") is None:
         return found, "llama.cpp rows left out: llama-cpp-python is not installed."
     if gguf is None:
-        return found, "llama.cpp rows left out: no --gguf folder given."
+        gguf = exported_ggufs(folder)
+        note = "llama.cpp runs the GGUFs `python -m smollm2 export --format gguf --outtype f32|bf16|q8_0` writes. "
     for kind in GGUF_KINDS:
         path = next(gguf.glob(f"*-{kind}.gguf"), None)
         if path is None:
@@ -150,7 +167,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new_tokens", type=int, default=NEW_TOKENS)
-    parser.add_argument("--gguf", type=Path, help="a folder of *-f32.gguf, *-bf16.gguf, *-q8_0.gguf")
+    parser.add_argument(
+        "--gguf", type=Path, help="a folder of *-f32.gguf, *-bf16.gguf, *-q8_0.gguf (default: our export's, cached)"
+    )
     parser.add_argument("--startup", action="store_true", help="also time `generate --max_new_tokens 1` processes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
