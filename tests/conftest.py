@@ -1,4 +1,6 @@
 import os
+import signal
+import warnings
 
 import pytest
 import torch
@@ -53,6 +55,18 @@ def pytest_terminal_summary(terminalreporter) -> None:
 def pytest_sessionfinish(session) -> None:
     if _hidden_modules and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """A test that leaves a SIGINT/SIGTERM handler changed would change what an interrupt does in every
+    later test of the process: put it back, and say which test did it."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in before.items():
+        if signal.getsignal(sig) is not handler:
+            warnings.warn(f"{sig.name}'s handler was left changed ({signal.getsignal(sig)!r}); put back", stacklevel=1)
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(autouse=True)
