@@ -913,10 +913,14 @@ def test_the_makefile_deletes_nothing():
     assert not [line for line in recipes if line.startswith(("rm ", "rmdir ")) or " rm -" in line], recipes
 
 
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 def test_a_failed_or_interrupted_prepare_leaves_no_empty_folders(workspace, capsys, monkeypatch):
     import smollm2.data
 
     main_refused(capsys, workspace, ["prepare", *TRAIN, "--out_dir", "missing", "--set", "data.path=no.txt"], "no.txt")
-    monkeypatch.setattr(smollm2.data, "_build", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGINT))
+    monkeypatch.setattr(smollm2.data, "_build", interrupt)  # what Ctrl-C raises in the main thread
     assert cli.main(["prepare", *TRAIN, "--out_dir", "sig", "--set", "data.prepared_dir=shared/a/b"]) == 130
     assert not any((workspace / name).exists() for name in ("missing", "sig", "shared")), sorted(workspace.iterdir())
