@@ -81,7 +81,7 @@ def main() -> None:
         f"--steps {args.steps}`)",
         "",
         f"Machine: {next(names, 'CPU')}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python "
-        f"{platform.python_version()}; shared with other work. Date: {time.strftime('%Y-%m-%d')}. config/tiny.yaml "
+        f"{platform.python_version()}. Date: {time.strftime('%Y-%m-%d')}. config/tiny.yaml "
         f"(fp32, seq {config.data.seq_len}); medians of {args.steps} alternating steps. Newton-Schulz alone, on every "
         f"hidden matrix ({len(hidden_matrices(SmolLM2(config.model)))}): {ns * 1000:.1f} ms a step.",
         "",
