@@ -30,7 +30,9 @@ from tests.test_hostile import leftovers, main_refused, snapshot
 from tests.test_trainer import CORPUS, ROOT, tiny_config
 
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "bench"))
 from fetch_instruct import cache_folder  # noqa: E402
+from gguf_quality import llama_greedy, llama_nll, mean, our_nll  # noqa: E402  (bench/: scripts, not a package)
 
 needs_llama_cpp = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None,
@@ -117,37 +119,10 @@ def llama():
         model.close()
 
 
-def llama_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    """llama.cpp's own argmax, one token at a time, the prompt added as given (no bos)."""
-    model.reset()
-    model.eval(prompt)
-    out = []
-    for _ in range(new_tokens):
-        out.append(int(np.argmax(model.scores[model.n_tokens - 1])))
-        model.eval(out[-1:])
-    return out
-
-
 def our_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     """Our greedy decoding (KV cache, fp32), as `generate --temperature 0` runs it, without stopping at eos."""
     with torch.no_grad():
         return generate(model, [prompt], new_tokens, sampling=Sampling(temperature=0.0))[0]
-
-
-def llama_mean_nll(model, ids: list[int]) -> float:
-    """Mean negative log-likelihood of ids[1:] under llama.cpp (every position's logits)."""
-    model.reset()
-    model.eval(ids)
-    logits = np.asarray(model.scores[: len(ids) - 1], dtype=np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    return float(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean())
-
-
-def our_mean_nll(model, ids: list[int]) -> float:
-    with torch.no_grad():
-        logits = model(torch.tensor([ids]))[0, :-1].double()
-    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +252,8 @@ NLL_COST = {"bf16": 0.01, "q8_0": 0.02}
 def test_bf16_and_q8_0_lose_little_against_f32_on_held_out_text(instruct, instruct_ggufs, llama):
     ours, tokenizer = instruct
     ids = tokenizer.encode((ROOT / "input.txt").read_text()[-6000:])[-400:]
-    reference = our_mean_nll(ours, ids)
-    nll = {outtype: llama_mean_nll(llama(path), ids) for outtype, path in instruct_ggufs.items()}
+    reference = mean([our_nll(ours, ids)])
+    nll = {outtype: mean([llama_nll(llama(path), ids)]) for outtype, path in instruct_ggufs.items()}
     print({"ours": reference} | nll, {k: math.exp(v) for k, v in nll.items()})
     assert abs(nll["f32"] - reference) < 1e-3
     for outtype, cost in NLL_COST.items():
