@@ -16,13 +16,10 @@ def machine() -> str:
     """The CPU, its threads and the software versions that move the figures."""
     import torch
 
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    from smollm2.hardware import cpu_name
+
+    threads = torch.get_num_threads()
+    return f"{cpu_name()}, {threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def spread(values: Sequence[float], fmt: str = "{:,.1f}", suffix: str = "") -> str:

@@ -9,14 +9,13 @@ Llama folder under ~/.cache/smollm2/ ($SMOLLM2_CACHE), which tests and benchmark
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from smollm2.files import build_folder, check_replaceable
+from smollm2.files import build_folder, cache_root, check_replaceable
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_FILES = frozenset(
@@ -25,8 +24,7 @@ MODEL_FILES = frozenset(
 
 
 def cache_folder() -> Path:
-    root = Path(os.environ.get("SMOLLM2_CACHE", Path.home() / ".cache" / "smollm2"))
-    return root / "SmolLM2-135M-Instruct"
+    return cache_root() / "SmolLM2-135M-Instruct"
 
 
 def find_gguf(workdir: Path) -> Path:

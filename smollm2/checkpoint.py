@@ -542,8 +542,9 @@ def _as_tuples(value):
 def load_model_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[SmolLM2, Tokenizer]:
     """The model and tokenizer of a training checkpoint, for generate and export."""
     state = load_checkpoint(path)
-    model = SmolLM2(checkpoint_model_config(state, path))
-    load_weights(model, state["model"], path)
+    model = SmolLM2.with_weights(
+        checkpoint_model_config(state, path), lambda model: load_weights(model, state["model"], path)
+    )
     return model.to(device), state_tokenizer(state, path)
 
 

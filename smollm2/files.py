@@ -34,6 +34,11 @@ MARKER = ".smollm2"
 LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)")
 
 
+def cache_root() -> Path:
+    """smollm2's cache folder: $SMOLLM2_CACHE, else ~/.cache/smollm2 (the published model, remembered measurements)."""
+    return Path(os.environ.get("SMOLLM2_CACHE", Path.home() / ".cache" / "smollm2"))
+
+
 def staging_name(path: Path, what: str = "tmp") -> Path:
     """`.NAME.tmp-PID` beside `path`: hidden, and tied to this process for `clean_leftovers`."""
     return path.with_name(f".{path.name}.{what}-{os.getpid()}")

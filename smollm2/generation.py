@@ -171,8 +171,11 @@ def stream(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     start, end = 0, longest
     for _ in range(max_new_tokens):
-        mask = None if unpadded else padding_mask(valid, start, end)
-        logits = model(tokens[:, start:end], positions=positions[:, start:end], mask=mask, cache=cache)
+        if unpadded and start > 0:  # one token per row, all at the same position: the inner loop
+            logits = model.decode_step(tokens[:, start:end], cache)
+        else:
+            mask = None if unpadded else padding_mask(valid, start, end)
+            logits = model(tokens[:, start:end], positions=positions[:, start:end], mask=mask, cache=cache)
         next_token = sample(logits[:, -1].float(), tokens[:, :end], valid[:, :end], sampling, generator)
         if eos_id is not None:
             next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import math
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from smollm2.config import ModelConfig
+from smollm2.files import cache_root, write_atomic
 from smollm2.model import KVCache, parameter_count
 
 
@@ -115,29 +120,109 @@ class DecodePrecision:
 def choose_decode_precision(
     precision: str, config: ModelConfig, device: torch.device, measured: dict[str, float] | None = None
 ) -> DecodePrecision:
-    """The weights for decoding. fp32, bf16 and int8 are the user's choice; auto is bf16 on CUDA and,
-    on a CPU, whichever of the candidates decoded fastest in `measured` (candidate name -> seconds per
-    whole decode step of this model on this machine, `decode_step_seconds`): bf16 only when it beats
-    fp32 by BF16_DECODE_MIN_SPEEDUP (its greedy text parts from fp32's sooner or later), int8 never
-    (it costs perplexity: a user's choice). Unmeasured (scoring, not decoding), auto is fp32 on a CPU.
-    Measured as a microbenchmark instead, one layer's matrix-vector products fit in cache and gave
-    1.27x to 1.85x from one run to the next: only whole steps are trusted."""
+    """The weights for decoding, and whether they are packed. fp32, bf16 and int8 are the user's choice
+    of weights; auto is bf16 on CUDA and, on a CPU, whichever of the candidates decoded fastest in
+    `measured` (candidate name -> seconds per whole decode step of this model on this machine,
+    `decode_step_seconds`): bf16 only when it beats fp32 by BF16_DECODE_MIN_SPEEDUP (its greedy text
+    parts from fp32's sooner or later), int8 never (it costs perplexity: a user's choice). Packed or
+    plain is always the faster measured (fp32: MKL's plain matrix-vector product beat oneDNN's packed
+    one on an Intel Xeon, lost on an AMD EPYC). Unmeasured (scoring, not decoding): packed on a CPU,
+    and auto is fp32 there. Measured as a microbenchmark instead, one layer's matrix-vector products
+    fit in cache and gave 1.27x to 1.85x from one run to the next: only whole steps are trusted."""
     packed = device.type == "cpu"
-    if precision in ("fp32", "bf16", "int8"):
-        return DecodePrecision(precision, packed, "chosen")
-    if device.type == "cuda":
+    if device.type == "cuda" and precision == "auto":
         return DecodePrecision("bf16", False, "auto: CUDA")
-    if not measured:
+    if precision not in ("fp32", "bf16", "int8") and not measured:
         return DecodePrecision("fp32", packed, "auto: not measured (fp32)")
+    if not measured or precision == "int8":
+        return DecodePrecision(precision, packed, "chosen")
     rates = ", ".join(f"{name} {1 / seconds:.1f}" for name, seconds in measured.items())
     fastest: dict[str, tuple[float, str]] = {}
     for name, seconds in measured.items():
         key = name.split()[0]
         fastest[key] = min(fastest.get(key, (math.inf, name)), (seconds, name))
+    if precision in fastest:  # the user's weights: only packed or not was measured
+        name = fastest[precision][1]
+        return DecodePrecision(precision, name.endswith("packed"), f"chosen; the faster here ({rates} steps/s)")
     _, name = fastest["fp32"]
     if "bf16" in fastest and fastest["fp32"][0] / fastest["bf16"][0] >= BF16_DECODE_MIN_SPEEDUP:
         _, name = fastest["bf16"]
     return DecodePrecision(name.split()[0], name.endswith("packed"), f"auto: fastest decoding here ({rates} steps/s)")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), e.g. "Intel(R) Xeon(R) Processor"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+DECODE_CHOICES_KIND = "smollm2 decode choices"  # the mark that the file is ours to rewrite
+
+
+def decode_choices_path() -> Path:
+    """Where measured decoding choices are remembered: $SMOLLM2_DECODE_CHOICES, else in smollm2's cache."""
+    return Path(os.environ.get("SMOLLM2_DECODE_CHOICES", cache_root() / "decode_choices.json"))
+
+
+def decode_choice_key(config: ModelConfig, precision: str) -> str:
+    """What the fastest decoding depends on: the CPU, the threads, torch, and the model's shape."""
+    shape = {name: getattr(config, name) for name in DECODE_SHAPE_FIELDS}
+    return f"{precision} | {cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__} | {shape}"
+
+
+DECODE_SHAPE_FIELDS = (
+    "n_layers", "hidden_size", "n_heads", "n_kv_heads", "intermediate_size", "vocab_size",
+    "norm", "mlp", "tie_embeddings", "attention",
+)  # fmt: skip
+
+
+def read_decode_choices(path: Path) -> dict | None:
+    """The remembered choices: {} when there is no file yet, None when the file is not ours (left alone)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(data, dict) and data.get("kind") == DECODE_CHOICES_KIND and isinstance(data.get("choices"), dict)
+    return data["choices"] if ours else None
+
+
+def remembered_decoding(config: ModelConfig, precision: str) -> DecodePrecision | None:
+    """The choice measured on this machine for this shape before, or None: the measurement that picks the
+    packed or plain path (and auto's weights) costs seconds, repaid only by long replies; once is enough."""
+    path = decode_choices_path()
+    entry = (read_decode_choices(path) or {}).get(decode_choice_key(config, precision))
+    try:
+        key, packed, reason, when = entry["key"], entry["packed"], entry["reason"], entry["measured"]
+    except (TypeError, KeyError):
+        return None
+    if key not in ("fp32", "bf16") or not isinstance(packed, bool):
+        return None
+    return DecodePrecision(key, packed, f"{reason}; measured {when}, remembered in {path}")
+
+
+def remember_decoding(config: ModelConfig, precision: str, chosen: DecodePrecision) -> None:
+    """Keep a measured choice for the next start; a file that is not ours is never replaced, and a
+    cache that can't be written is only not used."""
+    path = decode_choices_path()
+    choices = read_decode_choices(path)
+    if choices is None:
+        return
+    choices[decode_choice_key(config, precision)] = {
+        "key": chosen.key,
+        "packed": chosen.packed,
+        "reason": chosen.reason,
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"kind": DECODE_CHOICES_KIND, "choices": choices}, indent=1) + "\n")
+    except OSError:
+        pass
 
 
 @torch.inference_mode()
@@ -154,7 +239,7 @@ def decode_step_seconds(models: dict[str, torch.nn.Module], steps: int = DECODE_
     for _ in range(steps):
         for name, model in models.items():
             start = time.perf_counter()
-            model(token, cache=caches[name])
+            model.decode_step(token, caches[name])  # what generation's inner loop calls
             seconds[name] = min(seconds[name], time.perf_counter() - start)
     return seconds
 

@@ -172,16 +172,19 @@ def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> t
     """Load a transformers Llama folder (e.g. a downloaded SmolLM2-135M) or one of our own."""
     folder = Path(folder)
     config = read_model_config(folder)
-    model = SmolLM2(config)
     state = from_hf_state_dict(_read_safetensors(folder), config)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # a tensor of the wrong shape
-        raise UserError(f"{folder}: weights do not match the config ({error_reason(exc, 160)})") from None
-    if missing or unexpected:
-        raise UserError(
-            f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+
+    def load(model: SmolLM2) -> None:
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a tensor of the wrong shape
+            raise UserError(f"{folder}: weights do not match the config ({error_reason(exc, 160)})") from None
+        if missing or unexpected:
+            raise UserError(
+                f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+
+    model = SmolLM2.with_weights(config, load)
     tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
     return model.to(device), tokenizer
 

@@ -14,7 +14,13 @@ from smollm2.config import SEED_LIMIT
 from smollm2.cpu_packing import PackedSmolLM2, can_pack, pack_for_cpu_inference, quantize_for_cpu_inference
 from smollm2.errors import UserError
 from smollm2.generation import Sampling, check_new_tokens, fit_new_tokens, prompt_ids, stream
-from smollm2.hardware import DecodePrecision, choose_decode_precision, decode_step_seconds
+from smollm2.hardware import (
+    DecodePrecision,
+    choose_decode_precision,
+    decode_step_seconds,
+    remember_decoding,
+    remembered_decoding,
+)
 from smollm2.model import SmolLM2
 from smollm2.model_source import ModelSource
 from smollm2.tokenizer import Tokenizer
@@ -25,6 +31,9 @@ def load_for_inference(
 ) -> tuple[SmolLM2, Tokenizer]:
     """A model and its tokenizer from a checkpoint (.pt), a run folder, its final/ or a HF Llama folder,
     in the weights `hardware.choose_decode_precision` picks (kept as the model's `decode_precision`).
+    On a CPU the packed and plain paths of those weights (and for auto, fp32 and bf16) are timed on
+    whole decode steps the first time this machine decodes a model of this shape; the choice is then
+    remembered (`hardware.remembered_decoding`), so later starts build only the one chosen.
     pack=False for scoring many tokens at once (evaluation): the packed layout, chosen for one row
     at a time, made batches of prompts 2-5x slower here; auto then measures nothing (fp32 on a CPU)."""
     model, tokenizer = ModelSource.open(source).load()
@@ -32,10 +41,15 @@ def load_for_inference(
         raise UserError(f"{source}: no tokenizer found beside the model")
     model = model.to(device).eval()
     target = torch.device(device)
-    if precision == "auto" and pack and target.type == "cpu" and can_pack(model):
-        candidates = decode_candidates(model)
-        chosen = choose_decode_precision("auto", model.config, target, decode_step_seconds(candidates))
-        model = candidates[chosen.name]
+    if precision != "int8" and pack and target.type == "cpu" and can_pack(model):
+        chosen = remembered_decoding(model.config, precision)
+        if chosen is None:
+            candidates = decode_candidates(model, ["fp32", "bf16"] if precision == "auto" else [precision])
+            chosen = choose_decode_precision(precision, model.config, target, decode_step_seconds(candidates))
+            remember_decoding(model.config, precision, chosen)
+            model = candidates[chosen.name]
+        else:
+            model = in_precision(model, chosen, chosen.packed)
     else:
         chosen = choose_decode_precision(precision, model.config, target)
         model = in_precision(model, chosen, pack)
@@ -54,16 +68,15 @@ def in_precision(model: SmolLM2, chosen: DecodePrecision, pack: bool) -> SmolLM2
     return pack_for_cpu_inference(model) if pack else model
 
 
-def decode_candidates(model: SmolLM2) -> dict[str, SmolLM2]:
-    """What `--precision auto` measures on a CPU: fp32 and bf16 weights, each plain and packed (a name
-    `DecodePrecision.name` gives back). The packed ones share the embedding and norms of their plain one."""
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    return {
-        "fp32": model,
-        "fp32 packed": pack_for_cpu_inference(model),
-        "bf16": bf16,
-        "bf16 packed": pack_for_cpu_inference(bf16),
-    }
+def decode_candidates(model: SmolLM2, keys: list[str] | None = None) -> dict[str, SmolLM2]:
+    """What a CPU decoding choice measures: the weights in `keys` (default fp32 and bf16), each plain and
+    packed (a name `DecodePrecision.name` gives back). A packed one shares the embedding and norms of its
+    plain one; fp32 is `model` itself."""
+    candidates = {}
+    for key in keys or ["fp32", "bf16"]:
+        plain = model if key == "fp32" else copy.deepcopy(model).to(torch.bfloat16)
+        candidates |= {key: plain, f"{key} packed": pack_for_cpu_inference(plain)}
+    return candidates
 
 
 def stream_text(

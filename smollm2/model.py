@@ -10,6 +10,7 @@ conversion to and from transformers is a renaming of the prefix, nothing more.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -325,6 +326,14 @@ def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
 # ---------------------------------------------------------------------------------------------
 # The model
 
+INIT_FUNCTIONS = (
+    "normal_",
+    "uniform_",
+    "kaiming_uniform_",
+    "ones_",
+    "zeros_",
+)  # what nn.Linear, nn.Embedding and we draw with
+
 
 class SmolLM2(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -386,6 +395,28 @@ class SmolLM2(nn.Module):
         if targets is None:
             return self.lm_head(x)
         return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, 1, vocab) of one new token per row after the `cache.length` cached ones, every
+        row at the same position (no padding): decoding's inner loop. Here it is `forward`; a model
+        made for decoding (cpu_packing.PackedSmolLM2) does the same arithmetic with fewer operations."""
+        return self(tokens, cache=cache)
+
+    @classmethod
+    def with_weights(cls, config: ModelConfig, load: Callable[[SmolLM2], None]) -> SmolLM2:
+        """A model whose every weight `load` fills in (a checkpoint's, a model folder's), built without
+        drawing random initial weights first: for 135M parameters that took 2 of a 5-second start-up
+        here. torch.nn.init's functions do nothing while it is built, as in transformers' loading."""
+        drawing = {name: getattr(nn.init, name) for name in INIT_FUNCTIONS}
+        try:
+            for name in INIT_FUNCTIONS:
+                setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+            model = cls(config)
+        finally:
+            for name, function in drawing.items():
+                setattr(nn.init, name, function)
+        load(model)
+        return model
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once

@@ -105,8 +105,7 @@ class ModelSource:
         if not self.is_checkpoint:
             model, tokenizer = load_pretrained(self.path)
             return model.to(device), tokenizer
-        model = SmolLM2(self.config())
-        load_weights(model, self.state["model"], self.path)
+        model = SmolLM2.with_weights(self.config(), lambda model: load_weights(model, self.state["model"], self.path))
         return model.to(device), self.tokenizer()
 
     def weights(self) -> dict[str, torch.Tensor]:

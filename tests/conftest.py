@@ -70,6 +70,14 @@ def _signal_handlers_restored():
 
 
 @pytest.fixture(autouse=True)
+def _decode_choices_of_its_own(tmp_path_factory, monkeypatch):
+    """Each test measures its own decoding choice (subprocesses too): one remembered by an earlier test,
+    or by the machine's own ~/.cache, would decide for it."""
+    folder = tmp_path_factory.mktemp("decode_choices")  # beside the test's tmp_path, not in it
+    monkeypatch.setenv("SMOLLM2_DECODE_CHOICES", str(folder / "decode_choices.json"))
+
+
+@pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -2,7 +2,9 @@
 against recomputing the whole sequence, on small random models (exact or bounded) and on the published
 SmolLM2-135M-Instruct where it is cached (quality)."""
 
+import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from smollm2.generation import Sampling, generate
 from smollm2.hardware import choose_decode_precision, decode_step_seconds
 from smollm2.hf import write_model_folder
 from smollm2.inference import decode_candidates, load_for_inference, stream_text
-from smollm2.model import SmolLM2
+from smollm2.model import KVCache, SmolLM2
 from smollm2.tokenizer import train_tokenizer
 from tests.conftest import small_config
 
@@ -135,6 +137,81 @@ def test_generate_takes_precision_int8(tmp_path, capsys):
     assert main([*argv, "--temperature", "0", "--precision", "int8"]) == 0
     out, err = capsys.readouterr()
     assert out == expected + "\n" and err == ""
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_decode_step_is_forward_bitwise_in_every_precision(tied):
+    """Generation's inner loop (PackedSmolLM2.decode_step, fewer operations) against the model's forward
+    on the same cache: the same logits bit for bit, step after step, at batch 1 and 3."""
+    model = SmolLM2(small_config(tie_embeddings=tied)).eval()
+    bf16 = SmolLM2(small_config(tie_embeddings=tied)).eval().to(torch.bfloat16)
+    paths = {
+        "fp32": pack_for_cpu_inference(model),
+        "bf16": pack_for_cpu_inference(bf16),
+        "int8": quantize_for_cpu_inference(model),
+    }
+    for name, packed in paths.items():
+        dtype = packed.embed_tokens.weight.dtype
+        for batch in (1, 3):
+            ids = torch.randint(0, model.config.vocab_size, (batch, 12))
+            caches = [KVCache(model.config, batch, 12, "cpu", dtype) for _ in range(2)]
+            with torch.inference_mode():
+                for cache in caches:
+                    packed(ids[:, :5], cache=cache)
+                for position in range(5, 12):
+                    expected = packed(ids[:, position : position + 1], cache=caches[0])
+                    assert torch.equal(packed.decode_step(ids[:, position : position + 1], caches[1]), expected), name
+                    assert caches[1].length == caches[0].length == position + 1
+                assert torch.equal(caches[0].keys[1], caches[1].keys[1]), name
+
+
+def test_the_users_weights_go_packed_or_plain_as_measured():
+    cpu, config = torch.device("cpu"), small_config()
+    plain_faster = choose_decode_precision("fp32", config, cpu, {"fp32": 0.01, "fp32 packed": 0.02})
+    assert (plain_faster.name, plain_faster.reason) == (
+        "fp32",
+        "chosen; the faster here (fp32 100.0, fp32 packed 50.0 steps/s)",
+    )
+    assert choose_decode_precision("bf16", config, cpu, {"bf16": 0.02, "bf16 packed": 0.01}).name == "bf16 packed"
+    assert choose_decode_precision("bf16", config, cpu).name == "bf16 packed"  # unmeasured: scoring
+
+
+def model_folder(tmp_path: Path) -> Path:
+    tokenizer = train_tokenizer(["ROMEO: But soft, what light through yonder window breaks? " * 20], 300)
+    write_model_folder(SmolLM2(small_config(vocab_size=300, max_seq_len=64)), tmp_path / "model", tokenizer)
+    return tmp_path / "model"
+
+
+def test_a_measured_choice_is_remembered_for_this_machine_and_shape(tmp_path, monkeypatch):
+    folder, choices = model_folder(tmp_path), Path(os.environ["SMOLLM2_DECODE_CHOICES"])
+    first = load_for_inference(folder, precision="auto")[0].decode_precision
+    stored = json.loads(choices.read_text())
+    assert stored["kind"] == "smollm2 decode choices" and len(stored["choices"]) == 1
+    entry = next(iter(stored["choices"].values()))
+    assert (entry["key"], entry["packed"], entry["reason"]) == (first.key, first.packed, first.reason)
+
+    def no_measuring(models, steps=3):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr("smollm2.inference.decode_step_seconds", no_measuring)
+    again = load_for_inference(folder, precision="auto")[0]
+    assert (again.decode_precision.name, type(again).__name__ == "PackedSmolLM2") == (first.name, first.packed)
+    assert again.decode_precision.reason.startswith(first.reason + "; measured 20")
+    assert again.decode_precision.reason.endswith(f"remembered in {choices}")
+    with pytest.raises(AssertionError, match="measured again"):  # other weights, another choice
+        load_for_inference(folder, precision="bf16")
+    torch.set_num_threads(1)  # another machine, as far as decoding knows
+    with pytest.raises(AssertionError, match="measured again"):
+        load_for_inference(folder, precision="auto")
+
+
+def test_a_choices_file_that_is_not_ours_is_left_alone(tmp_path):
+    folder, choices = model_folder(tmp_path), Path(os.environ["SMOLLM2_DECODE_CHOICES"])
+    for content in (b"my notes, not JSON", b'{"kind": "something else", "choices": {}}'):
+        choices.write_bytes(content)
+        chosen = load_for_inference(folder, precision="auto")[0].decode_precision
+        assert chosen.reason.startswith("auto: fastest decoding here (") and "remembered" not in chosen.reason
+        assert choices.read_bytes() == content
 
 
 def test_decode_steps_are_timed_for_every_candidate():

@@ -258,3 +258,25 @@ def test_flex_block_masks_give_the_dense_masks_logits_across_blocks():
         dense = model(ids, document_ids=document_ids)
         flex = model(ids, positions=positions, mask=blocks)
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_built_for_loading_draws_no_random_weights_and_holds_what_was_loaded():
+    config = small_config(tie_embeddings=True)
+    source = SmolLM2(config)
+    drawing = {name: getattr(torch.nn.init, name) for name in ("normal_", "uniform_", "kaiming_uniform_")}
+    rng = torch.get_rng_state()
+    loaded = SmolLM2.with_weights(config, lambda model: model.load_state_dict(source.state_dict()))
+    assert torch.equal(torch.get_rng_state(), rng)  # nothing drawn: a fresh model draws ~170k normals
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert torch.equal(loaded.inv_freq, source.inv_freq)
+
+    def refuse(model):
+        raise ValueError("not these weights")
+
+    with pytest.raises(ValueError, match="not these weights"):
+        SmolLM2.with_weights(config, refuse)
+    assert {name: getattr(torch.nn.init, name) for name in drawing} == drawing  # put back, even after a failure
+    SmolLM2(config)
+    assert not torch.equal(torch.get_rng_state(), rng)  # a model built to train draws its weights again
