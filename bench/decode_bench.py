@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +40,10 @@ from fetch_instruct import instruct_folder  # noqa: E402
 
 from smollm2.generation import Sampling, generate  # noqa: E402
 from smollm2.inference import load_for_inference  # noqa: E402
+from smollm2.model import KVCache  # noqa: E402
 from smollm2.tokenizer import load_tokenizer  # noqa: E402
 
+CHOICES = "SMOLLM2_DECODE_CHOICES"  # where decoding choices are remembered (smollm2.hardware)
 PROMPT = "The capital of France is"
 NEW_TOKENS = 128
 GGUF_KINDS = ("f32", "bf16", "q8_0")
@@ -51,8 +54,7 @@ Decoder = Callable[[int], None]  # decode this many new tokens after the prompt
 def ours(folder: Path, precision: str, ids: list[int]) -> tuple[str, Decoder]:
     model, _ = load_for_inference(folder, precision=precision)
     greedy = Sampling(temperature=0)
-    label = f"ours {precision}" + (f" (chose {model.decode_precision.name})" if precision == "auto" else "")
-    return label, lambda n: generate(model, [ids], n, sampling=greedy)
+    return f"ours {precision} ({model.decode_precision.name})", lambda n: generate(model, [ids], n, sampling=greedy)
 
 
 def transformers_fp32(folder: Path, ids: list[int]) -> tuple[str, Decoder]:
@@ -131,20 +133,69 @@ def race(decoders: dict[str, Decoder], rounds: int, new_tokens: int) -> dict[str
     return rates
 
 
-def startup(folder: Path, precision: str) -> float:
-    """Seconds for `smollm2 generate --max_new_tokens 1` as a whole process."""
+def startup(folder: Path, precision: str, choices: Path) -> float:
+    """Seconds for `smollm2 generate --max_new_tokens 1` as a whole process, its decoding choices in `choices`."""
     argv = ["-m", "smollm2", "generate", "--model", str(folder), "--prompt", PROMPT, "--max_new_tokens", "1"]
     argv += ["--temperature", "0", "--precision", precision]
     start = time.perf_counter()
-    subprocess.run([sys.executable, *argv], check=True, capture_output=True)
+    subprocess.run([sys.executable, *argv], check=True, capture_output=True, env=os.environ | {CHOICES: str(choices)})
     return time.perf_counter() - start
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    with open("/proc/loadavg") as loadavg:
-        load = loadavg.read().split()[0]
-    return f"{cpu}, torch {torch.__version__}, Python {platform.python_version()}, load average {load} at the start"
+def startup_lines() -> list[str]:
+    """Start-up to the first token per precision: the first start on a machine (it measures the packed and
+    plain paths) and later ones (best of 3: the choice is remembered), beside `import torch` alone."""
+    folder = instruct_folder()
+    lines = ["| `--precision` | first start (measures) | later starts (best of 3) |", "|---|---:|---:|"]
+    with tempfile.TemporaryDirectory() as scratch:
+        for precision in ("auto", "fp32", "bf16", "int8"):
+            choices = Path(scratch) / f"{precision}.json"
+            first = startup(folder, precision, choices)
+            later = min(startup(folder, precision, choices) for _ in range(3))
+            lines.append(f"| {precision} | {first:.2f} s | {later:.2f} s |")
+    torch_alone = min(run_seconds([sys.executable, "-c", "import torch"]) for _ in range(3))
+    return [*lines, "", f'`python -c "import torch"` alone: {torch_alone:.2f} s (best of 3).']
+
+
+def run_seconds(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def step_profile(folder: Path, ids: list[int], steps: int = 20) -> list[str]:
+    """Where a decode step of `--precision auto` spends its time (torch.profiler, self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, _ = load_for_inference(folder, precision="auto")
+    cache = KVCache(model.config, 1, len(ids) + steps + 8, "cpu", model.embed_tokens.weight.dtype)
+    token = torch.tensor([ids[-1:]])
+    with torch.inference_mode():
+        model(torch.tensor([ids]), cache=cache)
+        for _ in range(3):
+            model.decode_step(token, cache)
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for _ in range(steps):
+                model.decode_step(token, cache)
+    events = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in events) / steps / 1e3
+    calls = sum(event.count for event in events) / steps
+    share = {bucket: 0.0 for bucket in PROFILE_BUCKETS}
+    for event in events:
+        bucket = next((b for b, names in PROFILE_BUCKETS.items() if any(n in event.key for n in names)), "the rest")
+        share[bucket] = share.get(bucket, 0.0) + event.self_cpu_time_total / steps / 1e3
+    parts = ", ".join(f"{bucket} {ms:.1f} ms ({ms / total:.0%})" for bucket, ms in share.items())
+    return [
+        f"A decode step of `--precision auto` ({model.decode_precision.name}) under torch.profiler, {steps} steps: "
+        f"{total:.1f} ms a step (the profiler adds its own), {calls:.0f} operator calls: {parts}."
+    ]
+
+
+PROFILE_BUCKETS = {  # operator names (self time) -> what they are
+    "matrix-vector products": ("linear_pointwise", "int8pack_mm", "aten::mm", "aten::addmm", "aten::linear"),
+    "attention": ("scaled_dot_product",),
+    "norms": ("rms_norm", "aten::pow", "aten::mean", "aten::rsqrt"),
+}
 
 
 def table(rates: dict[str, list[float]]) -> list[str]:
@@ -177,7 +228,6 @@ def main() -> None:
     ids = load_tokenizer(folder).encode(PROMPT)
     command = " ".join(["python bench/decode_bench.py", *sys.argv[1:]])
     print(f"## Decoding speed against transformers and llama.cpp (`{command}`)\n")
-    print(f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d %H:%M')}.\n")
     decoders, note = contenders(folder, ids, args.gguf, args.threads)
     rates = race(decoders, args.rounds, args.new_tokens)
     new = args.new_tokens
@@ -187,10 +237,10 @@ def main() -> None:
         f"process, {args.rounds} rounds, the decoders taking turns. {note}\n"
     )
     print("\n".join(table(rates)))
+    print("\n" + "\n".join(step_profile(folder, ids)))
     if args.startup:
-        print("\nStart-up to the first token (`smollm2 generate --max_new_tokens 1`, whole process, best of 3):\n")
-        for precision in ("auto", "fp32", "bf16", "int8"):
-            print(f"- `--precision {precision}`: {min(startup(folder, precision) for _ in range(3)):.2f} s")
+        print("\nStart-up to the first token (`smollm2 generate --max_new_tokens 1`, whole process):\n")
+        print("\n".join(startup_lines()))
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def choose_precision(
     return Precision(None, f"auto: {measured}")
 
 
-DECODE_PROBE_STEPS = 3  # timed single-token steps per candidate, after the prompt built the kernels; the fastest counts
+DECODE_PROBE_STEPS = 8  # timed single-token steps per candidate, after the prompt built the kernels; the fastest counts
 BF16_DECODE_MIN_SPEEDUP = 1.1  # bf16 weights only when whole decode steps are clearly faster than fp32's
 
 
