@@ -56,6 +56,7 @@ BENCHMARKS = [
         ("--batches", "4", "16", "64", "--steps", "15"),
         ("--batches", "16", "64", "--steps", "5"),
     ),
+    Benchmark("time_to_quality_sweep", "time_to_quality.py", ("--sweep",), ("--sweep", "--steps", "100")),
     Benchmark("time_to_quality", "time_to_quality.py", (), ("--quick",)),
     Benchmark(
         "sft_packing",

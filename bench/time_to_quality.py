@@ -39,6 +39,16 @@ from smollm2.tokenizer import load_tokenizer  # noqa: E402
 from smollm2.trainer import train  # noqa: E402
 
 CORPORA = {"input.txt": ["data.path=input.txt"], "arithmetic.jsonl": ["data.path=arithmetic.jsonl"]}
+# tiny.yaml's recipe before issue #25, spelled out so that it stays the reference whatever tiny.yaml says now
+OLD_DEFAULT = [
+    "train.optimizer=adamw",
+    "train.lr=0.002",
+    "train.min_lr=0.0002",
+    "train.warmup_steps=50",
+    "train.schedule=cosine",
+    "train.batch_size=16",
+    "data.seq_len=128",
+]
 QUIET = ["train.eval_every=100000", "train.predict_every=100000", "train.keep_last=1000"]
 HELD_OUT_BYTES = 40_000  # the first 40 KB of each held-out split: the same text for every checkpoint
 
@@ -99,24 +109,65 @@ def spread(values: list[float | None], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
 
 
-def sweep(lrs: dict[str, list[float]], steps: int, every: int, work: Path) -> tuple[float, float, list[str]]:
-    """The best final bits per byte on input.txt, seed 1337: AdamW's lr, then Muon's matrix lr."""
-    lines, best = [], {}
-    for kind, values in lrs.items():
-        finals = {}
-        for lr in values:
-            key = (
-                ["train.optimizer=muon", f"train.muon_lr={lr}"]
-                if kind == "muon"
-                else [f"train.lr={lr}", f"train.min_lr={lr / 10}"]
-            )
-            finals[lr] = run(key, steps, steps, work / f"sweep-{kind}-{lr}")[-1][2]
-        best[kind] = min(finals, key=finals.get)
-        lines.append(
-            f"- {kind} lr sweep ({steps} steps, input.txt, seed 1337): "
-            + ", ".join(f"{lr:g} -> {b:.3f} bpb" for lr, b in finals.items())
-        )
-    return best["adamw"], best["muon"], lines
+def sweep(steps: int, every: int, work: Path) -> str:
+    """Step-based: each learning rate's held-out bpb on input.txt, seed 1337, then two CPU recipes at Muon's best.
+
+    Judged at equal training tokens (a recipe at batch 32 has its steps halved), so the bpb columns do
+    not depend on the machine's load; seconds per step is the one timed column."""
+    lines = [
+        f"## Time to quality: learning-rate sweep (`python {' '.join(sys.argv)}`)",
+        "",
+        f"Machine: {machine()}. config/tiny.yaml on input.txt, seed 1337, {steps} steps of 16 x 128 tokens "
+        "(or the same tokens in half the steps at batch 32). Held-out bits per byte as in the section below; "
+        "seconds per step: the training steps' own (metrics.jsonl), mean over the run.",
+        "",
+        "| recipe | "
+        + " | ".join(f"bpb after {s * 16 * 128 // 1000}k tokens" for s in range(every, steps + 1, every))
+        + " | seconds per step | seconds in all |",
+        "|---|" + "---|" * (steps // every) + "---|---|",
+    ]
+    finals: dict[str, dict[float, float]] = {"adamw": {}, "muon": {}}
+    for kind, lrs in SWEEP.items():
+        for lr in lrs:
+            name = f"AdamW lr {lr:g}" if kind == "adamw" else f"Muon lr {lr:g} (+ AdamW 2e-3)"
+            points = run(sweep_setting(kind, lr), steps, every, work / f"sweep-{kind}-{lr}")
+            finals[kind][lr] = points[-1][2]
+            lines.append(sweep_row(name, points, points[-1][1] / steps))
+    best = {kind: min(values, key=values.get) for kind, values in finals.items()}
+    muon = sweep_setting("muon", best["muon"])
+    candidates = {
+        f"Muon lr {best['muon']:g}, batch 32, half the steps": (
+            [*muon, "train.batch_size=32", f"train.warmup_steps={WARMUP // 2}"],
+            2,
+        ),
+        f"Muon lr {best['muon']:g}, warmup 20, WSD schedule": (
+            [*muon, "train.warmup_steps=20", "train.schedule=wsd"],
+            1,
+        ),
+    }
+    for name, (setting, fold) in candidates.items():
+        points = run(setting, steps // fold, every // fold, work / f"sweep-{name[:20]}-{fold}")
+        lines.append(sweep_row(name, points, points[-1][1] / (steps // fold)))
+    lines += ["", f"Best: AdamW lr {best['adamw']:g}, Muon lr {best['muon']:g} (lowest bpb after {steps} steps)."]
+    return "\n".join(lines)
+
+
+SWEEP = {"adamw": [1e-3, 2e-3, 4e-3], "muon": [2e-3, 4e-3, 8e-3]}
+WARMUP = 50  # tiny.yaml's warmup steps at batch 16 when the sweep was made
+
+
+def sweep_setting(kind: str, lr: float) -> list[str]:
+    """tiny.yaml's old recipe (AdamW 2e-3, cosine, warmup 50, batch 16) with one learning rate changed."""
+    if kind == "muon":
+        return [*OLD_DEFAULT, "train.optimizer=muon", f"train.muon_lr={lr}"]
+    return [*OLD_DEFAULT, f"train.lr={lr}", f"train.min_lr={lr / 10}"]
+
+
+def sweep_row(name: str, points: list[tuple[int, float, float]], per_step: float) -> str:
+    print(f"{name} | (step, seconds, bpb): {points}", file=sys.stderr, flush=True)
+    return (
+        f"| {name} | " + " | ".join(f"{bpb:.3f}" for _, _, bpb in points) + f" | {per_step:.3f} | {points[-1][1]:.0f} |"
+    )
 
 
 def machine() -> str:
@@ -134,7 +185,12 @@ def main() -> None:
     parser.add_argument("--every", type=int, help="steps between measured checkpoints (default 50; --quick 25)")
     parser.add_argument("--budgets", type=int, nargs="+", help="seconds of training to report bpb at")
     parser.add_argument("--corpora", nargs="+", choices=list(CORPORA), default=list(CORPORA))
+    parser.add_argument("--sweep", action="store_true", help="only the learning-rate sweep (default 300 steps)")
     args = parser.parse_args()
+    if args.sweep:
+        with tempfile.TemporaryDirectory() as scratch:
+            print(sweep(args.steps or 300, args.every or 50, Path(scratch)))
+        return
     steps = args.steps or (150 if args.quick else 600)
     every = args.every or (25 if args.quick else 50)
     budgets = args.budgets or ([60, 120, 180] if args.quick else [60, 180, 600])
