@@ -37,7 +37,7 @@ from smollm2.config import load_config  # noqa: E402
 from smollm2.evaluation import evaluate  # noqa: E402
 from smollm2.trainer import train  # noqa: E402
 
-CORPORA = {"input.txt": ["data.path=input.txt"], "arithmetic.jsonl": ["data.path=arithmetic.jsonl"]}
+CORPORA = {name: [f"data.path={name}"] for name in ("input.txt", "arithmetic.jsonl", "espanol.txt")}
 # tiny.yaml's recipe before issue #25, spelled out so that it stays the reference whatever tiny.yaml says now
 OLD_DEFAULT = [
     "train.optimizer=adamw",

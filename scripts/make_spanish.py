@@ -124,8 +124,7 @@ def adjective(word: str, feminine: bool, plural: bool) -> str:
         return word[:-1] + "ces"
     if not plural:
         return word
-    unstressed = word.replace("á", "a").replace("é", "e").replace("í", "i").replace("ó", "o").replace("ú", "u")
-    return word + "s" if word[-1] in "aeiou" else unstressed + "es"
+    return word + ("s" if word[-1] in "aeiou" else "es")  # fácil -> fáciles, azul -> azules
 
 
 def noun_phrase(rng: random.Random, nouns: list[tuple[str, str, bool]], definite: bool) -> tuple[str, bool]:
