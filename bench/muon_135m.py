@@ -18,16 +18,15 @@ import contextlib
 import io
 import json
 import math
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import machine  # noqa: E402  (bench/ is on sys.path: this script's folder)
 
 from smollm2.config import load_config  # noqa: E402
 from smollm2.trainer import train  # noqa: E402
@@ -77,8 +76,7 @@ def main() -> None:
     lines = [
         f"## Muon at the 135M preset's shape (`python {' '.join(sys.argv)}`)",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}. Took {(time.time() - started) / 60:.0f} min. config/smollm2-135m.yaml, input.txt, "
+        f"Machine: {machine()}. Took {(time.time() - started) / 60:.0f} min. config/smollm2-135m.yaml, input.txt, "
         f"batch 4 x 256, seed 1337, WSD over {args.steps} steps (warmup {max(1, args.steps // 4)}); Muon lr "
         f"{args.muon_lr:g} for the hidden matrices. Held-out loss: the trainer's validation, "
         f"{args.eval_batches} batches.",

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import io
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,10 +28,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import machine, spread  # noqa: E402  (bench/ is on sys.path: this script's folder)
 
 from smollm2.config import load_config  # noqa: E402
 from smollm2.evaluation import evaluate  # noqa: E402
@@ -89,15 +89,12 @@ def at_budget(points: list[tuple[int, float, float]], budget: float) -> float | 
     return within[-1] if within else None
 
 
-def spread(values: list[float | None], digits: int = 3) -> str:
+def seeds_spread(values: list[float | None], fmt: str = "{:.3f}") -> str:
+    """report.spread over the seeds, or how many seeds got there when not all did."""
     if any(v is None for v in values):
-        return (
-            "not reached"
-            if all(v is None for v in values)
-            else f"{sum(v is not None for v in values)}/{len(values)} seeds"
-        )
-    mean = statistics.mean(values)
-    return f"{mean:.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
+        reached = sum(v is not None for v in values)
+        return "not reached" if not reached else f"{reached}/{len(values)} seeds"
+    return spread(values, fmt)
 
 
 def sweep(steps: int, every: int, work: Path, lrs: dict[str, list[float]], candidates: bool) -> str:
@@ -164,13 +161,6 @@ def sweep_row(name: str, points: list[tuple[int, float, float]], per_step: float
     )
 
 
-def machine() -> str:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "CPU"
-    )
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="150 steps, seed 1337, input.txt")
@@ -211,8 +201,8 @@ def report(table: dict, corpora: list[str], seeds: list[int], steps: int, budget
         f"## Time to quality (`python {' '.join(sys.argv)}`)",
         "",
         f"Machine: {machine()}. Took {seconds / 60:.0f} min. config/tiny.yaml, {steps} steps, seeds "
-        f"{', '.join(map(str, seeds))} (mean ± half the range). Held-out bits per byte: `smollm2 eval --split val` "
-        "(the run's whole held-out split). Time: steps x the run's median training step.",
+        f"{', '.join(map(str, seeds))} (median (min-max) over the seeds). Held-out bits per byte: "
+        "`smollm2 eval --split val` (the run's whole held-out split). Time: steps x the run's median training step.",
         "",
     ]
     for corpus in corpora:
@@ -227,17 +217,17 @@ def report(table: dict, corpora: list[str], seeds: list[int], steps: int, budget
             + " |",
             "|---|---|---|---|---|" + "---|" * len(budgets),
         ]
-        base_time = statistics.mean(first_reaching(points, target)[1] for points in reference)
+        base_time = statistics.median(first_reaching(points, target)[1] for points in reference)
         for name in names:
             runs = table[corpus, name]
             reached = [first_reaching(points, target) for points in runs]
             times = [r[1] if r else None for r in reached]
-            ratio = f"{statistics.mean(times) / base_time:.2f}x" if None not in times else "n/a"
+            ratio = f"{statistics.median(times) / base_time:.2f}x" if None not in times else "n/a"
             lines.append(
-                f"| {name} | {spread([p[-1][2] for p in runs])} | "
-                f"{spread([r[0] if r else None for r in reached], 0)} | "
-                f"{spread(times, 1)} | {ratio} | "
-                + " | ".join(spread([at_budget(points, b) for points in runs]) for b in budgets)
+                f"| {name} | {seeds_spread([p[-1][2] for p in runs])} | "
+                f"{seeds_spread([r[0] if r else None for r in reached], '{:.0f}')} | "
+                f"{seeds_spread(times, '{:.1f}')} | {ratio} | "
+                + " | ".join(seeds_spread([at_budget(points, b) for points in runs]) for b in budgets)
                 + " |"
             )
         lines.append("")
