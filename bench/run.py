@@ -56,7 +56,9 @@ BENCHMARKS = [
         ("--batches", "4", "16", "64", "--steps", "15"),
         ("--batches", "16", "64", "--steps", "5"),
     ),
-    Benchmark("time_to_quality", "time_to_quality.py", (), ("--quick",)),
+    Benchmark("time_to_quality_sweep", "time_to_quality.py", ("--sweep",), ("--sweep", "--steps", "100")),
+    Benchmark("time_to_quality", "time_to_quality.py", ("--every", "100"), ("--quick",)),
+    Benchmark("muon_135m", "muon_135m.py", ("--steps", "20", "--muon_lr", "4e-3"), ("--steps", "4")),
     Benchmark(
         "sft_packing",
         "sft_packing.py",

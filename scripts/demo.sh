@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: the seed's two-phase story on config/tiny.yaml over input.txt, on a CPU in minutes.
 # Phase 1 trains with predictions every 100 steps and a checkpoint at the end; phase 2 resumes it
-# for 50 more steps. Everything lands in runs/demo/ (checkpoints/, logs/, final/).
+# for 50 more steps, and the last line is its bits per byte on its held-out split (`eval --split val`).
+# Everything lands in runs/demo/ (checkpoints/, logs/, final/).
 # Nothing is ever deleted: when runs/demo already holds a run, the demo continues it for 50 more
 # steps (train.py refuses a folder that holds another run, or anything it would damage).
 set -euo pipefail
@@ -17,3 +18,6 @@ echo
 echo "== a sample from the resumed model (step $step) =="
 $PY -m smollm2 generate --checkpoint "$OUT/checkpoints/step_$step.pt" --prompt "ROMEO:" \
   --max_new_tokens 120 --temperature 0.8 --top_k 50 --seed 1
+echo
+echo "== held-out bits per byte: the run's own validation split, scored at step $step =="
+$PY -m smollm2 eval --checkpoint "$OUT/checkpoints/step_$step.pt" --split val --precision fp32

@@ -154,6 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         download=args.download,
         precision=args.precision,
         allow_code=args.allow_code,
+        split=args.split,
     )
 
 
@@ -370,6 +371,7 @@ def add_eval(commands: Subcommands) -> None:
         examples(
             "python -m smollm2 eval --model runs/mine/final --tasks hellaswag,arc_easy --limit 200 --out results.json",
             "python -m smollm2 eval --checkpoint runs/mine/checkpoints/step_600.pt --text held_out.txt",
+            "python -m smollm2 eval --checkpoint runs/mine/checkpoints/step_600.pt --split val",
             "python -m smollm2 eval --model runs/mine/final --tasks tests/eval_tasks/multiple_choice.yaml --allow_code",
         ),
     )
@@ -378,6 +380,11 @@ def add_eval(commands: Subcommands) -> None:
     source.add_argument("--model", help="a model folder: a run's final/, an export, or a downloaded SmolLM2")
     evaluate.add_argument("--tasks", help="lm-eval task names or task .yaml files, comma-separated")
     evaluate.add_argument("--text", help="a UTF-8 text file: loss per token, perplexity and bits per byte")
+    evaluate.add_argument(
+        "--split",
+        choices=["val"],
+        help="the held-out split of the model's own run (RUN/data/*/val.bin), scored as --text scores a file",
+    )
     evaluate.add_argument("--window", type=int, help="--text: tokens a window holds (default: the model's context)")
     evaluate.add_argument("--stride", type=int, help="--text: tokens each window moves on (default: half the window)")
     evaluate.add_argument("--limit", type=int, help="examples per task at most (default: all)")

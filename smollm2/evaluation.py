@@ -42,11 +42,13 @@ from lm_eval.utils import (
 )
 
 from smollm2.config import TrainConfig
+from smollm2.data import read_meta, read_tokens
 from smollm2.errors import UserError, error_reason, read_utf8
 from smollm2.files import write_atomic
 from smollm2.generation import Sampling, stream
 from smollm2.metrics import EVAL_PREFIX
 from smollm2.model import SmolLM2
+from smollm2.run_folder import RunFolder
 from smollm2.tokenizer import Tokenizer
 
 OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -156,6 +158,20 @@ def text_metrics(
     """Loss per token, perplexity and bits per byte of `text`, every token scored once, in windows
     of `window` tokens (default: the model's context) moved by `stride` tokens (default: half the
     window); the first token is scored after the tokenizer's end-of-text token."""
+    tokens = tokenizer.encode(text)
+    return token_metrics(model, tokenizer, tokens, len(text.encode("utf-8")), stride, batch_size, window)
+
+
+def token_metrics(
+    model: SmolLM2,
+    tokenizer: Tokenizer,
+    tokens: list[int],
+    n_bytes: int,
+    stride: int | None = None,
+    batch_size: int = 4,
+    window: int | None = None,
+) -> dict[str, float]:
+    """text_metrics of text already tokenized: `tokens`, which spell `n_bytes` bytes of text."""
     context = model.config.max_seq_len
     window = context if window is None else window
     if not 2 <= window <= context:
@@ -165,19 +181,39 @@ def text_metrics(
         raise UserError(f"--stride must be between 1 and the window ({window} tokens), got {stride}")
     if tokenizer.eos_id is None:
         raise UserError("the tokenizer has no end-of-text token to score the text's first token after")
-    tokens = tokenizer.encode(text)
     windows = rolling_windows(tokens, tokenizer.eos_id, window, stride)
     total = sum(logprob for logprob, _ in score_windows(model, windows, batch_size))
     loss = -total / len(tokens)
     return {
         "tokens": len(tokens),
-        "bytes": len(text.encode("utf-8")),
+        "bytes": n_bytes,
         "window": window,
         "stride": stride,
         "loss_per_token": loss,
         "perplexity": math.exp(min(loss, 700)),
-        "bits_per_byte": -total / (len(text.encode("utf-8")) * math.log(2)),
+        "bits_per_byte": -total / (n_bytes * math.log(2)),
     }
+
+
+def held_out_split(source: str | Path, tokenizer: Tokenizer) -> tuple[list[int], int, Path]:
+    """The tokens of the held-out split of the run `source` belongs to, the bytes they spell and its
+    file: the val.bin of the run's one prepared corpus, tokenized by `tokenizer`. End-of-text tokens
+    stay (validation scores them: a document's end is part of its text); they spell no bytes."""
+    run = RunFolder.containing(Path(source))
+    if run is None:
+        raise UserError(f"--split val: {source} is not in a run folder (RUN, RUN/final or RUN/checkpoints/step_N.pt)")
+    folders = [folder for folder in sorted(run.data.glob("*")) if read_meta(folder) is not None]
+    if len(folders) != 1:
+        found = "no prepared corpus" if not folders else f"{len(folders)} prepared corpora (a mixture?)"
+        raise UserError(f"--split val: {run.data} holds {found}; give --text FILE instead")
+    meta = read_meta(folders[0])
+    if meta.get("tokenizer_hash") != tokenizer.hash:
+        raise UserError(f"--split val: {folders[0]} was tokenized by another tokenizer than the model's")
+    if not meta["val_tokens"]:
+        raise UserError(f"--split val: {folders[0]} has no held-out tokens (data.val_fraction was 0)")
+    tokens = read_tokens(folders[0] / "val.bin", meta["dtype"]).tolist()
+    text = tokenizer.decode([token for token in tokens if token != tokenizer.eos_id])
+    return tokens, len(text.encode("utf-8")), folders[0] / "val.bin"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,14 +635,16 @@ def evaluate(
     download: bool = False,
     precision: str = "auto",
     allow_code: bool = False,
+    split: str | None = None,
 ) -> dict:
-    """Evaluate a checkpoint or model folder on lm-eval tasks and/or a text file; print the table,
-    write the JSON to `out`. Every input is checked before the model is loaded."""
+    """Evaluate a checkpoint or model folder on lm-eval tasks, a text file and/or its run's held-out
+    split (`split="val"`); print the table, write the JSON to `out`. Every input is checked before
+    the model is loaded, but for the split's tokenizer, which is the model's."""
     from smollm2.inference import load_for_inference
 
     stay_offline(download)
-    if not tasks and not text:
-        raise UserError("nothing to evaluate: give --tasks NAMES and/or --text FILE")
+    if not tasks and not text and not split:
+        raise UserError("nothing to evaluate: give --tasks NAMES, --text FILE and/or --split val")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 example per task, got {limit}")
     if num_fewshot is not None and num_fewshot < 0:
@@ -631,6 +669,11 @@ def evaluate(
         metrics = text_metrics(model, tokenizer, held_out, stride, batch_size, window)
         print(describe_text_metrics(text, metrics))
         report["text"] = {"file": str(text)} | metrics
+    if split is not None:
+        tokens, n_bytes, file = held_out_split(source, tokenizer)
+        metrics = token_metrics(model, tokenizer, tokens, n_bytes, stride, batch_size, window)
+        print(describe_text_metrics(f"{file} (the run's held-out split)", metrics))
+        report["split"] = {"file": str(file)} | metrics
     if out is not None:
         write_results(out, report)
         print(f"wrote {out}")

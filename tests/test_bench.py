@@ -87,3 +87,28 @@ def test_benchmarks_md_is_exactly_what_run_py_assembles_from_the_section_files()
     assert (ROOT / "BENCHMARKS.md").read_text() == run.assemble()
     assert all((ROOT / "bench" / b.script).is_file() for b in run.BENCHMARKS)
     assert len({b.name for b in run.BENCHMARKS}) == len(run.BENCHMARKS)
+
+
+def test_time_to_quality_reads_steps_and_seconds_to_a_target_and_bpb_at_a_budget():
+    import time_to_quality as ttq
+
+    points = [(100, 30.0, 2.5), (200, 60.0, 2.2), (300, 90.0, 2.1)]
+    assert ttq.first_reaching(points, 2.2) == (200, 60.0)
+    assert ttq.first_reaching(points, 2.0) is None
+    assert ttq.at_budget(points, 89.9) == 2.2 and ttq.at_budget(points, 29.0) is None
+    assert ttq.seeds_spread([2.2, 2.1]) == "2.150 (2.100-2.200)"
+    assert ttq.seeds_spread([None, 60.0], "{:.1f}") == "1/2 seeds" and ttq.seeds_spread([None, None]) == "not reached"
+
+
+def test_time_to_quality_report_compares_with_the_old_defaults_worst_seed():
+    import time_to_quality as ttq
+
+    table = {
+        ("input.txt", "old"): [[(100, 40.0, 2.4), (200, 80.0, 2.3)], [(100, 40.0, 2.5), (200, 80.0, 2.35)]],
+        ("input.txt", "new"): [[(100, 30.0, 2.3), (200, 60.0, 2.2)], [(100, 30.0, 2.4), (200, 60.0, 2.25)]],
+    }
+    text = ttq.report(table, ["input.txt"], [1, 2], 200, [50], 60.0)
+    assert "the old default's final bpb (its worst seed's), 2.350" in text
+    # old: both seeds reach 2.35 at step 200 (80 s); new: seed 1 at step 100 (30 s), seed 2 at step 200 (60 s)
+    assert "| old | 2.325 (2.300-2.350) | 200 | 80.0 | 1.00x | 2.450 (2.400-2.500) |" in text
+    assert "| new | 2.225 (2.200-2.250) | 150 (100-200) | 45.0 (30.0-60.0) | 0.56x | 2.350 (2.300-2.400) |" in text

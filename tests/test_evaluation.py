@@ -5,10 +5,12 @@ its refusals, and benchmark figures during training."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from smollm2.app import benchmark_frame
 from smollm2.config import config_from_dict
 from smollm2.hf import load_pretrained, write_model_folder
 from smollm2.model import SmolLM2
+from smollm2.model_source import ModelSource
 from smollm2.tokenizer import train_tokenizer
 from smollm2.trainer import train
 from tests.conftest import small_config
@@ -198,6 +201,7 @@ def workspace(model_folder, tmp_path, monkeypatch) -> Path:
         (["--text", "results"], "--text results: a folder"),
         (["--tasks", str(TASKS / "multiple_choice.yaml"), "--num_fewshot", "-1"], "--num_fewshot must be 0 or more"),
         ([], "nothing to evaluate"),
+        (["--split", "val"], "is not in a run folder (RUN, RUN/final or RUN/checkpoints/step_N.pt)"),
         (["--tasks", "list.yaml"], "task file {}/list.yaml: expected a YAML mapping of task settings, got list"),
         (
             ["--tasks", "broken.yaml", "--allow_code"],
@@ -225,6 +229,39 @@ def run_folder(tmp_path, monkeypatch) -> Path:
     (tmp_path / "input.txt").write_text(CORPUS)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def test_eval_split_val_scores_the_runs_own_held_out_tokens(run_folder, capsys):
+    """--split val: every token of the run's val.bin scored once (end-of-text tokens too), over the
+    bytes its text has; the train and val splits' texts add up to the corpus, byte for byte."""
+    train(config_from_dict(tiny_config(), "tiny"), 2, None, "run")
+    data = run_folder / "run" / "data" / "input-320"
+    dtype = json.loads((data / "meta.json").read_text())["dtype"]
+    val, train_ids = (np.fromfile(data / f"{split}.bin", dtype=dtype).tolist() for split in ("val", "train"))
+    model, tokenizer = ModelSource.open(run_folder / "run").load()
+    n_bytes = {
+        name: len(tokenizer.decode([t for t in ids if t != tokenizer.eos_id]).encode())
+        for name, ids in (("val", val), ("train", train_ids))
+    }
+    assert n_bytes["val"] + n_bytes["train"] == len(CORPUS.encode())
+    inputs = [tokenizer.eos_id, *val[:-1]]
+    with torch.no_grad():  # disjoint windows of the whole context, computed here
+        nll = sum(
+            F.cross_entropy(
+                model(torch.tensor([inputs[i : i + 64]]))[0], torch.tensor(val[i : i + 64]), reduction="sum"
+            )
+            for i in range(0, len(val), 64)
+        ).item()
+    out = run_folder / "split.json"
+    argv = ["eval", "--model", "run", "--split", "val", "--stride", "64", "--precision", "fp32", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert "bits/byte" in capsys.readouterr().out
+    report = json.loads(out.read_text())["split"]
+    assert report["file"] == str(Path("run/data/input-320/val.bin"))
+    assert report["tokens"] == len(val) > 2 * 64 and report["bytes"] == n_bytes["val"]
+    assert report["bits_per_byte"] == pytest.approx(nll / (n_bytes["val"] * math.log(2)), rel=1e-5)
+    shutil.copytree(data, data.parent / "other-320")  # two prepared corpora: which one is held out is not said
+    refused(capsys, run_folder, cli.main, argv[:-2], "run/data holds 2 prepared corpora (a mixture?); give --text")
 
 
 def test_eval_tasks_during_training_go_to_the_logs(run_folder):

@@ -758,6 +758,11 @@ def test_the_demo_run_twice_deletes_nothing_and_continues_its_own_run(tmp_path):
     assert b"continuing it" in result.stdout and b"(step 4)" in result.stdout
     assert (demo / "notes.txt").read_text() == "mine\n"
     assert sorted(p.name for p in (demo / "checkpoints").iterdir()) == ["step_2.pt", "step_3.pt", "step_4.pt"]
+    from smollm2.evaluation import evaluate  # lm-eval's import, only here
+
+    held_out = evaluate(str(demo / "checkpoints" / "step_4.pt"), split="val", precision="fp32")["split"]
+    closing = result.stdout.decode().strip().splitlines()[-1]  # the demo ends saying its held-out bits per byte
+    assert closing.endswith(f"bits/byte {held_out['bits_per_byte']:.4f}"), closing
 
 
 # ---------------------------------------------------------------------------------------------
