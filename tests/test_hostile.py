@@ -760,7 +760,9 @@ def test_the_demo_run_twice_deletes_nothing_and_continues_its_own_run(tmp_path):
     assert sorted(p.name for p in (demo / "checkpoints").iterdir()) == ["step_2.pt", "step_3.pt", "step_4.pt"]
     from smollm2.evaluation import evaluate  # lm-eval's import, only here
 
-    held_out = evaluate(str(demo / "checkpoints" / "step_4.pt"), split="val", precision="fp32")["split"]
+    length = tiny_config(save_every=2, eval_every=2)["data"]["seq_len"]  # scored at the length it trained on
+    step_4 = str(demo / "checkpoints" / "step_4.pt")
+    held_out = evaluate(step_4, split="val", precision="fp32", window=length, stride=length // 2)["split"]
     closing = result.stdout.decode().strip().splitlines()[-1]  # the demo ends saying its held-out bits per byte
     assert closing.endswith(f"bits/byte {held_out['bits_per_byte']:.4f}"), closing
 
