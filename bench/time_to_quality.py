@@ -107,9 +107,9 @@ def sweep(steps: int, every: int, work: Path, lrs: dict[str, list[float]], candi
         f"## Time to quality: learning-rate sweep (`python {' '.join(sys.argv)}`)",
         "",
         f"Machine: {machine()}. config/tiny.yaml on input.txt, seed 1337, {steps} steps of 16 x 128 tokens "
-        "(or the same tokens in half the steps at batch 32). Held-out bits per byte: `smollm2 eval --split val` "
-        "(the run's whole held-out split). Seconds per step: the median of the run's training steps (metrics.jsonl), "
-        "under whatever else ran on the machine.",
+        "(or the same tokens in half the steps at batch 32). Held-out bits per byte: `smollm2 eval --split val "
+        "--window 128 --stride 64` (the run's whole held-out split, at the length it trains on). Seconds per "
+        "step: the median of the run's training steps (metrics.jsonl), under whatever else ran on the machine.",
         "",
         "| recipe | "
         + " | ".join(f"bpb after {s * 16 * 128 // 1000}k tokens" for s in range(every, steps + 1, every))
@@ -203,7 +203,8 @@ def report(table: dict, corpora: list[str], seeds: list[int], steps: int, budget
         "",
         f"Machine: {machine()}. Took {seconds / 60:.0f} min. config/tiny.yaml, {steps} steps, seeds "
         f"{', '.join(map(str, seeds))} (median (min-max) over the seeds). Held-out bits per byte: "
-        "`smollm2 eval --split val` (the run's whole held-out split). Time: steps x the run's median training step.",
+        "`smollm2 eval --split val --window 128 --stride 64` (the run's whole held-out split, at the length it "
+        "trains on). Time: steps x the run's median training step; a budget past a run's end shows its final bpb.",
         "",
     ]
     for corpus in corpora:
