@@ -99,7 +99,7 @@ def seeds_spread(values: list[float | None], fmt: str = "{:.3f}") -> str:
 
 
 def sweep(steps: int, every: int, work: Path, lrs: dict[str, list[float]], candidates: bool) -> str:
-    """Step-based: each learning rate's held-out bpb on input.txt, seed 1337, then two CPU recipes at Muon's best.
+    """Step-based: each learning rate's held-out bpb on input.txt, seed 1337, then CPU recipes at the best lrs.
 
     Judged at equal training tokens (a recipe at batch 32 has its steps halved), so the bpb columns do
     not depend on the machine's load; seconds per step is the one timed column."""
@@ -137,6 +137,11 @@ def sweep(steps: int, every: int, work: Path, lrs: dict[str, list[float]], candi
             1,
         ),
     }
+    if "adamw" in best:
+        recipes[f"AdamW lr {best['adamw']:g}, warmup 20, WSD schedule"] = (
+            [*sweep_setting("adamw", best["adamw"]), "train.warmup_steps=20", "train.schedule=wsd"],
+            1,
+        )
     for name, (setting, fold) in recipes.items():
         points = run(setting, steps // fold, every // fold, work / f"sweep-{name[:20]}-{fold}")
         lines.append(sweep_row(name, points, points[-1][1] / (steps // fold)))
@@ -173,7 +178,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="only the learning-rate sweep, step-based")
     parser.add_argument("--muon_lrs", type=float, nargs="*", default=SWEEP["muon"], help="--sweep: Muon's lrs")
     parser.add_argument("--adamw_lrs", type=float, nargs="*", default=SWEEP["adamw"], help="--sweep: AdamW's lrs")
-    parser.add_argument("--no_candidates", action="store_true", help="--sweep: not the two recipes at Muon's best")
+    parser.add_argument("--no_candidates", action="store_true", help="--sweep: not the recipes at the best lrs")
     args = parser.parse_args()
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+from torch.optim._muon import _adjust_lr
 
 # torch's Muon scales each matrix's update to the RMS AdamW's would have (Moonshot's rule), so
 # train.muon_lr lives on AdamW's scale and a recipe's learning rates compare directly.
@@ -38,11 +38,16 @@ def adamw_groups(model: nn.Module, exclude: list[nn.Parameter], weight_decay: fl
 
 
 class GatheringMuon(torch.optim.Muon):
-    """torch.optim.Muon whose Newton-Schulz step sees whole matrices when parameters are FSDP2 shards.
+    """torch.optim.Muon whose Newton-Schulz step sees whole matrices when parameters are FSDP2 shards,
+    and runs in `ns_dtype`: the run's matmul precision (torch's always uses bf16).
 
     The update is torch's (its `_single_tensor_muon`, step for step); only the orthogonalization
     gathers (`full_tensor`) and cuts the result back to this rank's rows (`distribute_tensor`
     without communication: every rank computed the same whole matrix)."""
+
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **settings) -> None:
+        super().__init__(params, **settings)
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -63,20 +68,37 @@ class GatheringMuon(torch.optim.Muon):
         grad, buffer, momentum = param.grad, state["momentum_buffer"], group["momentum"]
         buffer.lerp_(grad, 1 - momentum)
         update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-        update = orthogonalized(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        update = orthogonalized(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
         lr = group["lr"]
         param.mul_(1 - lr * group["weight_decay"])
         param.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], param.shape))
 
 
-def orthogonalized(update: torch.Tensor, coefficients: tuple, steps: int, eps: float) -> torch.Tensor:
+def orthogonalized(
+    update: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """Newton-Schulz on the whole matrix: gathered first when `update` is a DTensor shard."""
     if not hasattr(update, "full_tensor"):
-        return _zeropower_via_newtonschulz(update, coefficients, steps, eps)
+        return newton_schulz(update, coefficients, steps, eps, dtype)
     from torch.distributed.tensor import distribute_tensor
 
-    whole = _zeropower_via_newtonschulz(update.full_tensor(), coefficients, steps, eps)
+    whole = newton_schulz(update.full_tensor(), coefficients, steps, eps, dtype)
     return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+
+
+def newton_schulz(
+    matrix: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz iteration (bit for bit in bf16), in `dtype`: on a CPU
+    whose bf16 matmuls are slower than fp32 (AVX-512 without AMX: 0.5x), bf16 makes Muon's steps dearer."""
+    a, b, c = coefficients
+    tall = matrix.size(0) > matrix.size(1)
+    x = matrix.to(dtype).T if tall else matrix.to(dtype)  # iterate on the smaller Gram matrix
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1 (not in place: in fp32, x may be the momentum)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
 
 
 class MuonWithAdamW:

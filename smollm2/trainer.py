@@ -65,11 +65,12 @@ def learning_rate(step: int, settings: TrainConfig, span: int) -> float:
 
 
 def make_optimizer(
-    model: SmolLM2, settings: TrainConfig, device: torch.device
+    model: SmolLM2, settings: TrainConfig, device: torch.device, matmul_dtype: torch.dtype | None = None
 ) -> torch.optim.Optimizer | MuonWithAdamW:
     """AdamW (weight decay on matrices only, not on norms or embeddings); with train.optimizer=muon,
     Muon for the blocks' 2-D matrices and AdamW for the rest. Each group keeps `lr_ratio`, its base
-    lr over train.lr, so the schedule scales every group's own learning rate."""
+    lr over train.lr, so the schedule scales every group's own learning rate. Muon's Newton-Schulz
+    runs in the run's matmul precision (`matmul_dtype`, None = fp32): the one measured faster here."""
     matrices = [p for _, p in hidden_matrices(model)] if settings.optimizer == "muon" else []
     groups = [g | {"lr_ratio": 1.0} for g in adamw_groups(model, matrices, settings.weight_decay)]
     # The fused kernel exists for CUDA and, in recent PyTorch, for CPU: one kernel for all parameters.
@@ -83,6 +84,7 @@ def make_optimizer(
         weight_decay=settings.muon_weight_decay,
         momentum=settings.muon_momentum,
         adjust_lr_fn=ADJUST_LR,
+        ns_dtype=matmul_dtype or torch.float32,
     )
     return MuonWithAdamW(muon, adamw)
 
@@ -301,7 +303,7 @@ class Trainer:
         torch.manual_seed(settings.seed + self.world.rank)  # from here on each rank draws its own numbers
         # FSDP replaces the parameters with shards, so the optimizer is made after parallelizing.
         self.train_model = distributed.parallelize(self.model, self.world, settings)
-        self.optimizer = make_optimizer(self.model, settings, self.device)
+        self.optimizer = make_optimizer(self.model, settings, self.device, self.precision.dtype)
         self.loader = data_pipeline(config).loader(self.data, config, self.world.rank, self.world.size, self.device)
         if resume is not None:
             self.load_optimizer_state(resume.optimizer)

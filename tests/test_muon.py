@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+from smollm2 import muon
 from smollm2.checkpoint import load_checkpoint
 from smollm2.config import load_config
 from smollm2.model import SmolLM2
@@ -174,3 +175,21 @@ def test_muon_keys_load_from_a_file(tmp_path):
     path.write_text(yaml.safe_dump({"train": {"optimizer": "muon", "muon_lr": "1e-2", "muon_momentum": 0.9}}))
     settings = load_config(path).train
     assert (settings.optimizer, settings.muon_lr, settings.muon_momentum) == ("muon", 0.01, 0.9)
+
+
+def test_newton_schulz_runs_in_the_runs_matmul_precision_and_leaves_its_input_alone():
+    model = SmolLM2(small_config())
+    settings = load_config("config/tiny.yaml", ["train.optimizer=muon"]).train
+    assert next(muon.parts(make_optimizer(model, settings, CPU))).ns_dtype == torch.float32
+    bf16 = make_optimizer(model, settings, CPU, torch.bfloat16)
+    assert next(muon.parts(bf16)).ns_dtype == torch.bfloat16
+    torch.manual_seed(0)
+    momentum = torch.randn(48, 32)
+    kept = momentum.clone()
+    fp32 = muon.newton_schulz(momentum, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32)
+    assert torch.equal(momentum, kept)
+    assert fp32.dtype == torch.float32 and fp32.shape == (48, 32)
+    singular = torch.linalg.svdvals(fp32)
+    assert 0.6 < singular.min() and singular.max() < 1.25  # orthogonalized, as the quintic leaves it
+    in_bf16 = muon.newton_schulz(momentum, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.bfloat16)
+    assert (fp32 - in_bf16.float()).abs().max() < 0.05
