@@ -20,8 +20,6 @@ $PY -m smollm2 generate --checkpoint "$OUT/checkpoints/step_$step.pt" --prompt "
   --max_new_tokens 120 --temperature 0.8 --top_k 50 --seed 1
 echo
 echo "== held-out bits per byte: the run's own validation split, scored at step $step =="
-# Scored in windows of the length the run trains on (data.seq_len: 128 in tiny.yaml), not its context
-# (512): it never learned the positions past 128, and windows of 512 would measure that instead.
-window=$($PY -c "from smollm2.config import load_config; print(load_config('config/tiny.yaml').data.seq_len)")
-$PY -m smollm2 eval --checkpoint "$OUT/checkpoints/step_$step.pt" --split val --window "$window" \
-  --stride $((window / 2)) --precision fp32
+# Scored in windows of the length the run trains on (--split val's default: data.seq_len, 128 in tiny.yaml),
+# not its context (512): it never learned the positions past 128, and windows of 512 would measure that.
+$PY -m smollm2 eval --checkpoint "$OUT/checkpoints/step_$step.pt" --split val --precision fp32

@@ -385,7 +385,11 @@ def add_eval(commands: Subcommands) -> None:
         choices=["val"],
         help="the held-out split of the model's own run (RUN/data/*/val.bin), scored as --text scores a file",
     )
-    evaluate.add_argument("--window", type=int, help="--text: tokens a window holds (default: the model's context)")
+    evaluate.add_argument(
+        "--window",
+        type=int,
+        help="tokens a window holds (default: --text, the model's context; --split val, the length the run trained on)",
+    )
     evaluate.add_argument("--stride", type=int, help="--text: tokens each window moves on (default: half the window)")
     evaluate.add_argument("--limit", type=int, help="examples per task at most (default: all)")
     evaluate.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")

@@ -41,6 +41,7 @@ from lm_eval.utils import (
     simple_parse_args_string,
 )
 
+from smollm2.checkpoint import peek_checkpoint
 from smollm2.config import TrainConfig
 from smollm2.data import read_meta, read_tokens
 from smollm2.errors import UserError, error_reason, read_utf8
@@ -214,6 +215,16 @@ def held_out_split(source: str | Path, tokenizer: Tokenizer) -> tuple[list[int],
     tokens = read_tokens(folders[0] / "val.bin", meta["dtype"]).tolist()
     text = tokenizer.decode([token for token in tokens if token != tokenizer.eos_id])
     return tokens, len(text.encode("utf-8")), folders[0] / "val.bin"
+
+
+def trained_length(source: str | Path) -> int | None:
+    """The data.seq_len the run of `source` trained on (its checkpoint's, or the run's latest one's):
+    positions past it were never trained, so --split val scores in windows of it by default."""
+    run = RunFolder.containing(Path(source))
+    checkpoint = Path(source) if Path(source).is_file() else run.latest_checkpoint() if run else None
+    config = peek_checkpoint(checkpoint, "config") if checkpoint else None
+    seq_len = config.get("data", {}).get("seq_len") if isinstance(config, dict) else None
+    return seq_len if isinstance(seq_len, int) and seq_len >= 2 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -671,6 +682,7 @@ def evaluate(
         report["text"] = {"file": str(text)} | metrics
     if split is not None:
         tokens, n_bytes, file = held_out_split(source, tokenizer)
+        window = window or trained_length(source)
         metrics = token_metrics(model, tokenizer, tokens, n_bytes, stride, batch_size, window)
         print(describe_text_metrics(f"{file} (the run's held-out split)", metrics))
         report["split"] = {"file": str(file)} | metrics

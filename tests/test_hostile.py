@@ -762,7 +762,8 @@ def test_the_demo_run_twice_deletes_nothing_and_continues_its_own_run(tmp_path):
 
     length = tiny_config(save_every=2, eval_every=2)["data"]["seq_len"]  # scored at the length it trained on
     step_4 = str(demo / "checkpoints" / "step_4.pt")
-    held_out = evaluate(step_4, split="val", precision="fp32", window=length, stride=length // 2)["split"]
+    held_out = evaluate(step_4, split="val", precision="fp32")["split"]
+    assert (held_out["window"], held_out["stride"]) == (length, length // 2)
     closing = result.stdout.decode().strip().splitlines()[-1]  # the demo ends saying its held-out bits per byte
     assert closing.endswith(f"bits/byte {held_out['bits_per_byte']:.4f}"), closing
 
