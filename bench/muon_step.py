@@ -37,14 +37,15 @@ def step_seconds(model: SmolLM2, optimizer, tokens: torch.Tensor) -> float:
     return time.perf_counter() - tick
 
 
-def newton_schulz_seconds(model: SmolLM2, repeats: int) -> float:
-    """Newton-Schulz on a random matrix of each hidden matrix's shape, as torch.optim.Muon runs it."""
+def newton_schulz_seconds(model: SmolLM2, repeats: int, dtype: torch.dtype) -> float:
+    """Newton-Schulz on a random matrix of each hidden matrix's shape, as our Muon runs it in `dtype`
+    (torch.optim.Muon's always runs in bf16)."""
     matrices = [torch.randn_like(p) for _, p in hidden_matrices(model)]
     times = []
     for _ in range(repeats):
         tick = time.perf_counter()
         for matrix in matrices:
-            orthogonalized(matrix, (3.4445, -4.775, 2.0315), 5, 1e-7)
+            orthogonalized(matrix, (3.4445, -4.775, 2.0315), 5, 1e-7, dtype)
         times.append(time.perf_counter() - tick)
     return statistics.median(times)
 
@@ -74,7 +75,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     args = parser.parse_args()
     config = load_config(ROOT / "config/tiny.yaml")
-    ns = newton_schulz_seconds(SmolLM2(config.model), args.steps)
+    model = SmolLM2(config.model)
+    ns, ns_bf16 = (newton_schulz_seconds(model, args.steps, dtype) for dtype in (torch.float32, torch.bfloat16))
     names = (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     lines = [
         f"## Muon's step against AdamW's (`python bench/muon_step.py --batches {' '.join(map(str, args.batches))} "
@@ -83,7 +85,8 @@ def main() -> None:
         f"Machine: {next(names, 'CPU')}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python "
         f"{platform.python_version()}. Date: {time.strftime('%Y-%m-%d')}. config/tiny.yaml "
         f"(fp32, seq {config.data.seq_len}); medians of {args.steps} alternating steps. Newton-Schulz alone, on every "
-        f"hidden matrix ({len(hidden_matrices(SmolLM2(config.model)))}): {ns * 1000:.1f} ms a step.",
+        f"hidden matrix ({len(hidden_matrices(model))}): {ns * 1000:.1f} ms a step in fp32, as an fp32 run does it "
+        f"({ns_bf16 * 1000:.1f} ms in bf16, as torch.optim.Muon and a bf16 run do).",
         "",
         "| batch (sequences) | AdamW step | Muon step | Muon / AdamW | Newton-Schulz's share of a Muon step |",
         "|---|---|---|---|---|",

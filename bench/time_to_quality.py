@@ -1,13 +1,14 @@
 """Time to quality: what held-out bits per byte each training recipe reaches per CPU-minute.
 
 For each corpus (the shipped input.txt, arithmetic.jsonl and espanol.txt, each with the run's own
-held-out split) and each seed, config/tiny.yaml trains from scratch twice: with its default recipe
-(AdamW lr 2e-3, cosine, warmup 50, batch 16 x 128, 600 steps: make demo's) and with Muon for the
-matrices (lr 4e-3, the sweep's best), saving a checkpoint every `--every` steps. Each checkpoint's
-bits per byte are `smollm2 eval --split val --window 128 --stride 64`'s (the run's whole held-out
-split, in windows of the 128 tokens tiny trains on). Time is steps x the run's median training step
-(metrics.jsonl: tokens per step / tokens per second): checkpoints and evaluations do not count, and
-neither does a pause of the process by other work on the machine, which a mean would take in.
+held-out split) and each seed, config/tiny.yaml trains from scratch with each recipe: the old
+default (AdamW lr 2e-3, cosine, warmup 50, batch 16 x 128, 600 steps: make demo's), and AdamW and
+Muon (lr 4e-3 for the matrices) each with the sweep's best schedule (WSD, warmup 20), saving a
+checkpoint every `--every` steps. Each checkpoint's bits per byte are `smollm2 eval --split val
+--window 128 --stride 64`'s (the run's whole held-out split, in windows of the 128 tokens tiny
+trains on). Time is steps x the run's median training step (metrics.jsonl: tokens per step /
+tokens per second): checkpoints and evaluations do not count, and neither does a pause of the
+process by other work on the machine, which a mean would take in.
 
 Prints a Markdown section (for BENCHMARKS.md):
     python bench/time_to_quality.py --every 100   # seeds 1337 and 1338, every corpus
@@ -55,11 +56,21 @@ SCORING = {"window": 128, "stride": 64}
 QUIET = ["train.eval_every=100000", "train.predict_every=100000", "train.keep_last=1000"]
 
 
+# The sweep's best schedule for both optimizers (BENCHMARKS.md, the sweep section)
+WSD = ["train.warmup_steps=20", "train.schedule=wsd"]
+
+
 def recipes() -> dict[str, list[str]]:
-    """The old default first (the reference), then Muon for the matrices at the sweep's best lr."""
+    """The old default first (the reference), then each optimizer at the sweep's best lr and schedule."""
     return {
-        "AdamW (the default: lr 0.002, cosine, warmup 50, batch 16)": OLD_DEFAULT,
-        "Muon lr 0.004 + AdamW 0.002 for the rest": [*OLD_DEFAULT, "train.optimizer=muon", "train.muon_lr=0.004"],
+        "AdamW lr 0.002, cosine, warmup 50 (the old default)": OLD_DEFAULT,
+        "AdamW lr 0.002, WSD, warmup 20": [*OLD_DEFAULT, *WSD],
+        "Muon lr 0.004 + AdamW 0.002, WSD, warmup 20": [
+            *OLD_DEFAULT,
+            *WSD,
+            "train.optimizer=muon",
+            "train.muon_lr=0.004",
+        ],
     }
 
 
