@@ -144,13 +144,13 @@ def sweep(steps: int, every: int, work: Path, lrs: dict[str, list[float]], candi
             2,
         ),
         f"Muon lr {best['muon']:g}, warmup 20, WSD schedule": (
-            [*muon, "train.warmup_steps=20", "train.schedule=wsd"],
+            [*muon, *WSD],
             1,
         ),
     }
     if "adamw" in best:
         recipes[f"AdamW lr {best['adamw']:g}, warmup 20, WSD schedule"] = (
-            [*sweep_setting("adamw", best["adamw"]), "train.warmup_steps=20", "train.schedule=wsd"],
+            [*sweep_setting("adamw", best["adamw"]), *WSD],
             1,
         )
     for name, (setting, fold) in recipes.items():
