@@ -1,11 +1,15 @@
 import os
+import shutil
 import signal
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from smollm2.config import ModelConfig
+from tests.helpers import CORPUS, tiny_config
 
 # Skip reasons (substrings) that CI accepts: tests of hardware a CI machine does not have. Every
 # other skip under SMOLLM2_CI=1 (set by .ci/run) fails the test: CI must not be green on what it hid.
@@ -99,3 +103,53 @@ def small_config(**changes) -> ModelConfig:
         tie_embeddings=False,
     )
     return ModelConfig(**(base | changes))
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """A fresh folder with input.txt and config/tiny.yaml (tests.helpers.tiny_config), as cwd."""
+    (tmp_path / "input.txt").write_text(CORPUS)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "tiny.yaml").write_text(yaml.safe_dump(tiny_config()))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def ddp_folder(tmp_path):
+    """input.txt and ddp.yaml, a config for runs of one or two processes (tests.helpers.run_distributed)."""
+    (tmp_path / "input.txt").write_text(CORPUS)
+    config = tiny_config(batch_size=2, grad_accum=2, eval_every=100, predict_every=100, save_every=100)
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def hostile_template(tmp_path_factory) -> Path:
+    """The shipped corpus, a tiny config, a finished 4-step run in run/ (checkpoints at 2 and 4,
+    final/, logs/), and a folder of the user's own, mine/: made once, copied for each test."""
+    from smollm2 import cli
+
+    folder = tmp_path_factory.mktemp("workspace")
+    (folder / "input.txt").write_text(CORPUS)
+    (folder / "config").mkdir()
+    config = tiny_config(save_every=2, eval_every=2, predict_every=2, keep_last=5)
+    (folder / "config" / "tiny.yaml").write_text(yaml.safe_dump(config))
+    (folder / "mine").mkdir()
+    (folder / "mine" / "notes.txt").write_text("a week of notes\n")
+    previous = Path.cwd()
+    os.chdir(folder)
+    try:
+        assert cli.train_main(["--config", "config/tiny.yaml", "--train_steps", "4", "--out_dir", "run"]) == 0
+    finally:
+        os.chdir(previous)
+    return folder
+
+
+@pytest.fixture
+def workspace(hostile_template, tmp_path, monkeypatch) -> Path:
+    """A copy of hostile_template, as cwd."""
+    folder = tmp_path / "ws"
+    shutil.copytree(hostile_template, folder)
+    monkeypatch.chdir(folder)
+    return folder

@@ -22,9 +22,7 @@ from smollm2.pretrained import resolve_init_from
 from smollm2.tokenizer import CHATML_TEMPLATE, load_tokenizer, train_tokenizer
 from smollm2.trainer import train
 from tests.conftest import small_config
-from tests.test_hostile import refused
-from tests.test_real_weights import FOLDER as INSTRUCT  # $SMOLLM2_CACHE, as every real-weights test
-from tests.test_trainer import ROOT, metrics, tiny_config
+from tests.helpers import INSTRUCT, ROOT, metrics, refused, tiny_config
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "2 plus 2 is 4."}],

@@ -14,7 +14,10 @@ from smollm2.hf import load_pretrained
 from smollm2.inference import load_for_inference
 from smollm2.pretrained import resolve_init_from
 from smollm2.trainer import train
-from tests.test_real_weights import FOLDER, ROOT, pytestmark  # noqa: F401 (the skip without the weights)
+from tests.helpers import INSTRUCT as FOLDER
+from tests.helpers import ROOT, needs_instruct
+
+pytestmark = needs_instruct()
 
 MESSAGES = [
     {"role": "user", "content": "What is the capital of France?"},

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from tests.conftest import CI_ALLOWED_SKIPS
-from tests.test_trainer import ROOT
+from tests.helpers import ROOT
 
 SKIPPING = f"""
 import pytest

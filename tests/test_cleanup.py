@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from smollm2 import cli
-from tests.test_trainer import tiny_config
+from tests.helpers import tiny_config
 
 
 @pytest.mark.parametrize("command", ["prepare", "train"])

@@ -450,8 +450,7 @@ def test_an_epoch_order_is_drawn_once():
 def test_a_checkpoint_of_data_prepared_the_old_way_is_refused(tmp_path, monkeypatch, capsys):
     from smollm2 import cli
     from smollm2.trainer import train
-    from tests.test_hostile import refused
-    from tests.test_trainer import CORPUS, tiny_config
+    from tests.helpers import CORPUS, refused, tiny_config
 
     (tmp_path / "input.txt").write_text(CORPUS)
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_config()))

@@ -25,8 +25,7 @@ from smollm2.model_source import ModelSource
 from smollm2.tokenizer import train_tokenizer
 from smollm2.trainer import train
 from tests.conftest import small_config
-from tests.test_hostile import refused
-from tests.test_trainer import CORPUS, tiny_config
+from tests.helpers import CORPUS, refused, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tests" / "eval_tasks"

@@ -26,8 +26,7 @@ from smollm2.hf import load_pretrained
 from smollm2.model_source import ModelSource
 from smollm2.tokenizer import Tokenizer
 from smollm2.trainer import train
-from tests.test_hostile import leftovers, main_refused, snapshot
-from tests.test_trainer import CORPUS, ROOT, tiny_config
+from tests.helpers import CORPUS, ROOT, leftovers, main_refused, snapshot, tiny_config
 
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "bench"))

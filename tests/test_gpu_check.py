@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from tests.test_trainer import ROOT
+from tests.helpers import ROOT
 
 
 def test_gpu_check_runs_end_to_end_on_cpu():

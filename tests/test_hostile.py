@@ -6,7 +6,6 @@ and 4, final/, logs/), and a folder of the user's own, mine/.
 """
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -22,70 +21,9 @@ import yaml
 
 from smollm2 import cli
 from smollm2.files import RunLock
-from tests.test_trainer import CORPUS, ROOT, tiny_config
+from tests.helpers import CORPUS, ROOT, leftovers, main_refused, snapshot, tiny_config, train_refused
 
 TRAIN = ["--config", "config/tiny.yaml"]
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("workspace")
-    (folder / "input.txt").write_text(CORPUS)
-    (folder / "config").mkdir()
-    config = tiny_config(save_every=2, eval_every=2, predict_every=2, keep_last=5)
-    (folder / "config" / "tiny.yaml").write_text(yaml.safe_dump(config))
-    (folder / "mine").mkdir()
-    (folder / "mine" / "notes.txt").write_text("a week of notes\n")
-    previous = Path.cwd()
-    os.chdir(folder)
-    try:
-        assert cli.train_main([*TRAIN, "--train_steps", "4", "--out_dir", "run"]) == 0
-    finally:
-        os.chdir(previous)
-    return folder
-
-
-@pytest.fixture
-def workspace(template, tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "ws"
-    shutil.copytree(template, folder)
-    monkeypatch.chdir(folder)
-    return folder
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def leftovers(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
-
-
-def refused(capsys, folder: Path, command, argv: list[str], message: str) -> str:
-    """Run a CLI command in-process: exit 2, one line naming `message`, every old file untouched."""
-    before = snapshot(folder)
-    code = command(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert message in err, err
-    after = snapshot(folder)
-    changed = [name for name, digest in before.items() if after.get(name) != digest]
-    assert not changed, changed
-    assert not leftovers(folder)
-    return err
-
-
-def train_refused(capsys, folder, argv, message) -> str:
-    return refused(capsys, folder, cli.train_main, argv, message)
-
-
-def main_refused(capsys, folder, argv, message) -> str:
-    return refused(capsys, folder, cli.main, argv, message)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,8 +15,7 @@ from smollm2.data import document_ids, prepare
 from smollm2.datatrove_io import tokenize_steps
 from smollm2.mixture import BLOCK, MixtureData, MixtureLoader, Source, SourceData, block_counts, prepare_mixture
 from smollm2.trainer import train
-from tests.test_hostile import refused
-from tests.test_trainer import CORPUS, metrics, tiny_config
+from tests.helpers import CORPUS, metrics, refused, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ARITHMETIC = (ROOT / "arithmetic.jsonl").read_text().splitlines()[:600]

@@ -13,8 +13,8 @@ from smollm2.model import SmolLM2
 from smollm2.muon import GatheringMuon, hidden_matrices
 from smollm2.trainer import make_optimizer, train
 from tests.conftest import small_config
-from tests.test_distributed import folder, losses, run  # noqa: F401 (the fixture)
-from tests.test_trainer import metrics, one_error_line, run_dir, run_train  # noqa: F401 (the fixture)
+from tests.helpers import losses, metrics, one_error_line, run_train
+from tests.helpers import run_distributed as run
 
 MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"] + [
     "mlp.gate_proj",
@@ -96,7 +96,7 @@ def test_the_optimizer_state_round_trips_as_one_state_dict():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_muon_run_resumes_bitwise(run_dir, precision, capsys):  # noqa: F811
+def test_a_muon_run_resumes_bitwise(run_dir, precision, capsys):
     overrides = ["train.optimizer=muon", "train.schedule_steps=12", f"train.precision={precision}"]
     config = load_config("config/tiny.yaml", overrides)
     train(config, 12, None, "full")
@@ -121,30 +121,30 @@ def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a))
 
 
-def test_two_muon_processes_match_one_with_the_same_global_batch(folder):  # noqa: F811
+def test_two_muon_processes_match_one_with_the_same_global_batch(ddp_folder):
     muon, steps = "train.optimizer=muon", ["--train_steps", "6"]
-    run(folder, *steps, "--out_dir", "one", "--set", muon, "train.batch_size=4")
+    run(ddp_folder, *steps, "--out_dir", "one", "--set", muon, "train.batch_size=4")
     # The same windows in one process, summed in another order (4 micro-batches of 2, not 2 of 4).
-    run(folder, *steps, "--out_dir", "accum", "--set", muon, "train.batch_size=2", "train.grad_accum=4")
+    run(ddp_folder, *steps, "--out_dir", "accum", "--set", muon, "train.batch_size=2", "train.grad_accum=4")
     for parallel in ("ddp", "fsdp"):
-        run(folder, *steps, "--out_dir", parallel, "--set", muon, f"train.parallel={parallel}", processes=2)
-    one = weights_at_6(folder / "one")
+        run(ddp_folder, *steps, "--out_dir", parallel, "--set", muon, f"train.parallel={parallel}", processes=2)
+    one = weights_at_6(ddp_folder / "one")
     # Newton-Schulz sends a matrix's small singular directions towards 1 (a gain of up to ~480 over
     # 5 steps, in bf16), so gradients that differ only in summation order (1e-7 relative) end in
     # weights a few percent of their movement apart. That is the optimizer's own spread, measured
     # here by `accum`; 2 processes must stay within twice it (measured: 1.3x). Orthogonalizing each
     # rank's shard instead of the whole matrix lands ~70x further off.
-    noise = distance(weights_at_6(folder / "accum"), one)
+    noise = distance(weights_at_6(ddp_folder / "accum"), one)
     assert 0 < noise < 1e-2
     for parallel in ("ddp", "fsdp"):
-        assert distance(weights_at_6(folder / parallel), one) <= 2 * noise, parallel
-        for a, b in zip(losses(folder / parallel), losses(folder / "one"), strict=True):
+        assert distance(weights_at_6(ddp_folder / parallel), one) <= 2 * noise, parallel
+        for a, b in zip(losses(ddp_folder / parallel), losses(ddp_folder / "one"), strict=True):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     # DDP and FSDP2 average the same two gradients, then orthogonalize whole matrices: near-equal.
-    assert distance(weights_at_6(folder / "ddp"), weights_at_6(folder / "fsdp")) < noise / 10
+    assert distance(weights_at_6(ddp_folder / "ddp"), weights_at_6(ddp_folder / "fsdp")) < noise / 10
 
 
-def test_bad_optimizer_settings_are_one_line(run_dir):  # noqa: F811
+def test_bad_optimizer_settings_are_one_line(run_dir):
     cfg = ["--config", "config/tiny.yaml", "--train_steps", "2"]
     cases = {
         "train.optimizer=sgd": "train.optimizer in config/tiny.yaml (with --set): 'sgd' is not one of adamw, muon",
@@ -158,7 +158,7 @@ def test_bad_optimizer_settings_are_one_line(run_dir):  # noqa: F811
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "logs").exists()
 
 
-def test_a_resume_with_the_other_optimizer_is_refused_and_changes_nothing(run_dir):  # noqa: F811
+def test_a_resume_with_the_other_optimizer_is_refused_and_changes_nothing(run_dir):
     train(load_config("config/tiny.yaml"), 2, None, ".")
     before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
     args = ["--config", "config/tiny.yaml", "--train_steps", "2", "--checkpoint_path", "checkpoints/step_2.pt"]

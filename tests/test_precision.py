@@ -14,7 +14,7 @@ from smollm2.config import load_config
 from smollm2.hardware import choose_precision, cpu_bf16_speedup
 from smollm2.trainer import train
 from tests.conftest import small_config
-from tests.test_trainer import metrics, run_dir  # noqa: F401 - run_dir is a fixture
+from tests.helpers import metrics
 
 CPU = torch.device("cpu")
 

@@ -2,26 +2,17 @@
 converts and caches it, .ci/run does so): parity with transformers, and bf16 decoding against fp32."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from smollm2.generation import Sampling, generate
+from smollm2.hf import load_pretrained
+from smollm2.inference import load_for_inference
+from tests.helpers import INSTRUCT as FOLDER
+from tests.helpers import ROOT, needs_instruct
 
-from fetch_instruct import cache_folder  # noqa: E402
-
-from smollm2.generation import Sampling, generate  # noqa: E402
-from smollm2.hf import load_pretrained  # noqa: E402
-from smollm2.inference import load_for_inference  # noqa: E402
-
-FOLDER = cache_folder()
-pytestmark = pytest.mark.skipif(
-    not (FOLDER / "model.safetensors").is_file(),
-    reason=f"the published SmolLM2-135M-Instruct is not cached in {FOLDER}: python scripts/fetch_instruct.py",
-)
+pytestmark = needs_instruct()
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from smollm2.space import (
     space_readme,
 )
 from smollm2.trainer import train
-from tests.test_trainer import CORPUS, ROOT, tiny_config
+from tests.helpers import CORPUS, ROOT, tiny_config
 
 CHROMIUM = Path("/usr/bin/chromium")
 PROMPTS = ["KING HENRY VI:", "ROMEO:"]  # the first is what the app starts with
@@ -429,7 +429,7 @@ def test_in_a_browser_the_chat_tab_answers(app_url, space):
 
 def test_export_of_a_run_whose_samples_are_not_utf8_is_one_line(space, tmp_path, capsys):
     from smollm2 import cli
-    from tests.test_hostile import refused
+    from tests.helpers import refused
 
     shutil.copytree(space / "run", tmp_path / "run")
     with open(tmp_path / "run" / "logs" / "samples.md", "ab") as f:

@@ -16,57 +16,7 @@ from smollm2.checkpoint import load_checkpoint, save_checkpoint
 from smollm2.config import TrainConfig, UserError, load_config
 from smollm2.model import SmolLM2
 from smollm2.trainer import learning_rate, train
-
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = (ROOT / "input.txt").read_text()[:60_000]
-
-
-def tiny_config(norm="rmsnorm", mlp="swiglu", **train_changes) -> dict:
-    return {
-        "model": {
-            "n_layers": 2,
-            "hidden_size": 32,
-            "n_heads": 4,
-            "n_kv_heads": 2,
-            "intermediate_size": 64,
-            "vocab_size": 320,
-            "norm": norm,
-            "mlp": mlp,
-            "max_seq_len": 64,
-            "tie_embeddings": True,
-        },
-        "data": {"path": "input.txt", "seq_len": 32, "val_fraction": 0.1},
-        "train": {
-            "batch_size": 4,
-            "grad_accum": 2,
-            "lr": 3e-3,
-            "min_lr": 3e-4,
-            "warmup_steps": 3,
-            "eval_every": 5,
-            "eval_batches": 2,
-            "predict_every": 5,
-            "predict_tokens": 8,
-            "save_every": 5,
-            "keep_last": 10,
-            "prompts": ["ROMEO:"],
-            "wandb": False,
-            "precision": "fp32",
-        }
-        | train_changes,
-    }
-
-
-@pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    (tmp_path / "input.txt").write_text(CORPUS)
-    (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "tiny.yaml").write_text(yaml.safe_dump(tiny_config()))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def metrics(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers import CORPUS, ROOT, metrics, one_error_line, run_train, tiny_config
 
 
 def test_resume_is_bitwise_exact(run_dir):
@@ -199,19 +149,6 @@ def test_nan_losses_skip_updates_then_stop_with_the_last_good_state(run_dir, mon
     assert sorted(p.name for p in (run_dir / "run/checkpoints").iterdir()) == ["step_2.pt"]
     saved = load_checkpoint(run_dir / "run/checkpoints/step_2.pt")["model"]
     assert all(torch.equal(saved[k], good[k]) for k in good)
-
-
-def run_train(*args, cwd, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def one_error_line(result) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    return lines[0]
 
 
 def test_bad_inputs_are_one_line_and_leave_checkpoints_untouched(run_dir):

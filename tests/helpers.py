@@ -1,0 +1,141 @@
+"""What many test files share: the repository, a tiny run's config, reading a run's files, and the
+checks of a refused mistake (exit 2, one line, every file that existed before byte-identical).
+Fixtures live in conftest.py; no test module imports another."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = (ROOT / "input.txt").read_text()[:60_000]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from fetch_instruct import cache_folder  # noqa: E402
+
+INSTRUCT = cache_folder()  # the published SmolLM2-135M-Instruct ($SMOLLM2_CACHE), as every real-weights test
+
+
+def needs_instruct():
+    import pytest
+
+    return pytest.mark.skipif(
+        not (INSTRUCT / "model.safetensors").is_file(),
+        reason=f"the published SmolLM2-135M-Instruct is not cached in {INSTRUCT}: python scripts/fetch_instruct.py",
+    )
+
+
+def tiny_config(norm="rmsnorm", mlp="swiglu", **train_changes) -> dict:
+    return {
+        "model": {
+            "n_layers": 2,
+            "hidden_size": 32,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "intermediate_size": 64,
+            "vocab_size": 320,
+            "norm": norm,
+            "mlp": mlp,
+            "max_seq_len": 64,
+            "tie_embeddings": True,
+        },
+        "data": {"path": "input.txt", "seq_len": 32, "val_fraction": 0.1},
+        "train": {
+            "batch_size": 4,
+            "grad_accum": 2,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 3,
+            "eval_every": 5,
+            "eval_batches": 2,
+            "predict_every": 5,
+            "predict_tokens": 8,
+            "save_every": 5,
+            "keep_last": 10,
+            "prompts": ["ROMEO:"],
+            "wandb": False,
+            "precision": "fp32",
+        }
+        | train_changes,
+    }
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> list[float]:
+    return [row["loss"] for row in metrics(run)]
+
+
+def run_train(*args, cwd, timeout=300):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_distributed(folder: Path, *args: str, processes: int = 1) -> None:
+    """train.py with `ddp.yaml` in `folder`, under torch.distributed.run when `processes` > 1."""
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29531"]
+        if processes > 1
+        else [sys.executable]
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run(
+        [*launcher, str(ROOT / "train.py"), "--config", "ddp.yaml", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"OMP_NUM_THREADS": "1", **environment},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def refused(capsys, folder: Path, command, argv: list[str], message: str) -> str:
+    """Run a CLI command in-process: exit 2, one line naming `message`, every old file untouched."""
+    before = snapshot(folder)
+    code = command(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+    after = snapshot(folder)
+    changed = [name for name, digest in before.items() if after.get(name) != digest]
+    assert not changed, changed
+    assert not leftovers(folder)
+    return err
+
+
+def train_refused(capsys, folder, argv, message) -> str:
+    from smollm2 import cli
+
+    return refused(capsys, folder, cli.train_main, argv, message)
+
+
+def main_refused(capsys, folder, argv, message) -> str:
+    from smollm2 import cli
+
+    return refused(capsys, folder, cli.main, argv, message)
