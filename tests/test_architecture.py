@@ -69,3 +69,26 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
     assert imports_of("low") == {"high": 2}
     assert imports_of("high") == {"low": 1}
+    assert import_loops({"low": {"high"}, "high": {"low"}}) == ["high -> low -> high"]
+
+
+def import_loops(graph: dict[str, set[str]]) -> list[str]:
+    loops: list[str] = []
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        for target in sorted(graph.get(module, ())):
+            if target in path:
+                loops.append(" -> ".join(path[path.index(target) :] + [target]))
+            elif target not in done:
+                visit(target, [*path, target])
+        done.add(module)
+
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+    return loops
+
+
+def test_no_two_modules_import_each_other_in_a_loop():
+    assert import_loops({module: set(imports_of(module)) for module in documented_layers()}) == []
