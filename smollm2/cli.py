@@ -60,7 +60,8 @@ def add_config_flags(parser: argparse.ArgumentParser, required: bool = True) -> 
         action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=1e-3 model.n_layers=4 (later values win)",
+        help="override a config key, e.g. --set train.lr=1e-3 model.n_layers=4 (later values win; a string key "
+        "such as data.path keeps the text as given, other values are read as YAML)",
     )
 
 

@@ -221,20 +221,84 @@ def _build_section(cls: type, values: dict[str, Any], section: str, source: str)
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """'train.lr=1e-3' -> ('train', 'lr', 0.001); the value is read as YAML."""
+    """'train.lr=1e-3' -> ('train', 'lr', 0.001).
+
+    A key whose type is a string (data.path, data.tokenizer, model.init_from, ...) keeps the text
+    exactly as given: YAML would read `shakespeare #es.txt` as `shakespeare` and a line break as a
+    space. Any other value is read as YAML (numbers, booleans, lists, mappings), and refused where
+    that reading would drop or fold what was written (a comment, a line break inside a string)."""
     key, sep, raw = text.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
         raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.lr=1e-3")
     if section not in SECTIONS:
         raise ConfigError(f"--set {text!r}: unknown section {section!r} (model, data, train)")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+    annotation = typing.get_type_hints(SECTIONS[section]).get(name)
+    if annotation in STRING_TYPES:
+        return section, name, _string_override(raw, may_unset=annotation is not str)
+    if not raw.strip():
+        return section, name, None
+    value = _yaml_override(raw, text)
     if isinstance(value, str) and _looks_numeric(raw):  # YAML 1.1 reads "1e-3" as a string
         value = float(raw)
     return section, name, value
+
+
+STRING_TYPES = (str, str | None)
+UNSET = ("", "null", "~")  # what unsets a key that may be unset (data.prepared_dir, model.init_from), as in YAML
+
+
+def _string_override(raw: str, may_unset: bool) -> str | None:
+    """The text as given; nothing (None) only for an empty value, or `null` where the key may be unset."""
+    if raw == "" or (may_unset and raw in UNSET):
+        return None
+    return raw
+
+
+def _yaml_override(raw: str, text: str) -> Any:
+    """`raw` read as YAML; text that is not YAML stays text (its key's type check says what is wrong)."""
+    loader = yaml.SafeLoader(raw)
+    try:
+        node = loader.get_single_node()
+        _refuse_lossy_reading(node, raw, text)
+        return None if node is None else loader.construct_document(node)
+    except yaml.YAMLError:
+        return raw
+    finally:
+        loader.dispose()
+
+
+def _refuse_lossy_reading(node: yaml.Node | None, raw: str, text: str) -> None:
+    """A YAML comment is dropped and a line break inside a string becomes a space: either would
+    change the value without a word, so either is refused."""
+    scalars = _scalar_nodes(node, [], set())
+    spans = [(s.start_mark.index, s.end_mark.index) for s in scalars]
+    comment = next((at for at, ch in enumerate(raw) if ch == "#" and not any(a <= at < b for a, b in spans)), None)
+    if comment is not None:
+        raise ConfigError(
+            f"--set {text!r}: {raw[comment:]!r} is a YAML comment, which would be dropped from the value: "
+            'remove it, or put the text that holds it in quotes ("...")'
+        )
+    if any(s.style != "|" and "\n" in raw[s.start_mark.index : s.end_mark.index] for s in scalars):
+        raise ConfigError(
+            f"--set {text!r}: YAML reads a line break inside a string as a space; write it as \\n in double quotes"
+        )
+
+
+def _scalar_nodes(node: yaml.Node | None, found: list[yaml.ScalarNode], seen: set[int]) -> list[yaml.ScalarNode]:
+    if node is None or id(node) in seen:
+        return found
+    seen.add(id(node))
+    if isinstance(node, yaml.ScalarNode):
+        found.append(node)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _scalar_nodes(item, found, seen)
+    elif isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            _scalar_nodes(key, found, seen)
+            _scalar_nodes(value, found, seen)
+    return found
 
 
 def _looks_numeric(raw: str) -> bool:
