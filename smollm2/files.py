@@ -1,16 +1,22 @@
 """How smollm2 writes to disk without ever destroying what the user has.
 
-- A file is written to a temporary name beside it, fsynced, then renamed over the old one:
-  a crash leaves the old file or the new one, never half of either (`write_atomic`).
+- A file is written into a private staging folder beside it, fsynced, then renamed over the old
+  one: a crash leaves the old file or the new one, never half of either (`write_atomic`).
 - A folder is built beside its target, then swapped in; the old one survives until the new one
-  is complete (`build_folder`).
+  is complete, and goes only when it holds nothing but what it held when the build began
+  (`build_folder`).
 - We replace or delete only what we provably wrote: a folder we build carries a `.smollm2` marker
   that names its kind ("model", "data", "space") and records every file we wrote into it (size,
   mtime, sha256). A folder is replaced only when its marker names the kind and everything in it is
   something the marker records, unchanged (`check_replaceable`); names alone prove nothing, and an
   unmarked folder that is not empty is never replaced.
-- Leftovers of killed processes (`.NAME.tmp-PID`, `.NAME.old-PID`) are cleaned by the next run
-  (`clean_leftovers`), and one run holds a folder at a time (`RunLock`).
+- Staging entries are folders named `.NAME.tmp-PID-HOST-TOKEN`, created exclusively (a name that
+  is taken is passed over, never followed or deleted) and holding a marker with their random
+  token. Leftovers of killed processes are cleaned by the next run only with that proof, only for
+  a dead process of this host, only under the names we write there (`clean_leftovers`); one run
+  holds a folder at a time (`RunLock`).
+- We follow no link: what we copy or publish is a regular file reached through no symlink
+  (`open_regular`, `copy_regular_file`).
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-from collections.abc import Callable, Iterator
+import socket
+import stat
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,7 +40,11 @@ from smollm2.errors import UserError
 from smollm2.run_folder import PARTS  # what a run folder (marked "run") holds
 
 MARKER = ".smollm2"
-LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)")
+STAGING_PROOF = ".smollm2-staging"  # in every staging folder: {"kind": STAGING, "token": the token of its name}
+STAGING = "smollm2 staging"
+# This host, as staging names carry it: a dead pid proves nothing of another machine's process.
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-(?P<token>[0-9a-f]{16})")
 
 
 def cache_root() -> Path:
@@ -39,9 +52,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("SMOLLM2_CACHE", Path.home() / ".cache" / "smollm2"))
 
 
-def staging_name(path: Path, what: str = "tmp") -> Path:
-    """`.NAME.tmp-PID` beside `path`: hidden, and tied to this process for `clean_leftovers`."""
-    return path.with_name(f".{path.name}.{what}-{os.getpid()}")
+def staging_token() -> str:
+    return secrets.token_hex(8)
+
+
+def staging_name(path: Path, token: str, what: str = "tmp") -> Path:
+    """`.NAME.tmp-PID-HOST-TOKEN` beside `path`: hidden, tied to this process and host, and to a
+    random token that no name of the user's holds by accident (`clean_leftovers`)."""
+    return path.with_name(f".{path.name}.{what}-{os.getpid()}-{HOST}-{token}")
 
 
 def fsync_folder(folder: Path) -> None:
@@ -53,9 +71,63 @@ def fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+# ---------------------------------------------------------------------------------------------
+# Writing: new files only, in staging folders of our own
+
+
+def create_file(path: str | Path, dir_fd: int | None = None) -> BinaryIO:
+    """A new file at `path`, open for writing: created now (never an existing file, nor a link's
+    target), with the umask's mode."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.fdopen(os.open(path, flags, 0o666, dir_fd=dir_fd), "wb")
+
+
+def make_staging_folder(target: Path, mode: int) -> tuple[Path, int]:
+    """A staging folder beside `target`, created exclusively and marked with its token, and an open
+    descriptor of it. A staging name that is taken is someone else's: passed over, left as it is."""
+    for _ in range(16):
+        token = staging_token()
+        path = staging_name(target, token)
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            continue
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_uid != os.geteuid():  # swapped for another user's folder right after mkdir
+                raise UserError(
+                    f"{path}: replaced by a folder of another user while smollm2 made it: refusing to write"
+                )
+            with create_file(STAGING_PROOF, fd) as f:
+                f.write(json.dumps({"kind": STAGING, "token": token}).encode() + b"\n")
+        except BaseException:
+            os.close(fd)
+            raise
+        return path, fd
+    raise UserError(f"{target.parent}: every staging name tried beside {target.name} is taken: refusing to write")
+
+
+def remove_staging(staging: Path, fd: int) -> None:
+    """Remove our staging folder (open as `fd`) and what it holds, while its name still leads to it;
+    a name swapped for something else leads to someone else's: left alone."""
+    try:
+        now, ours = os.lstat(staging), os.fstat(fd)
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def writable_name(fd: int, staging: Path, name: str) -> Path:
+    """`name` inside the staging folder open as `fd`, by a path that leads to that folder even if its
+    own name is swapped for a link meanwhile (/proc/self/fd on Linux; elsewhere its path)."""
+    through_fd = Path(f"/proc/self/fd/{fd}")
+    return through_fd / name if through_fd.is_dir() else staging / name
+
+
 def write_atomic(path: str | Path, content: bytes | str | Callable[[BinaryIO], None]) -> None:
     """Write `content` (bytes, text, or a function that writes to a binary file) to `path` atomically."""
-    with staged_file(path) as tmp, open(tmp, "wb") as f:
+    with staged_file(path) as tmp, create_file(tmp) as f:
         if callable(content):
             content(f)
         else:
@@ -64,22 +136,120 @@ def write_atomic(path: str | Path, content: bytes | str | Callable[[BinaryIO], N
 
 @contextlib.contextmanager
 def staged_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary name beside `path` to write a file to (for writers that open a file by its
-    name); when the block ends without error it is fsynced and renamed over `path`, else removed."""
+    """Yield a name to write the new `path` to (for writers that open a file by its name); when the
+    block ends without error it is fsynced and renamed over `path`, else removed. The name lies in a
+    private staging folder (mode 0700) we created beside `path`, so no one else can plant a link there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_name(path)
+    staging, fd = make_staging_folder(path, 0o700)
     try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        yield writable_name(fd, staging, path.name)
+        rename_out(fd, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        remove_staging(staging, fd)
+        os.close(fd)
     fsync_folder(path.parent)
+
+
+def rename_out(fd: int, path: Path) -> None:
+    """fsync the file `path.name` of the staging folder open as `fd`, and rename it over `path`."""
+    try:
+        file = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            os.fsync(file)
+        finally:
+            os.close(file)
+        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.replace(path.name, path.name, src_dir_fd=fd, dst_dir_fd=parent)
+        finally:
+            os.close(parent)
+    except OSError as exc:  # named by the file the user asked for, not by its name in the staging folder
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and copying: regular files only, through no link
+
+
+def open_regular(path: str | Path, root: str | Path | None = None) -> BinaryIO:
+    """`path` open for reading, when it is a regular file reached through no symlink from `root` (by
+    default its own folder): neither it nor a folder between is a link. One line otherwise."""
+    path = Path(path)
+    folder = open_folder(path.parent, path.parent if root is None else Path(root))
+    try:
+        file = open_in(folder, path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block
+    finally:
+        os.close(folder)
+    if not stat.S_ISREG(os.fstat(file).st_mode):
+        os.close(file)
+        raise UserError(f"{path} is not a regular file: refusing to read it")
+    return os.fdopen(file, "rb")
+
+
+def open_folder(folder: Path, root: Path) -> int:
+    """A descriptor of `folder`, reached from `root` (which may be a link: the user named it)
+    through no symlink."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    where = root
+    try:
+        for part in folder.relative_to(root).parts:
+            where = where / part
+            inner = open_in(fd, where, os.O_RDONLY | os.O_DIRECTORY)
+            os.close(fd)
+            fd = inner
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_in(fd: int, path: Path, flags: int) -> int:
+    """Open `path.name` in the folder open as `fd`, following no link; one line for a link."""
+    try:
+        return os.open(path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno == errno.ENOTDIR and os.path.islink(path)):
+            raise UserError(f"{path} is a symlink: refusing to follow it (smollm2 follows no link)") from None
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+def copy_regular_file(source: Path, destination: Path, root: Path | None = None) -> None:
+    """Copy `source`, a regular file reached through no link from `root`, to `destination` (written
+    atomically, a new file). The one way smollm2 copies a file."""
+    with open_regular(source, root) as f:
+        write_atomic(destination, lambda out: shutil.copyfileobj(f, out))
+
+
+def copy_regular_folder(source: Path, destination: Path, skip: Callable[[str], bool]) -> None:
+    """Copy a folder's files and subfolders to a new `destination`, refusing any link or special
+    file; names for which `skip` is true are left out."""
+    destination.mkdir()
+    for root, folders, files in os.walk(source):
+        here = Path(root)
+        folders[:] = sorted(name for name in folders if not skip(name))
+        for name in folders:
+            if (here / name).is_symlink():
+                raise UserError(f"{here / name} is a symlink: refusing to follow it (smollm2 follows no link)")
+            (destination / (here / name).relative_to(source)).mkdir()
+        for name in sorted(files):
+            if not skip(name):
+                copy_regular_file(here / name, destination / (here / name).relative_to(source), source)
+
+
+def check_regular(path: Path, root: Path) -> None:
+    """Refuse, in one line, a file or folder about to be read that is, holds, or is reached through
+    a symlink from `root`, or holds anything but regular files and folders."""
+    if path.is_symlink() or not path.is_dir():
+        open_regular(path, root).close()
+        return
+    os.close(open_folder(path, root))
+    for here, folders, files in os.walk(path):
+        for name in folders:
+            if Path(here, name).is_symlink():
+                raise UserError(f"{Path(here, name)} is a symlink: refusing to follow it (smollm2 follows no link)")
+        for name in files:
+            open_regular(Path(here, name), root).close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +263,9 @@ def mark(folder: Path, kind: str, **fields: object) -> None:
 def read_marker(folder: Path) -> dict:
     """The marker of a folder smollm2 wrote ({} when there is none, or it is unreadable)."""
     try:
-        marker = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
+        with open_regular(folder / MARKER) as f:  # a marker that is a link proves nothing
+            marker = json.loads(f.read())
+    except (OSError, ValueError, UserError):
         return {}
     return marker if isinstance(marker, dict) else {}
 
@@ -104,7 +275,7 @@ def record(folder: Path) -> dict:
     files, folders = {}, []
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
-        if name == MARKER:
+        if name in (MARKER, STAGING_PROOF):
             continue
         if path.is_dir():
             folders.append(name)
@@ -222,20 +393,23 @@ def build_folder(target: Path, kind: str, **fields: object) -> Iterator[Path]:
     The caller checks `check_replaceable` first. On failure (or a signal) the staging folder is
     removed and `target` is untouched. The swap is one atomic exchange where the kernel has it;
     elsewhere two renames, undone on a signal between them, and after a crash between them the old
-    folder, left as `.NAME.old-PID`, is put back by the next run (`clean_leftovers`).
+    folder, left as `.NAME.old-PID-HOST-TOKEN`, is put back by the next run (`clean_leftovers`).
+    The old folder is deleted only when it holds what it held when the build began, and nothing its
+    marker does not record (`swap_in`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(target.parent, {target.name})  # a killed build of the same target
-    staging = staging_name(target)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    before = inventory(target)
+    staging, fd = make_staging_folder(target, 0o777)
     try:
         yield staging
         mark(staging, kind, **fields, **record(staging))
-        swap_in(staging, target)
+        os.unlink(STAGING_PROOF, dir_fd=fd)  # the marker proves it ours from here on
+        swap_in(staging, target, before)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging, fd)  # after a swap its name holds the old folder: not ours to remove
+        os.close(fd)
 
 
 RENAME_EXCHANGE = 2  # linux/fs.h
@@ -256,16 +430,18 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def swap_in(staging: Path, target: Path) -> None:
-    """Put `staging` in place of `target`; the old `target` is removed once the new one is in."""
-    if not target.exists():
+def swap_in(staging: Path, target: Path, before: dict[str, tuple] | None) -> None:
+    """Put `staging` in place of `target`. The old `target` is then deleted, entry by entry, when it
+    holds just what it held when the build began (`before`) and its marker vouches for; a file the
+    user added or changed meanwhile makes it theirs: it goes back in place, whole, and one line says so."""
+    if not target.exists() and not target.is_symlink():
         staging.rename(target)
         fsync_folder(target.parent)
         return
     if exchange(staging, target):
         old = staging  # the exchange left the old folder under the staging name
     else:
-        old = staging_name(target, "old")
+        old = sibling(staging, "old")
         target.rename(old)
         try:
             staging.rename(target)
@@ -273,33 +449,123 @@ def swap_in(staging: Path, target: Path) -> None:
             old.rename(target)
             raise
     fsync_folder(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    foreign = users_entry(old, before)
+    if foreign is not None:
+        if not (old == staging and exchange(staging, target)):
+            target.rename(staging)
+            old.rename(target)
+        fsync_folder(target.parent)
+        raise UserError(
+            f"{target} holds files smollm2 did not write ({foreign}, added or changed while it was rebuilt): "
+            "left as it was, nothing replaced (move them away, then run again)"
+        )
+    remove_entries(old, before or {})
 
 
-def clean_leftovers(folder: Path, names: set[str] | None = None) -> list[Path]:
-    """Remove `.NAME.tmp-PID` / `.NAME.old-PID` entries in `folder` whose process is gone; in a
-    folder that is not all ours, only those of the given NAMEs (what we write there).
+def sibling(staging: Path, what: str) -> Path:
+    """The `.NAME.old-...` that goes with a staging folder `.NAME.tmp-...`: the same process, host and token."""
+    match = LEFTOVER.fullmatch(staging.name)
+    return staging.with_name(f".{match['name']}.{what}-{match['pid']}-{match['host']}-{match['token']}")
 
-    An `.old` folder whose NAME is missing was the only copy when its process died mid-swap: it is
-    put back rather than removed.
+
+def inventory(folder: Path) -> dict[str, tuple] | None:
+    """Each entry under `folder` (not following links), by relative path: its type and inode, and a
+    file's size and mtime; None when `folder` is not a folder (absent, a link, a file)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return None
+    entries = {}
+    for root, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = Path(root, name)
+            info = path.lstat()
+            kind = stat.S_IFMT(info.st_mode)
+            entries[path.relative_to(folder).as_posix()] = (
+                (kind, info.st_ino) if kind == stat.S_IFDIR else (kind, info.st_ino, info.st_size, info.st_mtime_ns)
+            )
+    return entries
+
+
+def users_entry(old: Path, before: dict[str, tuple] | None) -> str | None:
+    """The first entry of the swapped-out folder that is not provably ours: new or changed since the
+    build began, or not recorded by its marker (a folder without one was empty when it was checked)."""
+    now = inventory(old)
+    if now is None:
+        return old.name
+    changed = next((name for name, entry in sorted(now.items()) if (before or {}).get(name) != entry), None)
+    if changed is not None:
+        return changed
+    marker = read_marker(old)
+    if "files" in marker:
+        return unrecorded(old, marker)
+    return None if marker or not now else sorted(now)[0]
+
+
+def remove_entries(folder: Path, entries: dict[str, tuple]) -> bool:
+    """Delete from `folder` each entry `entries` lists, as it lists it (files, then folders deepest
+    first, once empty), then `folder` once empty; anything else stays. True when nothing is left."""
+    for name in sorted(entries, key=lambda name: name.count("/"), reverse=True):
+        path = folder / name
+        with contextlib.suppress(OSError):
+            info = path.lstat()
+            if stat.S_ISDIR(info.st_mode):
+                path.rmdir()
+            elif entries[name] == (stat.S_IFMT(info.st_mode), info.st_ino, info.st_size, info.st_mtime_ns):
+                path.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+    return not folder.exists()
+
+
+def clean_leftovers(folder: Path, names: Collection[str] | Callable[[str], bool] | None = None) -> list[Path]:
+    """Clean what killed smollm2 processes left in `folder` under the NAMEs we write there (`names`:
+    those names, or a test of one; None: any name, on the proof alone), and only what proves it is theirs.
+
+    A leftover is a folder `.NAME.tmp-PID-HOST-TOKEN` (or `.old-`) of a process of this host that is
+    gone. A staging folder whose marker holds the token of its name is removed whole; a folder of
+    ours left by a swap (its marker records its files) loses only what its marker records, unchanged;
+    an `.old` folder whose NAME is missing was the only copy when its process died mid-swap: it is
+    put back. Anything else, whatever its name, is left as it is.
     """
+    ours = (lambda name: True) if names is None else names if callable(names) else names.__contains__
     cleaned = []
     if not folder.is_dir():
         return cleaned
     for entry in folder.iterdir():
         match = LEFTOVER.fullmatch(entry.name)
-        if not match or process_alive(int(match["pid"])) or (names is not None and match["name"] not in names):
+        if not match or not ours(match["name"]) or match["host"] != HOST or process_alive(int(match["pid"])):
+            continue
+        if entry.is_symlink() or not entry.is_dir():  # every staging entry we make is a folder
             continue
         original = folder / match["name"]
-        if match["what"] == "old" and not original.exists():
+        if match["what"] == "old" and not original.exists() and not original.is_symlink():
             entry.rename(original)
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        cleaned.append(entry)
+            cleaned.append(entry)
+        elif discard(entry, match["token"] if match["what"] == "tmp" else None):
+            cleaned.append(entry)
     return cleaned
+
+
+def staging_token_of(folder: Path) -> str | None:
+    """The token a staging folder's proof holds; None when it holds none."""
+    try:
+        with open_regular(folder / STAGING_PROOF) as f:
+            proof = json.loads(f.read())
+    except (OSError, ValueError, UserError):
+        return None
+    return proof.get("token") if isinstance(proof, dict) and proof.get("kind") == STAGING else None
+
+
+def discard(folder: Path, token: str | None) -> bool:
+    """Remove a leftover folder, when it proves it is ours: whole when it is a staging folder (its
+    marker holds `token`), else when its marker records everything in it; True when it is gone."""
+    marker = read_marker(folder)
+    if token is not None and staging_token_of(folder) == token:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif "files" in marker and unrecorded(folder, marker) is None:
+        remove_entries(folder, inventory(folder) or {})
+    elif not any(folder.iterdir()):  # a staging folder emptied, killed before its rmdir
+        folder.rmdir()
+    return not folder.exists()
 
 
 def process_alive(pid: int) -> bool:

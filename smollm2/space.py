@@ -18,7 +18,6 @@ import hashlib
 import json
 import re
 import shlex
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,16 @@ import yaml
 from smollm2.checkpoint import peek_checkpoint
 from smollm2.config import ModelConfig
 from smollm2.errors import UserError, error_reason
-from smollm2.files import build_folder, check_replaceable, inside_another, is_inside, write_atomic
+from smollm2.files import (
+    build_folder,
+    check_regular,
+    check_replaceable,
+    copy_regular_file,
+    copy_regular_folder,
+    inside_another,
+    is_inside,
+    write_atomic,
+)
 from smollm2.hf import llama_incompatibility, save_pretrained
 from smollm2.metrics import Predictions, numeric_rows, read_metrics, read_samples
 from smollm2.model_source import ModelSource
@@ -251,15 +259,16 @@ def export_space(run: Path, out: Path) -> Path:
     model, tokenizer = load_run_model(run)
     facts = run_facts(run)
     logs = RunFolder(run).logs
+    # Everything the Space holds is published by --push: copies of regular files only, through no link.
     with build_folder(out, "space") as staging:
         save_pretrained(model, staging / "model", tokenizer)
-        if logs.is_dir():
+        if logs.is_dir() or logs.is_symlink():
             (staging / "logs").mkdir()
             for path in (RunFolder(run).metrics, RunFolder(run).samples, RunFolder(run).plot):
-                if path.is_file():
-                    shutil.copy2(path, staging / "logs" / path.name)
-        shutil.copytree(PACKAGE, staging / "smollm2", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        shutil.copy2(APP_PY, staging / "app.py")
+                if path.exists() or path.is_symlink():
+                    copy_regular_file(path, staging / "logs" / path.name, run)
+        copy_regular_folder(PACKAGE, staging / "smollm2", lambda name: name == "__pycache__" or name.endswith(".pyc"))
+        copy_regular_file(APP_PY, staging / "app.py")
         write_atomic(staging / "requirements.txt", SPACE_REQUIREMENTS)
         write_atomic(staging / RUN_FILE, json.dumps(dataclasses.asdict(facts), indent=2) + "\n")
         record = read_record(model.config, model.num_parameters(), staging / "logs" if logs.is_dir() else None)
@@ -268,10 +277,15 @@ def export_space(run: Path, out: Path) -> Path:
 
 
 def load_run_model(run: Path):
-    """The run's final/ model, or its latest checkpoint's when the run never finished."""
+    """The run's final/ model, or its latest checkpoint's when the run never finished; what it is
+    read from (and the latest checkpoint, whose config the card tells of) may not link out of the run."""
     if not RunFolder(run).looks_like_a_run():
         raise UserError(f"{run}: neither final/ nor checkpoints/step_N.pt found (is it a training run's folder?)")
-    return ModelSource.open(run, "--run").load()
+    source = ModelSource.open(run, "--run")
+    for path in (source.path, RunFolder(run).latest_checkpoint()):
+        if path is not None:
+            check_regular(path, run)
+    return source.load()
 
 
 def front_matter(record: RunRecord) -> str:
