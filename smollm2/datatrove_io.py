@@ -11,12 +11,14 @@ documents (datatrove shuffles documents within a file by default, so that is a f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from smollm2.data import SUFFIXES
 from smollm2.errors import UserError
+from smollm2.files import open_regular
 from smollm2.tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
 
 DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
@@ -42,7 +44,11 @@ def read_datatrove_folder(
 
 
 def check_datatrove_folder(folder: Path) -> None:
-    """What can be checked before any source is prepared: tokens there, and no text files beside them."""
+    """What can be checked before any source is prepared: token files (no links), tokens in them,
+    and no text files beside them."""
+    link = next((file for file in sorted(folder.glob("*.ds*")) if file.is_symlink()), None)
+    if link is not None:
+        raise UserError(f"{link} is a symlink: refusing to follow it (smollm2 follows no link)")
     if not sum(file.stat().st_size for file in folder.glob("*.ds")):
         raise UserError(f"{folder}: its .ds files hold no tokens")
     text = next((p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in SUFFIXES), None)
@@ -57,7 +63,8 @@ def tokenizer_of(file: Path) -> tuple[str, int]:
     """(tokenizer name or path, token size in bytes) from the .metadata datatrove writes beside a file."""
     metadata = file.with_name(file.name + ".metadata")
     try:
-        name, _, size = metadata.read_text().splitlines()[0].rpartition("|")
+        with open_regular(metadata) as f:  # a link out of the folder is refused, not followed
+            name, _, size = f.read().decode().splitlines()[0].rpartition("|")
         return name, int(size)
     except (OSError, IndexError, ValueError):
         raise UserError(
@@ -73,11 +80,13 @@ def _read_tokens(file: Path, tokenizer: Tokenizer, tokenizer_spec: str) -> np.nd
             f"{file}: tokenized with {name!r}, not this run's tokenizer (data.tokenizer={tokenizer_spec}, "
             f"hash {tokenizer.hash}); tokenize it with the run's tokenizer.json or set data.tokenizer to {name!r}"
         )
-    if token_size not in DTYPES or file.stat().st_size % token_size:
-        raise UserError(f"{file}: not a datatrove token file of {token_size}-byte tokens")
-    if file.stat().st_size == 0:
-        return np.zeros(0, dtype=DTYPES[token_size])
-    return np.memmap(file, dtype=DTYPES[token_size], mode="r")
+    with open_regular(file) as f:  # the mapping keeps its own descriptor
+        size = os.fstat(f.fileno()).st_size
+        if token_size not in DTYPES or size % token_size:
+            raise UserError(f"{file}: not a datatrove token file of {token_size}-byte tokens")
+        if size == 0:
+            return np.zeros(0, dtype=DTYPES[token_size])
+        return np.memmap(f, dtype=DTYPES[token_size], mode="r")
 
 
 def _is_run_tokenizer(name: str, tokenizer: Tokenizer, tokenizer_spec: str) -> bool:
@@ -93,9 +102,11 @@ def _is_run_tokenizer(name: str, tokenizer: Tokenizer, tokenizer_spec: str) -> b
 def _validation_start(file: Path, n_tokens: int, val_fraction: float) -> int:
     """Where the last val_fraction of the file's documents begins (at a document start)."""
     index = file.with_name(file.name + ".index")
-    if val_fraction == 0 or not index.is_file():
+    if val_fraction == 0 or not (index.is_file() or index.is_symlink()):
         return n_tokens
-    ends = np.fromfile(index, dtype="<u8")
+    with open_regular(index) as f:
+        data = f.read()
+    ends = np.frombuffer(data[: len(data) // 8 * 8], dtype="<u8")
     starts = np.concatenate([[0], ends[:-1]])
     first_val = np.flatnonzero(starts >= (1 - val_fraction) * n_tokens)
     return int(starts[first_val[0]]) if len(first_val) else n_tokens

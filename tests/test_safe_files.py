@@ -17,9 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from smollm2 import cli
+from smollm2.errors import UserError
 from tests.helpers import ROOT, leftovers, main_refused, snapshot
 
 TRAIN = ["--config", "config/tiny.yaml"]
@@ -130,6 +132,39 @@ def test_the_space_holds_regular_files_only_and_the_same_bytes(workspace):
     assert (space / "smollm2" / "files.py").read_bytes() == (smollm2.space.PACKAGE / "files.py").read_bytes()
     for name in ("metrics.jsonl", "samples.md", "loss.png"):
         assert (space / "logs" / name).read_bytes() == (workspace / "run" / "logs" / name).read_bytes()
+
+
+def datatrove_folder(folder: Path) -> Path:
+    """A folder as datatrove's DocumentTokenizer writes it: tokens, document ends, tokenizer name."""
+    folder.mkdir()
+    (folder / "000.ds").write_bytes(np.arange(100, dtype="<u2").tobytes())
+    (folder / "000.ds.index").write_bytes(np.array([50, 100], dtype="<u8").tobytes())
+    (folder / "000.ds.metadata").write_text("some/tokenizer|2\n100\n")
+    return folder
+
+
+def test_a_datatrove_folder_is_read_as_it_lies(tmp_path):
+    from smollm2.datatrove_io import check_datatrove_folder, read_datatrove_folder
+
+    folder = datatrove_folder(tmp_path / "tokens")
+    check_datatrove_folder(folder)
+    (train,), val = read_datatrove_folder(folder, None, "some/tokenizer", 0.5)
+    assert train.tolist() == list(range(50)) and val.tolist() == list(range(50, 100))
+
+
+@pytest.mark.parametrize("name", ["000.ds", "000.ds.metadata", "000.ds.index"])
+def test_a_datatrove_file_that_links_out_of_its_folder_is_refused(tmp_path, name):
+    from smollm2.datatrove_io import check_datatrove_folder, read_datatrove_folder
+
+    folder = datatrove_folder(tmp_path / "tokens")
+    (folder / name).rename(tmp_path / name)
+    (folder / name).symlink_to(tmp_path / name)
+    for read in (
+        lambda: check_datatrove_folder(folder),
+        lambda: read_datatrove_folder(folder, None, "some/tokenizer", 0.5),
+    ):
+        with pytest.raises(UserError, match=f"^{folder / name} is a symlink: refusing to follow it"):
+            read()
 
 
 # ---------------------------------------------------------------------------------------------
