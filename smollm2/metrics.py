@@ -24,7 +24,7 @@ matplotlib.use("Agg")  # headless: the plot is a file, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from smollm2.errors import error_reason, read_utf8  # noqa: E402
-from smollm2.files import write_atomic  # noqa: E402
+from smollm2.files import open_append, open_regular, write_atomic  # noqa: E402
 from smollm2.run_folder import RunFolder  # noqa: E402
 
 
@@ -42,7 +42,7 @@ class RunLog:
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         write_atomic(self.samples_path, samples_up_to(self.samples_path, start_step))
         self.summary_path = run.summary
-        self.metrics_file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.metrics_file = open_append(self.metrics_path)  # closed in close()
         self.wandb = start_wandb(self.folder, config, project) if use_wandb else None
 
     def log(self, row: dict) -> None:
@@ -60,7 +60,7 @@ class RunLog:
         lines = [f"\n## step {step} ({losses})\n"]
         for prompt, continuation in samples:
             lines.append(f"\n```text\n{prompt}{continuation}\n```\n")
-        with open(self.samples_path, "a", encoding="utf-8") as f:
+        with open_append(self.samples_path) as f:
             f.write("".join(lines))
 
     def plot(self) -> None:
@@ -253,7 +253,9 @@ def samples_up_to(path: Path, last_step: int) -> bytes:
     if not last_step or not path.is_file():
         return SAMPLES_TITLE.encode()
     kept, keep = [], True
-    for line in path.read_bytes().splitlines(keepends=True):
+    with open_regular(path) as f:  # kept as bytes into the new samples.md: a link's target would reach the Space
+        data = f.read()
+    for line in data.splitlines(keepends=True):
         if match := re.match(rb"## step (\d+) \(", line):
             keep = int(match[1]) <= last_step
         if keep:
