@@ -34,7 +34,7 @@ import socket
 import stat
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 from smollm2.errors import UserError
 from smollm2.run_folder import PARTS  # what a run folder (marked "run") holds
@@ -80,6 +80,21 @@ def create_file(path: str | Path, dir_fd: int | None = None) -> BinaryIO:
     target), with the umask's mode."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     return os.fdopen(os.open(path, flags, 0o666, dir_fd=dir_fd), "wb")
+
+
+def open_append(path: Path) -> TextIO:
+    """`path`, a log of ours, open to append text to: a regular file, never a link's target."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symlink: refusing to follow it (smollm2 follows no link)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path} is not a regular file: refusing to write to it")
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def make_staging_folder(target: Path, mode: int) -> tuple[Path, int]:

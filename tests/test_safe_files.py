@@ -134,6 +134,34 @@ def test_the_space_holds_regular_files_only_and_the_same_bytes(workspace):
         assert (space / "logs" / name).read_bytes() == (workspace / "run" / "logs" / name).read_bytes()
 
 
+def test_a_resume_refuses_samples_that_link_out_of_the_run(workspace, capsys):
+    """A resumed run keeps its samples.md's bytes: through a link they would be another file's, and
+    export-space would publish them."""
+    samples = workspace / "run" / "logs" / "samples.md"
+    samples.unlink()
+    samples.symlink_to(secret(workspace))
+    assert cli.train_main(RESUME) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {Path('run/logs/samples.md')} is a symlink: refusing to follow it (smollm2 follows no link)"
+    assert holds_the_secret(workspace) == [str(workspace / "elsewhere" / "token")] and samples.is_symlink()
+
+
+def test_a_log_is_appended_to_only_as_a_regular_file(tmp_path):
+    from smollm2.files import open_append
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "metrics.jsonl").symlink_to(victim)
+    os.mkfifo(tmp_path / "samples.md")  # no reader: opening it to write would wait forever
+    with pytest.raises(UserError, match="metrics.jsonl is a symlink: refusing to follow it"):
+        open_append(tmp_path / "metrics.jsonl")
+    with pytest.raises((UserError, OSError)):
+        open_append(tmp_path / "samples.md")
+    with open_append(tmp_path / "summary.txt") as f:
+        f.write("a row\n")
+    assert victim.read_text() == "precious\n" and (tmp_path / "summary.txt").read_text() == "a row\n"
+
+
 def datatrove_folder(folder: Path) -> Path:
     """A folder as datatrove's DocumentTokenizer writes it: tokens, document ends, tokenizer name."""
     folder.mkdir()
