@@ -10,27 +10,37 @@ with different tokenizers compare on the same text.
 
 Data sets come from the local Hugging Face cache unless a download is asked for: a task whose data
 is not there is one line, never a hang on a machine without network.
+
+A task file is data, not code: its `!function`s and the metrics HF evaluate would load for it are
+refused unless code is allowed, and its templates (doc_to_text, doc_to_target, doc_to_choice, ...)
+always render in jinja2's sandbox (`sandboxed_templates`), which no template gets out of.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
+import jinja2.sandbox
+import lm_eval.api.metrics  # noqa: F401 - fills lm-eval's registry of its own metrics
 import lm_eval.models  # noqa: F401 - lm-eval's own models first: it reads an empty registry as "import them"
 import lm_eval.tasks
+import lm_eval.utils
 import torch
 import yaml
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import metric_registry, register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
@@ -45,7 +55,7 @@ from smollm2.checkpoint import peek_checkpoint
 from smollm2.config import TrainConfig
 from smollm2.data import read_meta, read_tokens
 from smollm2.errors import UserError, error_reason, read_utf8
-from smollm2.files import write_atomic
+from smollm2.files import inside_another, write_atomic
 from smollm2.generation import Sampling, stream
 from smollm2.metrics import EVAL_PREFIX
 from smollm2.model import SmolLM2
@@ -406,7 +416,8 @@ def load_tasks(names: Iterable[str], include_path: str | None = None, allow_code
         if not Path(name).is_file():
             raise UserError(f"task file {name}: no such file")
     check_task_files(files, include_path, allow_code)
-    manager = task_manager(include_path, with_lm_eval_tasks=len(files) < len(names))
+    folder = str(Path(include_path).resolve()) if include_path is not None else None  # the cache's key: not cwd's
+    manager = task_manager(folder, with_lm_eval_tasks=len(files) < len(names))
     for name in names:
         if name not in files and not manager.match_tasks([name]):
             raise UserError(
@@ -435,9 +446,11 @@ _TaskYamlLoader.add_constructor("!function", _note_function)
 
 
 def task_code(path: Path, strict: bool = True, seen: frozenset[Path] = frozenset()) -> str | None:
-    """The first `!function NAME` of a task file or of the files it includes: Python that lm-eval
-    imports from beside the file (and runs) when it loads the task. None when there is none; lm-eval's
-    own task files are not counted. `strict`: a file that is not a task file is one line, else skipped."""
+    """The first Python that loading a task file (or a file it includes) would run, said in words:
+    a `!function NAME`, which lm-eval imports from beside the file, or what `settings_code` finds
+    (a metric HF evaluate loads a Python script for, a prompt file read with yaml.full_load). None
+    when there is none; lm-eval's own task files are not counted. `strict`: a file that is not a task
+    file is one line, else skipped."""
     path = path.expanduser().resolve()
     if path in seen or path.is_relative_to(LM_EVAL_TASKS):
         return None  # an include cycle (lm-eval names it when it loads the task), or lm-eval's own file
@@ -448,13 +461,37 @@ def task_code(path: Path, strict: bool = True, seen: frozenset[Path] = frozenset
             raise
         return None
     if functions:
-        return f"!function {functions[0]}"
+        return f"!function {functions[0]}, imported from beside the file"
+    code = settings_code(config)
+    if code:
+        return code
     includes = config.get("include")
     for include in includes if isinstance(includes, list) else [includes] if includes else []:
         found = task_code(path.parent / str(include), strict, seen | {path})
         if found:
             return found
     return None
+
+
+def settings_code(settings: object) -> str | None:
+    """The first Python that a task file's settings (a group's inline tasks too) would have run,
+    said in words: a metric lm-eval hands to HF evaluate, whose evaluate.load imports a Python script
+    for it (a path to one, or a module from the hub's cache): one not in lm-eval's registry of its
+    own metrics, or one marked `hf_evaluate: true`; or a `use_prompt` from a YAML file, which lm-eval
+    reads with yaml.full_load, a loader that builds Python objects."""
+    if isinstance(settings, list):
+        return next(filter(None, map(settings_code, settings)), None)
+    if not isinstance(settings, dict):
+        return None
+    prompt = settings.get("use_prompt")
+    if isinstance(prompt, str) and ".yaml" in prompt.split(":")[0]:
+        return f"use_prompt {prompt}, read with yaml.full_load, which builds Python objects"
+    metrics = settings.get("metric_list")
+    for entry in metrics if isinstance(metrics, list) else []:
+        name = entry.get("metric") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name and (entry.get("hf_evaluate") is True or name not in metric_registry):
+            return f"metric {name}, loaded by HF evaluate"
+    return next(filter(None, map(settings_code, settings.values())), None)
 
 
 def read_task_file(path: Path) -> tuple[dict, list[str]]:
@@ -485,10 +522,7 @@ def check_task_files(files: list[str], include_path: str | None, allow_code: boo
     for path, strict in candidates:
         code = task_code(path, strict)
         if code and not allow_code:
-            raise UserError(
-                f"task file {path} runs Python code ({code}, imported from beside the file): "
-                f"if you trust it, allow it with {CODE_FLAGS}"
-            )
+            raise UserError(f"task file {path} runs Python code ({code}): if you trust it, allow it with {CODE_FLAGS}")
 
 
 def load_task_file(name: str) -> dict:
@@ -507,7 +541,7 @@ def run_tasks(
     from lm_eval import simple_evaluate
 
     try:
-        with quiet_git_hash():
+        with quiet_git_hash(), sandboxed_templates():
             return simple_evaluate(
                 model=lm,
                 tasks=tasks.specs,
@@ -520,6 +554,98 @@ def run_tasks(
             )
     except OSError as exc:  # datasets' ConnectionError and FileNotFoundError among them
         raise data_error(exc) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Task templates: rendered in a sandbox
+
+
+class TaskTemplate(jinja2.Template):
+    """A task template of lm-eval's, rendered by TaskTemplates: a failure to render is one line naming it."""
+
+    source = ""
+
+    def render(self, *args, **kwargs) -> str:
+        try:
+            return super().render(*args, **kwargs)
+        except jinja2.TemplateError as exc:
+            raise template_error(exc, self.source) from None
+
+
+class TaskTemplates(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """jinja2's sandbox, which refuses a template's reach for attributes that lead to Python (a
+    function's __globals__, a class's __subclasses__) and its changes to the data it is given."""
+
+    template_class = TaskTemplate
+
+    def from_string(self, source, globals=None, template_class=None) -> TaskTemplate:  # noqa: A002 - jinja2's name
+        try:
+            template = super().from_string(source, globals, template_class)
+        except jinja2.TemplateError as exc:  # not a template (a syntax error)
+            raise template_error(exc, str(source)) from None
+        template.source = str(source)
+        return template
+
+
+ENVIRONMENT_OPTIONS = (  # what jinja2.Environment() takes, but for its extensions and async mode
+    "block_start_string", "block_end_string", "variable_start_string", "variable_end_string",
+    "comment_start_string", "comment_end_string", "line_statement_prefix", "line_comment_prefix",
+    "trim_blocks", "lstrip_blocks", "newline_sequence", "keep_trailing_newline", "optimized", "undefined",
+    "finalize", "autoescape", "loader", "auto_reload", "bytecode_cache",
+)  # fmt: skip
+
+
+def sandbox_of(environment: jinja2.Environment) -> TaskTemplates:
+    """A sandbox that renders as `environment` does: its options (lm-eval's StrictUndefined and
+    keep_trailing_newline among them), extensions, filters (its regex_replace), tests and globals."""
+    sandbox = TaskTemplates(
+        **{option: getattr(environment, option) for option in ENVIRONMENT_OPTIONS},
+        extensions=[type(extension) for extension in environment.extensions.values()],
+        enable_async=environment.is_async,
+    )
+    for name in ("filters", "tests", "globals", "policies"):
+        getattr(sandbox, name).update(getattr(environment, name))
+    return sandbox
+
+
+def lm_eval_templates() -> jinja2.Environment:
+    """The environment every template of lm-eval's tasks is rendered in: lm_eval.utils.env, which
+    its apply_template reads at each call. An lm-eval that renders elsewhere is refused, in one line,
+    rather than run with templates out of the sandbox."""
+    environment = getattr(lm_eval.utils, "env", None)
+    render = getattr(lm_eval.utils, "apply_template", None)
+    names = getattr(getattr(render, "__code__", None), "co_names", ())
+    if not isinstance(environment, jinja2.Environment) or "env" not in names:
+        raise UserError(
+            f"lm-eval {lm_eval.__version__} no longer renders its task templates through lm_eval.utils.env, "
+            "the one smollm2 renders in a sandbox: install the lm-eval that requirements.txt names"
+        )
+    return environment
+
+
+@contextlib.contextmanager
+def sandboxed_templates() -> Iterator[None]:
+    """For the block, lm-eval renders every task template (doc_to_text, doc_to_target, doc_to_choice,
+    gen_prefix, fewshot templates, a prompt's) in jinja2's sandbox, with its own options and filters;
+    its environment is put back after. Always, --allow_code or not: allowed code is a `!function`,
+    never a template. A template the sandbox refuses, or one that fails, is one line."""
+    original = lm_eval_templates()
+    lm_eval.utils.env = sandbox_of(original)
+    try:
+        yield
+    finally:
+        lm_eval.utils.env = original
+
+
+def template_error(exc: jinja2.TemplateError, template: str) -> UserError:
+    shown = repr(template if len(template) <= 100 else template[:100] + "...")
+    reason = error_reason(exc, 160).rstrip(".")
+    if isinstance(exc, jinja2.exceptions.SecurityError):
+        return UserError(
+            f"a task template tried what templates may not ({reason}): {shown}; templates render in a sandbox, "
+            f"and {CODE_FLAGS} allows !function code, never this"
+        )
+    return UserError(f"a task template could not be rendered ({reason}): {shown}")
 
 
 @contextlib.contextmanager
@@ -564,13 +690,14 @@ class TaskScores:
         self.limit, self.tokenizer, self.batch_size = settings.eval_limit, tokenizer, settings.batch_size
         tasks = load_tasks(settings.eval_tasks, allow_code=settings.eval_allow_code)
         try:
-            self.tasks = tasks.manager.load(tasks.specs)
+            with sandboxed_templates():  # building a task renders its first example's templates
+                self.tasks = tasks.manager.load(tasks.specs)
         except OSError as exc:
             raise data_error(exc) from None
 
     def run(self, model: SmolLM2, autocast) -> dict[str, float]:
         harness = SmolLM2Harness(model, self.tokenizer, self.batch_size)
-        with autocast():
+        with autocast(), sandboxed_templates():
             results = evaluate_quietly(harness, self.tasks, self.limit)
         return {f"{EVAL_PREFIX}{task}/{metric}": value for task, metric, value, _ in metric_rows(results)}
 
@@ -605,27 +732,67 @@ def format_table(rows: list[tuple[str, str, float, float | None]]) -> str:
 
 
 REPORT_FORMAT = "smollm2-eval/1"  # the first key of every --out report; no other writer puts it there
+DIGEST_KEY = "sha256"  # the second: the SHA-256 of the report's bytes as written, with this value as zeros
+UNSIGNED = f'"{DIGEST_KEY}": "{"0" * 64}"'
+LARGEST_REPORT = 64 << 20  # bytes: a file larger than this is not read to see whether it is a report
 
 
-def _is_our_report(path: Path) -> bool:
-    """An --out that `eval` wrote, and so may be replaced: a JSON object that starts with our format
-    marker and has the shape our writer gives it (the model as a string, lm-eval's results and/or
-    the text's figures as objects). A user's JSON that merely names a "model" is not one."""
-    if not path.is_file():
-        return False
+def report_bytes(results: dict) -> bytes:
+    """`results` as the JSON eval writes: headed by the format, then the digest of these very bytes
+    (taken with the digest written as zeros), so a report proves it is as eval wrote it."""
+    header = {"format": REPORT_FORMAT, DIGEST_KEY: "0" * 64}
+    report = header | {key: value for key, value in results.items() if key not in header}
+    text = json.dumps(report, indent=2, default=handle_non_serializable) + "\n"
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return text.replace(UNSIGNED, f'"{DIGEST_KEY}": "{digest}"', 1).encode("utf-8")
+
+
+def report_refusal(path: Path) -> str | None:
+    """Why the existing file `path` may not be replaced by a report, or None: it is one eval wrote,
+    byte for byte (or a copy of one). Any change (a note added, a value edited, the JSON reformatted)
+    makes the file the user's."""
+    foreign = "exists and is not results smollm2 wrote: give a new file name"
+    if not path.is_file() or path.stat().st_size > LARGEST_REPORT:
+        return foreign
+    data = path.read_bytes()
     try:
-        report = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(report, dict) or next(iter(report), None) != "format" or report["format"] != REPORT_FORMAT:
-        return False
-    parts = [report.get(key) for key in ("results", "text") if key in report]
-    return isinstance(report.get("model"), str) and bool(parts) and all(isinstance(p, dict) for p in parts)
+        report = json.loads(data)
+    except ValueError:
+        return foreign
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        return foreign
+    digest = report.get(DIGEST_KEY)
+    if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        return foreign  # an older smollm2's report (no digest) cannot prove it is unchanged
+    unsigned = data.replace(f'"{DIGEST_KEY}": "{digest}"'.encode(), UNSIGNED.encode(), 1)
+    if hashlib.sha256(unsigned).hexdigest() != digest:
+        return "is results smollm2 wrote, changed since smollm2 wrote it: refusing to replace it (give a new file name)"
+    return None
+
+
+def check_report_target(out: Path) -> None:
+    """Refuse, in one line, an --out that is not a new file or an unchanged report of ours: one
+    inside a folder smollm2 wrote for something else or a part of a run (a file there would block
+    that run's resume), a symlink (never followed, nor replaced), a folder, a path through a file."""
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symlink: refusing to replace it (give a new file name)")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give a file name, e.g. results.json")
+    blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UserError(f"--out {out}: {blocked} is a file, not a folder")
+    refusal = report_refusal(out) if out.exists() else None
+    if refusal:
+        raise UserError(f"--out {out} {refusal}")
+    where = inside_another(out)
+    if where:
+        raise UserError(f"--out {out} {where}: choose another file")
 
 
 def write_results(path: str | Path, results: dict) -> None:
-    report = {"format": REPORT_FORMAT} | {key: value for key, value in results.items() if key != "format"}
-    write_atomic(path, json.dumps(report, indent=2, default=handle_non_serializable) + "\n")
+    """Write the report to `path`, checked again first: the file may have changed while eval ran."""
+    check_report_target(Path(path))
+    write_atomic(path, report_bytes(results))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -661,13 +828,8 @@ def evaluate(
     if num_fewshot is not None and num_fewshot < 0:
         raise UserError(f"--num_fewshot must be 0 or more examples per prompt, got {num_fewshot}")
     batch_size = batch_size_from(batch_size)
-    if out is not None and Path(out).is_dir():
-        raise UserError(f"--out {out} is a folder: give a file name, e.g. results.json")
-    blocked = next((p for p in Path(out).parents if p.exists() and not p.is_dir()), None) if out else None
-    if blocked is not None:
-        raise UserError(f"--out {out}: {blocked} is a file, not a folder")
-    if out is not None and Path(out).exists() and not _is_our_report(Path(out)):
-        raise UserError(f"--out {out} exists and is not results smollm2 wrote: give a new file name")
+    if out is not None:
+        check_report_target(Path(out))
     chosen = load_tasks(tasks.split(","), include_path, allow_code) if tasks else None
     held_out = read_text(text) if text else None
     model, tokenizer = load_for_inference(source, precision=precision, pack=False)
@@ -705,11 +867,13 @@ def lm_eval_main() -> int:
     """`smollm2-lm-eval ...`: lm-eval's own command line (`run --model smollm2 --model_args
     checkpoint=CKPT --tasks ...`) with our model registered. lm-eval 0.4.13 finds models only in
     its own registry (its --include_path adds tasks, not models), so its `lm_eval` command cannot
-    see a model defined outside its tree; this one imports ours first."""
+    see a model defined outside its tree; this one imports ours first. It runs task code as lm-eval
+    does, but its task templates render in the sandbox, as everywhere in smollm2."""
     from lm_eval.__main__ import cli_evaluate
 
     try:
-        cli_evaluate()
+        with sandboxed_templates():
+            cli_evaluate()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
