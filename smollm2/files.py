@@ -107,6 +107,8 @@ def make_staging_folder(target: Path, mode: int) -> tuple[Path, int]:
             os.mkdir(path, mode)
         except FileExistsError:
             continue
+        except OSError as exc:  # a read-only or full folder: named as the folder it is
+            raise OSError(exc.errno, exc.strerror, str(target.parent)) from None
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             if os.fstat(fd).st_uid != os.geteuid():  # swapped for another user's folder right after mkdir
@@ -504,8 +506,8 @@ def users_entry(old: Path, before: dict[str, tuple] | None) -> str | None:
     """The first entry of the swapped-out folder that is not provably ours: new or changed since the
     build began, or not recorded by its marker (a folder without one was empty when it was checked)."""
     now = inventory(old)
-    if now is None:
-        return old.name
+    if now is None:  # replaced by a link or a file
+        return "the folder itself"
     changed = next((name for name, entry in sorted(now.items()) if (before or {}).get(name) != entry), None)
     if changed is not None:
         return changed
