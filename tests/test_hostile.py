@@ -441,11 +441,19 @@ def test_logs_of_a_run_that_left_no_checkpoint_name_no_checkpoint(workspace, cap
 
 
 def test_leftovers_of_killed_processes_are_cleaned_and_an_interrupted_swap_is_undone(workspace):
+    from smollm2.files import HOST, STAGING, STAGING_PROOF
+
     dead = 2**22 + 12345  # above Linux's default pid_max: no such process
     run = workspace / "run"
-    (run / "checkpoints" / f".step_6.pt.tmp-{dead}").write_bytes(b"half a checkpoint")
-    (run / f".final.tmp-{dead}").mkdir()
-    (run / "final").rename(run / f".final.old-{dead}")  # killed between the two renames of a swap
+
+    def staging(path: Path, what: str = "tmp") -> Path:  # as a killed process of this host left it, with its proof
+        return path.with_name(f".{path.name}.{what}-{dead}-{HOST}-0123456789abcdef")
+
+    for folder in (staging(run / "checkpoints" / "step_6.pt"), staging(run / "final")):
+        folder.mkdir()
+        (folder / STAGING_PROOF).write_text(json.dumps({"kind": STAGING, "token": "0123456789abcdef"}))
+    (staging(run / "checkpoints" / "step_6.pt") / "step_6.pt").write_bytes(b"half a checkpoint")
+    (run / "final").rename(staging(run / "final", "old"))  # killed between the two renames of a swap
     argv = [*TRAIN, "--train_steps", "2", "--checkpoint_path", "run/checkpoints/step_4.pt", "--out_dir", "run"]
     assert cli.train_main(argv) == 0
     assert not leftovers(workspace)
