@@ -16,6 +16,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -24,9 +25,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from smollm2 import distributed
 from smollm2.config import Config, ModelConfig, TrainConfig, model_config_from_dict
 from smollm2.data import FORMAT_VERSION as DATA_FORMAT
-from smollm2.errors import UserError, error_reason
+from smollm2.errors import CONTENT_ERRORS, UserError, reading, refusal_while
 from smollm2.files import (
     MARKER,
+    RunLock,
     check_replaceable,
     clean_leftovers,
     inside_another,
@@ -34,12 +36,12 @@ from smollm2.files import (
     read_marker,
     write_atomic,
 )
-from smollm2.hf import MODEL_FILES, write_model_folder
+from smollm2.hf import MODEL_FILES, check_tensor, load_weights, write_model_folder
 from smollm2.model import SmolLM2
 from smollm2.run_folder import RunFolder, list_checkpoints, step_of
 from smollm2.tokenizer import Tokenizer
 
-REQUIRED_KEYS = ("model", "optimizer", "step", "config", "tokenizer_hash", "loader")
+REQUIRED_KEYS = ("model", "optimizer", "step", "config", "tokenizer_hash", "loader", "rng")
 # What a resumed run must share with its checkpoint for the data to come in the same order.
 DATA_ORDER_KEYS = (
     ("data", "seq_len"),
@@ -66,6 +68,8 @@ class RunProgress:
     last_val_loss: float | None = None
     run_id: str | None = field(default_factory=new_run_id)  # None: a checkpoint older than run ids
     precision: str | None = None  # fp32 or bf16, decided at the run's start and kept; None: an older checkpoint
+    # the validation set's batch size (train.batch_size at the run's start), kept: val_loss stays on the same windows
+    validation_batch_size: int | None = None
 
 
 @dataclass
@@ -88,11 +92,8 @@ class Checkpoint:
         return dataclasses.asdict(self.progress) | fields
 
     @classmethod
-    def from_dict(cls, state: dict, source: str | Path) -> Checkpoint:
-        for key in ("model", "optimizer", "loader", "rng", "config", "tokenizer_hash"):
-            if key not in state:
-                raise UserError(f"{source}: not a smollm2 training checkpoint (no {key})")
-        check_fields(state, source)
+    def from_dict(cls, state: dict) -> Checkpoint:
+        """A checkpoint's dictionary as `load_checkpoint` read and checked it."""
         defaults = {
             f.name: None if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(RunProgress)
         }
@@ -101,7 +102,7 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path: str | Path) -> Checkpoint:
-        return cls.from_dict(load_checkpoint(path), path)
+        return cls.from_dict(load_checkpoint(path))
 
     def save(self, path: Path) -> None:
         save_checkpoint(self.to_dict(), path)
@@ -178,22 +179,25 @@ class Checkpoint:
 
 
 # What each field must be for a resume to rely on it: (test, what it should be).
+COUNT_LIMIT = 2**63  # positions and counts are read as int64 (numpy, torch): a larger one is no count of ours
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_count(value) -> bool:
-    return _is_int(value) and value >= 0
+def _is_count(value, least: int = 0) -> bool:
+    return _is_int(value) and least <= value < COUNT_LIMIT
 
 
 def _is_number_or_none(value) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    return value is None or isinstance(value, float) or (_is_int(value) and abs(value) < COUNT_LIMIT)
 
 
 FIELD_CHECKS = {
-    "step": (_is_count, "a whole number of steps, 0 or more"),
-    "tokens_seen": (_is_count, "a whole number of tokens, 0 or more"),
-    "schedule_steps": (lambda v: _is_int(v) and v >= 1, "a whole number of steps, 1 or more"),
+    "step": (_is_count, "a whole number of steps, 0 or more (below 2**63)"),
+    "tokens_seen": (_is_count, "a whole number of tokens, 0 or more (below 2**63)"),
+    "schedule_steps": (lambda v: _is_count(v, 1), "a whole number of steps, 1 or more (below 2**63)"),
     "last_loss": (_is_number_or_none, "a number"),
     "last_val_loss": (_is_number_or_none, "a number"),
     "run_id": (lambda v: v is None or isinstance(v, str), "a string"),
@@ -202,16 +206,33 @@ FIELD_CHECKS = {
     "tokenizer": (lambda v: v is None or isinstance(v, str), "a tokenizer.json text"),
     "chat_template": (lambda v: v is None or isinstance(v, str), "a string"),
     "model": (lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()), "tensors"),
-    "loader": (
-        lambda v: (
-            isinstance(v, dict)
-            and all(_is_count(v.get(k)) for k in ("step", "batch_size", "world_size"))
-            and v["batch_size"] > 0
-            and v["world_size"] > 0
-        ),
-        "a loader position (step, batch_size, world_size)",
-    ),
+    "loader": (lambda v: isinstance(v, dict), "a loader position (step, batch_size, world_size)"),
 }
+# The loader's position (`data.Prefetcher.state_dict`); `windows`, `seed` and `data_format` are absent
+# from older checkpoints.
+LOADER_CHECKS = {
+    "step": (True, lambda v: _is_count(v), "a whole number of micro-batches, 0 or more (below 2**63)"),
+    "batch_size": (True, lambda v: _is_count(v, 1), "a whole number of windows, 1 or more (below 2**63)"),
+    "world_size": (True, lambda v: _is_count(v, 1), "a whole number of processes, 1 or more (below 2**63)"),
+    "windows": (False, lambda v: _is_count(v), "a whole number of windows, 0 or more (below 2**63)"),
+    "seed": (False, lambda v: _is_count(v), "a whole number, 0 or more (below 2**63)"),
+    "data_format": (False, lambda v: _is_count(v, 1), "a format version, 1 or more"),
+}
+
+
+def check_loader(loader: dict, source: str | Path) -> None:
+    """Each field of the loader's position by its type and range, and the windows it stands for."""
+    for key, (required, valid, expected) in LOADER_CHECKS.items():
+        if (required or key in loader) and not valid(loader.get(key)):
+            raise UserError(
+                f"{source}: not a smollm2 training checkpoint (its loader is not a loader position: "
+                f"loader.{key} must be {expected})"
+            )
+    if "windows" not in loader and not _is_count(loader["step"] * loader["batch_size"] * loader["world_size"]):
+        raise UserError(
+            f"{source}: not a smollm2 training checkpoint (its loader is not a loader position: "
+            "loader.step x batch_size x world_size is past 2**63 windows)"
+        )
 
 
 def check_fields(state: dict, source: str | Path) -> None:
@@ -222,9 +243,13 @@ def check_fields(state: dict, source: str | Path) -> None:
             continue  # older checkpoints: the schedule spans the resumed run's steps
         if not valid(state.get(key, defaults.get(key))):
             raise UserError(f"{source}: not a smollm2 training checkpoint (its {key} is not {expected})")
+    check_loader(state["loader"], source)
+    for name, tensor in state["model"].items():
+        check_tensor(name, tensor, source)
     config = state["config"]
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UserError(f"{source}: not a smollm2 training checkpoint (no model config)")
+    checkpoint_model_config(state, source)
     for section in ("data", "train"):
         if not isinstance(config.get(section, {}), dict):
             raise UserError(f"{source}: not a smollm2 training checkpoint (its config.{section} is not a mapping)")
@@ -232,7 +257,7 @@ def check_fields(state: dict, source: str | Path) -> None:
         raise UserError(f"{source}: not a smollm2 training checkpoint (its optimizer is not an optimizer state)")
     try:
         _check_rng(state["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+    except (*CONTENT_ERRORS, RuntimeError):  # torch says RuntimeError of a generator state it cannot take
         raise UserError(f"{source}: not a smollm2 training checkpoint (its rng is not a saved RNG state)") from None
 
 
@@ -261,8 +286,40 @@ def _check_rng(state: dict) -> None:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temporary name, fsync, rename: a crash leaves the old file or the new, never half."""
-    write_atomic(path, lambda f: torch.save(state, f))
+    """Write to a temporary name, fsync, rename: a crash leaves the old file or the new, never half.
+    A full disk (or any refusal of the machine) is one line naming the checkpoint; the partial file goes."""
+    try:
+        write_atomic(path, lambda f: _torch_save(state, f))
+    except OSError as exc:
+        raise refusal_while(exc, f"saving checkpoint {path}") from None
+
+
+class _RecordingWriter:
+    """A file for torch.save that keeps the OSError a write raised: torch's zip writer turns it into
+    a RuntimeError that no longer says why ("file write failed")."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+
+def _torch_save(state: dict, file: BinaryIO) -> None:
+    writer = _RecordingWriter(file)
+    try:
+        torch.save(state, writer)
+    except RuntimeError:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -288,6 +345,8 @@ def load_checkpoint(path: str | Path) -> dict:
     missing = [key for key in REQUIRED_KEYS if key not in state] if isinstance(state, dict) else list(REQUIRED_KEYS)
     if missing:
         raise UserError(f"{path}: not a smollm2 training checkpoint (no {', '.join(missing)})")
+    with reading(path, "a smollm2 training checkpoint"):
+        check_fields(state, path)
     return state
 
 
@@ -347,7 +406,18 @@ class Checkpointer:
         self.good: Path | None = None  # the newest checkpoint shown good in this session
 
     def check_folder(self, resume: Checkpoint | None) -> None:
-        """Refuse, before anything is written, a folder this run would damage."""
+        """Refuse, before anything is written, a folder this run would damage. A folder another live
+        run holds is refused as that: what its files look like mid-run (logs, no checkpoint yet) says
+        nothing about a run that left them."""
+        try:
+            self._check_folder(resume)
+        except UserError:
+            if self.out_dir.is_dir():
+                with RunLock(self.out_dir):  # raises, naming the other run, when one holds the folder
+                    pass
+            raise
+
+    def _check_folder(self, resume: Checkpoint | None) -> None:
         for folder in (self.out_dir, self.folder):
             if folder.exists() and not folder.is_dir():
                 raise UserError(f"{folder} is a file, not a folder: choose another --out_dir")
@@ -571,11 +641,3 @@ def checkpoint_model_config(state: dict, path: str | Path) -> ModelConfig:
     """The architecture a checkpoint was trained with, checked like any config."""
     config = state["config"]
     return model_config_from_dict(config.get("model") if isinstance(config, dict) else None, str(path))
-
-
-def load_weights(model: SmolLM2, weights: dict, source: str | Path) -> None:
-    """Load a state dict, or say in one line that it belongs to another model."""
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise UserError(f"{source}: the weights do not fit the model ({error_reason(exc, 120)})") from None

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from smollm2.config import ModelConfig
-from smollm2.errors import UserError
+from smollm2.errors import UserError, refusal_while
 from smollm2.files import clean_leftovers, inside_another, staged_file
 from smollm2.hf import llama_incompatibility
 from smollm2.model import SmolLM2
@@ -281,11 +281,23 @@ def export_gguf(
     add_tokenizer(writer, tokenizer, model.config.vocab_size)
     for tensor_name, tensor in gguf_tensors(model):
         data, qtype = encode(tensor, outtype)
-        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
-    with staged_file(out) as tmp:
-        try:
-            writer.write_header_to_file(tmp)
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+        writer.add_tensor(tensor_name, data.view(WrittenThroughFile), raw_dtype=qtype)
+    try:
+        with staged_file(out) as tmp:
+            try:
+                writer.write_header_to_file(tmp)
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
+    except OSError as exc:
+        raise refusal_while(exc, f"writing {out}") from None
+
+
+class WrittenThroughFile(np.ndarray):
+    """A weight whose `tofile` (what the GGUF writer calls) writes through the Python file object.
+    numpy's own writes with C stdio, and a short write there loses its errno: a full disk read
+    "196608 requested and 180576 written" instead of "no space left on device"."""
+
+    def tofile(self, file, sep: str = "", format: str = "%s") -> None:  # noqa: A002 - numpy's signature
+        file.write(np.ascontiguousarray(self).data.cast("B"))

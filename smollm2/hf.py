@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from smollm2.config import ModelConfig, model_config_from_dict
-from smollm2.errors import UserError, error_reason
+from smollm2.errors import UserError, error_reason, file_in_folder, read_json_file, reading
 from smollm2.files import build_folder, check_replaceable, write_atomic
 from smollm2.model import SmolLM2
 from smollm2.tokenizer import Tokenizer, load_tokenizer
@@ -77,6 +77,8 @@ def to_llama_config(config: ModelConfig, tokenizer: Tokenizer | None = None) -> 
 
 
 def from_llama_config(raw: dict, source: str) -> ModelConfig:
+    """A transformers Llama config.json as our ModelConfig, type- and range-checked (ModelConfig's own
+    validation) before anything is computed from it."""
     if raw.get("model_type") != "llama":
         raise UserError(f"{source}: model_type {raw.get('model_type')!r} is not supported (llama only)")
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
@@ -86,22 +88,24 @@ def from_llama_config(raw: dict, source: str) -> ModelConfig:
         raise UserError(f"{source}: biases in linear layers are not supported")
     if raw.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (silu only)")
-    config = ModelConfig(
-        n_layers=raw["num_hidden_layers"],
-        hidden_size=raw["hidden_size"],
-        n_heads=raw["num_attention_heads"],
-        n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-        intermediate_size=raw["intermediate_size"],
-        vocab_size=raw["vocab_size"],
-        norm="rmsnorm",
-        norm_eps=raw.get("rms_norm_eps", 1e-6),
-        mlp="swiglu",
-        rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
-        max_seq_len=raw.get("max_position_embeddings", 2048),
-        tie_embeddings=raw.get("tie_word_embeddings", False),
-    )
+    kv_heads = raw.get("num_key_value_heads")
+    settings = {
+        "n_layers": raw["num_hidden_layers"],
+        "hidden_size": raw["hidden_size"],
+        "n_heads": raw["num_attention_heads"],
+        "n_kv_heads": raw["num_attention_heads"] if kv_heads is None else kv_heads,
+        "intermediate_size": raw["intermediate_size"],
+        "vocab_size": raw["vocab_size"],
+        "norm": "rmsnorm",
+        "norm_eps": raw.get("rms_norm_eps", 1e-6),
+        "mlp": "swiglu",
+        "rope_theta": rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+        "max_seq_len": raw.get("max_position_embeddings", 2048),
+        "tie_embeddings": raw.get("tie_word_embeddings", False),
+    }
+    config = model_config_from_dict(settings, source)
     if raw.get("head_dim", config.head_dim) != config.head_dim:
-        raise UserError(f"{source}: head_dim {raw['head_dim']} != hidden_size / heads is not supported")
+        raise UserError(f"{source}: head_dim {raw['head_dim']!r} != hidden_size / heads is not supported")
     return config
 
 
@@ -169,76 +173,98 @@ def export_llama(model: SmolLM2, folder: str | Path, tokenizer: Tokenizer | None
 
 
 def load_pretrained(folder: str | Path, device: str | torch.device = "cpu") -> tuple[SmolLM2, Tokenizer | None]:
-    """Load a transformers Llama folder (e.g. a downloaded SmolLM2-135M) or one of our own."""
+    """Load a transformers Llama folder (e.g. a downloaded SmolLM2-135M) or one of our own, with its
+    tokenizer (refused when it has ids past the model's vocab_size)."""
     folder = Path(folder)
-    config = read_model_config(folder)
-    state = from_hf_state_dict(_read_safetensors(folder), config)
-
-    def load(model: SmolLM2) -> None:
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as exc:  # a tensor of the wrong shape
-            raise UserError(f"{folder}: weights do not match the config ({error_reason(exc, 160)})") from None
-        if missing or unexpected:
-            raise UserError(
-                f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-
-    model = SmolLM2.with_weights(config, load)
-    tokenizer = load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else None
+    model = load_model(folder)
+    tokenizer = load_tokenizer(folder, model.config.vocab_size) if (folder / "tokenizer.json").is_file() else None
     return model.to(device), tokenizer
+
+
+def load_model(folder: Path) -> SmolLM2:
+    """The model of a model folder, its weights checked (`load_weights`)."""
+    config = read_model_config(folder)
+    state = from_hf_state_dict(read_weights(folder), config)
+    return SmolLM2.with_weights(config, lambda model: load_weights(model, state, folder))
+
+
+def load_weights(model: SmolLM2, weights: dict, source: str | Path) -> None:
+    """Load a state dict from elsewhere (a model folder, a checkpoint) into `model`, or say in one line
+    which tensor does not belong: a missing or unexpected name, another shape, or what `check_tensor`
+    refuses."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in weights]
+    unexpected = [name for name in weights if name not in expected]
+    if missing or unexpected:
+        raise UserError(
+            f"{source}: the weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for name, tensor in weights.items():
+        check_tensor(name, tensor, source)
+        if tensor.shape != expected[name].shape:
+            raise UserError(
+                f"{source}: weight {name} has shape {list(tensor.shape)}, the config needs {list(expected[name].shape)}"
+            )
+    model.load_state_dict(weights)
+
+
+def check_tensor(name: str, tensor: object, source: str | Path) -> None:
+    """A weight from elsewhere is a tensor of finite floating point numbers: torch would cast integers
+    or complex numbers silently, and NaN or infinity would surface only as a crash in sampling."""
+    if not isinstance(tensor, torch.Tensor):
+        raise UserError(f"{source}: weight {name} is not a tensor")
+    if not tensor.is_floating_point():
+        raise UserError(f"{source}: weight {name} is {str(tensor.dtype).removeprefix('torch.')}, not floating point")
+    if not bool(torch.isfinite(tensor).all()):
+        raise UserError(f"{source}: weight {name} holds values that are not finite (NaN or infinity)")
 
 
 def read_model_config(folder: Path) -> ModelConfig:
     """The architecture of a model folder: our smollm2_config.json, or transformers' Llama config.json."""
     folder = Path(folder)
     if (folder / NATIVE_CONFIG).is_file():
-        config = model_config_from_dict(_read_json(folder / NATIVE_CONFIG), str(folder / NATIVE_CONFIG))
-    elif (folder / "config.json").is_file():
-        path = folder / "config.json"
-        try:
-            config = from_llama_config(_read_json(path), str(path))
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise UserError(f"{path}: not a complete Llama config ({error_reason(exc)} missing or malformed)") from None
-        config = model_config_from_dict(dataclasses.asdict(config), str(path))
-    else:
-        raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    return config
+        path = file_in_folder(folder, NATIVE_CONFIG)
+        raw = read_json_file(path, "a smollm2 model config")
+        with reading(path, "a smollm2 model config"):
+            return model_config_from_dict(raw, str(path))
+    if (folder / "config.json").is_file():
+        path = file_in_folder(folder, "config.json")
+        raw = read_json_file(path, "a Llama config")
+        with reading(path, "a complete Llama config"):
+            return from_llama_config(raw, str(path))
+    raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
 
 
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model folder: model.safetensors, or the shards its index names (each a file
+    inside the folder)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(_read_json(index)["weight_map"].values()))
-        except (KeyError, TypeError, AttributeError):
-            raise UserError(f"{index}: no weight_map of shard files") from None
-        state = {}
-        for shard in shards:
-            state |= _load_safetensors(folder / shard)
+        index = file_in_folder(folder, index.name)
+        weight_map = read_json_file(index, "a safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{index}: not a safetensors index (no weight_map of tensor names to shard files)")
+        shards = list(weight_map.values())
+        if not all(isinstance(shard, str) for shard in shards):
+            raise UserError(f"{index}: not a safetensors index (a shard file name that is not a string)")
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(shards)):
+            tensors = _load_safetensors(file_in_folder(folder, shard, named_by=index))
+            twice = sorted(state.keys() & tensors.keys())
+            if twice:
+                raise UserError(f"{index}: tensor {twice[0]} is in two shards (one is {shard})")
+            state |= tensors
         return state
     if not (folder / "model.safetensors").is_file():
         raise UserError(f"{folder}: no model.safetensors (only safetensors weights are read)")
-    return _load_safetensors(folder / "model.safetensors")
+    return _load_safetensors(file_in_folder(folder, "model.safetensors"))
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"{path}: weights file not found")
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for damaged files
         raise UserError(f"{path}: not a readable safetensors file ({error_reason(exc, 100)})") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{path}: not valid JSON") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return data
 
 
 def _write_json(path: Path, data: dict) -> None:

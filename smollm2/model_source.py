@@ -23,7 +23,7 @@ from smollm2.checkpoint import (
 )
 from smollm2.config import ModelConfig
 from smollm2.errors import UserError
-from smollm2.hf import load_pretrained, read_model_config
+from smollm2.hf import load_model, read_model_config
 from smollm2.model import SmolLM2
 from smollm2.run_folder import RunFolder
 from smollm2.tokenizer import Tokenizer, check_vocab_size, load_tokenizer
@@ -89,10 +89,13 @@ class ModelSource:
         return read_model_config(self.path)
 
     def tokenizer(self) -> Tokenizer | None:
-        """The tokenizer saved with the model (None when there is none)."""
+        """The tokenizer saved with the model (None when there is none). The one place a model's
+        tokenizer is compared with its vocab_size: one with ids past the embedding's rows is refused."""
         if self.is_checkpoint:
-            return state_tokenizer(self.state, self.path)
-        return load_tokenizer(self.path) if (self.path / "tokenizer.json").is_file() else None
+            tokenizer = state_tokenizer(self.state, self.path)
+        else:
+            tokenizer = load_tokenizer(self.path) if (self.path / "tokenizer.json").is_file() else None
+        return None if tokenizer is None else check_vocab_size(tokenizer, self.path, self.config().vocab_size)
 
     def require_tokenizer(self) -> Tokenizer:
         tokenizer = self.tokenizer()
@@ -102,10 +105,12 @@ class ModelSource:
 
     def load(self, device: str | torch.device = "cpu") -> tuple[SmolLM2, Tokenizer | None]:
         """The model (on `device`, fp32) and its tokenizer."""
-        if not self.is_checkpoint:
-            model, tokenizer = load_pretrained(self.path)
-            return model.to(device), tokenizer
-        model = SmolLM2.with_weights(self.config(), lambda model: load_weights(model, self.state["model"], self.path))
+        if self.is_checkpoint:
+            model = SmolLM2.with_weights(
+                self.config(), lambda model: load_weights(model, self.state["model"], self.path)
+            )
+        else:
+            model = load_model(self.path)
         return model.to(device), self.tokenizer()
 
     def weights(self) -> dict[str, torch.Tensor]:

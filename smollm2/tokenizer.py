@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from smollm2.errors import UserError, error_reason, read_utf8
+from smollm2.errors import UserError, error_reason, file_in_folder, read_json_file, read_utf8
 from smollm2.files import write_atomic
 
 END_OF_TEXT = "<|endoftext|>"
@@ -51,6 +51,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
+
+    @functools.cached_property
+    def id_limit(self) -> int:
+        """One past the largest id the tokenizer produces: the rows a model needs for it (a
+        tokenizer.json may give a token an id past its count)."""
+        return max(self.backend.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     @functools.cached_property
     def longest_token(self) -> int:
@@ -129,13 +135,22 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> Tokenizer
     """Load tokenizer.json or a Hugging Face folder holding one (e.g. a downloaded SmolLM2). A checkpoint's
     tokenizer is read above this module (`smollm2.model_source.open_tokenizer`)."""
     path = Path(path)
-    return check_vocab_size(load_tokenizer_file(path / "tokenizer.json" if path.is_dir() else path), path, vocab_size)
+    file = file_in_folder(path, "tokenizer.json") if path.is_dir() else path
+    return check_vocab_size(load_tokenizer_file(file), path, vocab_size)
 
 
 def check_vocab_size(tokenizer: Tokenizer, path: str | Path, vocab_size: int | None) -> Tokenizer:
-    """The tokenizer, refused when it has more tokens than the model has rows."""
-    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+    """The tokenizer, refused when it has more tokens, or ids, than the model has rows: its ids would
+    index past the embedding (generate and eval crash, a GGUF export drops them)."""
+    if vocab_size is None:
+        return tokenizer
+    if tokenizer.vocab_size > vocab_size:
         raise UserError(f"tokenizer {path} has {tokenizer.vocab_size} tokens, more than model.vocab_size={vocab_size}")
+    if tokenizer.id_limit > vocab_size:
+        token = tokenizer.backend.id_to_token(tokenizer.id_limit - 1)
+        raise UserError(
+            f"tokenizer {path} gives {token!r} the id {tokenizer.id_limit - 1}, past model.vocab_size={vocab_size}"
+        )
     return tokenizer
 
 
@@ -148,21 +163,20 @@ def load_tokenizer_file(file: Path) -> Tokenizer:
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
         raise UserError(f"{file}: not a valid tokenizer.json ({error_reason(exc, 120)})") from None
     folder = file.parent
-    special_tokens = read_special_tokens(folder / "tokenizer_config.json")
-    return Tokenizer(backend, special_tokens.get("eos_token"), read_chat_template(folder), special_tokens)
+    config_file = folder / "tokenizer_config.json"
+    special_tokens = read_special_tokens(config_file)
+    eos_token = special_tokens.get("eos_token")
+    if eos_token is not None and backend.token_to_id(eos_token) is None:
+        raise UserError(f"{config_file}: eos_token {eos_token!r} is not a token of {file}")
+    return Tokenizer(backend, eos_token, read_chat_template(folder), special_tokens)
 
 
 def read_tokenizer_config(config_file: Path) -> dict:
     """A transformers tokenizer_config.json ({} when there is none)."""
-    if not config_file.is_file():
+    if not (config_file.is_file() or config_file.is_symlink()):
         return {}
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        config = None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_file}: not a valid tokenizer_config.json (expected a JSON object)")
-    return config
+    path = file_in_folder(config_file.parent, config_file.name)
+    return read_json_file(path, "a valid tokenizer_config.json")
 
 
 def read_special_tokens(config_file: Path) -> dict[str, str]:
@@ -183,8 +197,8 @@ def read_chat_template(folder: Path) -> str | None:
     """A transformers folder's chat template, where transformers looks: chat_template.jinja first,
     then tokenizer_config.json's chat_template (a string, or named templates: the "default" one)."""
     jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return read_utf8(jinja)
+    if jinja.is_file() or jinja.is_symlink():
+        return read_utf8(file_in_folder(folder, jinja.name))
     config_file = folder / "tokenizer_config.json"
     template = read_tokenizer_config(config_file).get("chat_template")
     if isinstance(template, list):
