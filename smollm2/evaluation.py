@@ -22,6 +22,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -540,20 +541,53 @@ def run_tasks(
     nor downloadable is one line."""
     from lm_eval import simple_evaluate
 
+    with held_warnings():
+        try:
+            with quiet_git_hash(), sandboxed_templates():
+                return simple_evaluate(
+                    model=lm,
+                    tasks=tasks.specs,
+                    task_manager=tasks.manager,
+                    limit=limit,
+                    num_fewshot=num_fewshot,
+                    log_samples=log_samples,
+                    bootstrap_iters=1000,
+                    verbosity="WARNING",
+                )
+        except OSError as exc:  # datasets' ConnectionError and FileNotFoundError among them
+            raise data_error(exc) from None
+
+
+class HeldWarnings(logging.Handler):
+    """The warnings lm-eval logs while no handler of its own is set up (it sets one up only after
+    building the tasks), which Python would print at once: held as lines."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logging.WARNING)
+        self.logger, self.lines = logger, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.logger.handlers == [self]:
+            self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def held_warnings() -> Iterator[None]:
+    """lm-eval warns about a task file while it builds the task (a metric with no aggregation, say):
+    those lines are held for the block, printed once it ends, and dropped when it ends in a refusal,
+    whose one line is then all the user sees."""
+    logger = logging.getLogger("lm_eval")
+    held = HeldWarnings(logger)
+    logger.addHandler(held)
     try:
-        with quiet_git_hash(), sandboxed_templates():
-            return simple_evaluate(
-                model=lm,
-                tasks=tasks.specs,
-                task_manager=tasks.manager,
-                limit=limit,
-                num_fewshot=num_fewshot,
-                log_samples=log_samples,
-                bootstrap_iters=1000,
-                verbosity="WARNING",
-            )
-    except OSError as exc:  # datasets' ConnectionError and FileNotFoundError among them
-        raise data_error(exc) from None
+        yield
+    except UserError:
+        held.lines.clear()
+        raise
+    finally:
+        logger.removeHandler(held)
+        for line in held.lines:
+            print(line, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -689,11 +723,12 @@ class TaskScores:
         stay_offline()
         self.limit, self.tokenizer, self.batch_size = settings.eval_limit, tokenizer, settings.batch_size
         tasks = load_tasks(settings.eval_tasks, allow_code=settings.eval_allow_code)
-        try:
-            with sandboxed_templates():  # building a task renders its first example's templates
-                self.tasks = tasks.manager.load(tasks.specs)
-        except OSError as exc:
-            raise data_error(exc) from None
+        with held_warnings():
+            try:
+                with sandboxed_templates():  # building a task renders its first example's templates
+                    self.tasks = tasks.manager.load(tasks.specs)
+            except OSError as exc:
+                raise data_error(exc) from None
 
     def run(self, model: SmolLM2, autocast) -> dict[str, float]:
         harness = SmolLM2Harness(model, self.tokenizer, self.batch_size)

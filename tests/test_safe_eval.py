@@ -7,8 +7,11 @@ The workspace (tests/conftest.py): a finished 4-step run in run/ with final/, an
 """
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jinja2
@@ -18,13 +21,14 @@ import pytest
 import yaml
 
 from smollm2 import cli, evaluation
-from tests.helpers import ROOT, main_refused, tiny_config, train_refused
+from tests.helpers import ROOT, main_refused, one_error_line, snapshot, tiny_config, train_refused
 
 evaluation.stay_offline()
 
 QUESTIONS = ROOT / "tests" / "eval_tasks" / "multiple_choice.jsonl"
 ATTACK = "{{ cycler.__init__.__globals__.os.system('id > PWNED') }}{{q}}"  # the hunt's exact template
 REFUSED = "a task template tried what templates may not"
+OFFLINE = os.environ | {"PYTHONPATH": str(ROOT), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}  # this checkout's smollm2
 
 
 @pytest.fixture(autouse=True)
@@ -64,6 +68,17 @@ def json_task(folder: Path, name: str = "evil.yaml", data: Path | None = None, *
 
 # ---------------------------------------------------------------------------------------------
 # Templates render in a sandbox
+
+
+def test_the_hunts_exact_attack_from_the_command_line_is_one_line(workspace):
+    """As the user runs it, in a process of its own, with a task that leaves its metric's aggregation
+    to lm-eval's default: lm-eval's warnings about that are held, not printed above the refusal."""
+    json_task(workspace, doc_to_text=ATTACK, metric_list=[{"metric": "exact_match"}])
+    before = snapshot(workspace)
+    command = [sys.executable, "-m", "smollm2", "eval", "--model", "run/final", "--tasks", "evil.yaml", "--limit", "2"]
+    result = subprocess.run(command, cwd=workspace, capture_output=True, text=True, timeout=300, env=OFFLINE)
+    assert REFUSED in one_error_line(result)
+    assert not (workspace / "PWNED").exists() and snapshot(workspace) == before
 
 
 def test_the_hunts_exact_attack_through_eval_runs_nothing(workspace, capsys):
