@@ -1,7 +1,8 @@
 """What a task file or an `eval --out` may do: a task's templates render in a sandbox (no gadget
 reaches Python, whatever the field, wherever the file comes from, with --allow_code too), a metric
-HF evaluate would load is code like !function, and a report is replaced only when it is one eval
-wrote, unchanged, outside any part of a run, and not a symlink.
+HF evaluate would load and a prompt file yaml.full_load would read are code like !function, and a
+report is replaced only when it is one eval wrote, unchanged, outside any part of a run, and not a
+symlink.
 
 The workspace (tests/conftest.py): a finished 4-step run in run/ with final/, and mine/notes.txt.
 """
@@ -28,7 +29,8 @@ evaluation.stay_offline()
 QUESTIONS = ROOT / "tests" / "eval_tasks" / "multiple_choice.jsonl"
 ATTACK = "{{ cycler.__init__.__globals__.os.system('id > PWNED') }}{{q}}"  # the hunt's exact template
 REFUSED = "a task template tried what templates may not"
-OFFLINE = os.environ | {"PYTHONPATH": str(ROOT), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}  # this checkout's smollm2
+# A command line of its own: this checkout's smollm2, offline (stay_offline set os.environ), no data set bars.
+COMMAND_LINE = os.environ | {"PYTHONPATH": str(ROOT), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +78,7 @@ def test_the_hunts_exact_attack_from_the_command_line_is_one_line(workspace):
     json_task(workspace, doc_to_text=ATTACK, metric_list=[{"metric": "exact_match"}])
     before = snapshot(workspace)
     command = [sys.executable, "-m", "smollm2", "eval", "--model", "run/final", "--tasks", "evil.yaml", "--limit", "2"]
-    result = subprocess.run(command, cwd=workspace, capture_output=True, text=True, timeout=300, env=OFFLINE)
+    result = subprocess.run(command, cwd=workspace, capture_output=True, text=True, timeout=300, env=COMMAND_LINE)
     assert REFUSED in one_error_line(result)
     assert not (workspace / "PWNED").exists() and snapshot(workspace) == before
 
