@@ -202,6 +202,7 @@ FIELD_CHECKS = {
     "last_val_loss": (_is_number_or_none, "a number"),
     "run_id": (lambda v: v is None or isinstance(v, str), "a string"),
     "precision": (lambda v: v in (None, "fp32", "bf16"), "fp32 or bf16"),
+    "validation_batch_size": (lambda v: v is None or _is_count(v, 1), "a whole number of windows, 1 or more"),
     "tokenizer_hash": (lambda v: isinstance(v, str), "a string"),
     "tokenizer": (lambda v: v is None or isinstance(v, str), "a tokenizer.json text"),
     "chat_template": (lambda v: v is None or isinstance(v, str), "a string"),
