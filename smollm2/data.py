@@ -267,12 +267,19 @@ def fingerprint(config: Config, files: list[Path], tokenizer: Tokenizer | None) 
 
 
 def prepare(
-    config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1, tokenizer: Tokenizer | None = None
+    config: Config,
+    out_dir: str | Path = ".",
+    quiet: bool = False,
+    workers: int = 1,
+    tokenizer: Tokenizer | None = None,
+    accept_tokenizer: Callable[[Tokenizer], None] | None = None,
 ) -> PreparedData:
     """Tokenize the corpus into token files, or reuse the ones already there for the same inputs.
 
     `tokenizer`: data.tokenizer as the pipeline resolved it (a checkpoint's is read above this module);
-    None reads a tokenizer file or folder data.tokenizer names, or trains one when it says `train`."""
+    None reads a tokenizer file or folder data.tokenizer names, or trains one when it says `train`.
+    `accept_tokenizer` is called with the tokenizer as soon as it is known (read, reused or trained
+    in memory), before any file is written: it raises to refuse it (the trainer checks its prompts)."""
     files = resolve_sources(config.data.path)
     folder = prepared_folder(config, out_dir)
     check_prepared_folder(folder, files, config.data.tokenizer)
@@ -282,14 +289,50 @@ def prepare(
     expected = fingerprint(config, files, tokenizer)
     meta = read_meta(folder)
     if meta is not None and meta.get("fingerprint") == expected:
+        prepared = _open(folder, meta)
+        if accept_tokenizer is not None:
+            accept_tokenizer(prepared.tokenizer)
         if not quiet:
             print(f"data: reusing {folder} ({meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens)")
-        return _open(folder, meta)
+        return prepared
     # Only a folder about to be replaced must be provably ours: one reused above is only read.
     check_replaceable(folder, "data", "the prepared data folder", PREPARED_FILES)
+    corpus = Corpus.of(config, files)
+    notes: list[str] = []  # said once the corpus is accepted: a refused one is one line, the error
+    if tokenizer is None:  # in memory: nothing is written until it is accepted
+        tokenizer = _train_on(config, corpus, quiet, notes)
+    if tokenizer.eos_id is None:
+        raise UserError(f"tokenizer {config.data.tokenizer}: no end-of-text token (<|endoftext|>, </s> or <eos>)")
+    if accept_tokenizer is not None:
+        accept_tokenizer(tokenizer)
     with build_folder(folder, "data") as staging:  # the old folder stays whole until the new one is complete
-        meta = _build(config, files, staging, expected, quiet, workers, tokenizer)
+        meta = _build(config, corpus, staging, expected, quiet, workers, tokenizer, notes)
     return _open(folder, meta)
+
+
+def _train_on(config: Config, corpus: Corpus, quiet: bool, notes: list[str]) -> Tokenizer:
+    if not quiet:
+        megabytes = corpus.total_bytes / 1e6
+        print(f"data: training a {config.model.vocab_size}-token BPE tokenizer on {megabytes:.1f} MB")
+    texts = (p.text for p in read_pieces(corpus.files, corpus.piece_bytes, {}, config.data.text_field))
+    return train_tokenizer(texts, config.model.vocab_size, notes)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The files of data.path, their size, and the pieces they are read in."""
+
+    files: list[Path]
+    total_bytes: int
+    piece_bytes: int
+
+    @classmethod
+    def of(cls, config: Config, files: list[Path]) -> Corpus:
+        total_bytes = sum(f.stat().st_size for f in files)
+        if total_bytes == 0:
+            raise UserError(f"the corpus {config.data.path!r} is empty", key="data.path")
+        # ~1000 pieces over the corpus (1 KB to 256 KB each): the validation split takes whole pieces.
+        return cls(files, total_bytes, max(1 << 10, min(256 << 10, total_bytes // 1000)))
 
 
 def check_prepared_folder(folder: Path, sources: list[Path], tokenizer: str) -> None:
@@ -339,28 +382,17 @@ def _sizes_match(folder: Path, meta: dict) -> bool:
 
 def _build(
     config: Config,
-    files: list[Path],
+    corpus: Corpus,
     staging: Path,
     expected: dict,
     quiet: bool,
     workers: int,
-    tokenizer: Tokenizer | None,
+    tokenizer: Tokenizer,
+    notes: list[str],
 ) -> dict:
-    total_bytes = sum(f.stat().st_size for f in files)
-    # ~1000 pieces over the corpus (1 KB to 256 KB each): the validation split takes whole pieces.
-    piece_bytes = max(1 << 10, min(256 << 10, total_bytes // 1000))
+    files, total_bytes = corpus.files, corpus.total_bytes
     bad_bytes: dict[str, int] = {}
-    notes: list[str] = []  # said once the corpus is accepted: a refused one is one line, the error
-    if total_bytes == 0:
-        raise UserError(f"the corpus {config.data.path!r} is empty", key="data.path")
-    if tokenizer is None:
-        if not quiet:
-            print(f"data: training a {config.model.vocab_size}-token BPE tokenizer on {total_bytes / 1e6:.1f} MB")
-        texts = (p.text for p in read_pieces(files, piece_bytes, {}, config.data.text_field))
-        tokenizer = train_tokenizer(texts, config.model.vocab_size, notes)
     tokenizer.save(staging / "tokenizer.json")
-    if tokenizer.eos_id is None:
-        raise UserError(f"tokenizer {config.data.tokenizer}: no end-of-text token (<|endoftext|>, </s> or <eos>)")
     dtype = np.uint16 if config.model.vocab_size <= 1 << 16 else np.uint32
     counts = {"train": 0, "val": 0}
     has_text, pieces_count = False, 0
@@ -369,7 +401,7 @@ def _build(
     )
     with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
         outputs = {"train": train_file, "val": val_file}
-        pieces = read_pieces(files, piece_bytes, bad_bytes, config.data.text_field)
+        pieces = read_pieces(files, corpus.piece_bytes, bad_bytes, config.data.text_field)
         for index, (piece, ids) in enumerate(encode_pieces(pieces, tokenizer, progress, workers)):
             split = "val" if _goes_to_val(len(ids), counts, config.data.val_fraction) else "train"
             outputs[split].write(np.asarray(ids, dtype=dtype).tobytes())

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,14 +63,31 @@ class MixtureData:
 # Preparing every source
 
 
-def prepare_corpus(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1) -> PreparedData:
+AcceptTokenizer = Callable[[Tokenizer], None] | None  # called once the tokenizer is known, before any write
+
+
+def prepare_corpus(
+    config: Config,
+    out_dir: str | Path = ".",
+    quiet: bool = False,
+    workers: int = 1,
+    accept_tokenizer: AcceptTokenizer = None,
+) -> PreparedData:
     """One corpus, data.path: `data.prepare` with the tokenizer data.tokenizer names."""
-    return prepare(config, out_dir, quiet, workers=workers, tokenizer=given_tokenizer(config))
+    tokenizer = given_tokenizer(config)
+    return prepare(config, out_dir, quiet, workers=workers, tokenizer=tokenizer, accept_tokenizer=accept_tokenizer)
 
 
-def prepare_mixture(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1) -> MixtureData:
+def prepare_mixture(
+    config: Config,
+    out_dir: str | Path = ".",
+    quiet: bool = False,
+    workers: int = 1,
+    accept_tokenizer: AcceptTokenizer = None,
+) -> MixtureData:
     """Text sources first (with data.tokenizer=train the first one trains the tokenizer and the
-    others are tokenized with it), then datatrove folders, checked against that tokenizer."""
+    others are tokenized with it), then datatrove folders, checked against that tokenizer.
+    `accept_tokenizer` sees the tokenizer before any source's files are written."""
     sources = config.data.mixture(config.source)
     base = Path(config.data.prepared_dir) if config.data.prepared_dir else RunFolder(out_dir).data
     spec = config.data.tokenizer
@@ -85,13 +102,16 @@ def prepare_mixture(config: Config, out_dir: str | Path = ".", quiet: bool = Fal
                 if sum(f.stat().st_size for f in resolve_sources(source.path)) == 0:
                     raise UserError(f"the corpus {source.path!r} is empty")
     tokenizer = given_tokenizer(config)
+    if tokenizer is not None and accept_tokenizer is not None:
+        accept_tokenizer(tokenizer)
     for index, source in enumerate(sources):
         if folders[source.name]:
             continue
         folder = base / f"{source.name}-{config.model.vocab_size}"
         with _about(index, source):
             config_of_source = _source_config(config, source, spec, folder)
-            data = prepare(config_of_source, out_dir, quiet, workers=workers, tokenizer=tokenizer)
+            accept = _said_as_it_is(accept_tokenizer) if tokenizer is None else None  # the first text source trains it
+            data = prepare(config_of_source, out_dir, quiet, workers, tokenizer, accept)
         prepared[source.name] = SourceData(source, [data.train], data.val, data.folder)
         if tokenizer is None:  # trained on the first text source, it serves the others
             tokenizer = data.tokenizer
@@ -130,12 +150,36 @@ def _source_config(config: Config, source: Source, tokenizer: str, folder: Path)
     return dataclasses.replace(config, data=data)
 
 
+class _NotAboutTheSource(Exception):
+    """accept_tokenizer's refusal (a prompt, a resumed run's tokenizer), raised while a source is
+    prepared but not about it: `_about` lets it out as it was raised."""
+
+    def __init__(self, error: UserError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _said_as_it_is(accept_tokenizer: AcceptTokenizer) -> AcceptTokenizer:
+    if accept_tokenizer is None:
+        return None
+
+    def accept(tokenizer: Tokenizer) -> None:
+        try:
+            accept_tokenizer(tokenizer)
+        except UserError as error:
+            raise _NotAboutTheSource(error) from None
+
+    return accept
+
+
 @contextlib.contextmanager
 def _about(index: int, source: Source) -> Iterator[None]:
     """Errors while preparing a source are said of it: one about data.path (the source's path, as data.py
     sees it) by its reason, any other whole."""
     try:
         yield
+    except _NotAboutTheSource as refusal:
+        raise refusal.error from None
     except UserError as error:
         reason = error.reason if error.key == "data.path" else str(error)
         raise type(error)(reason, key=f"data.sources[{index}] ({source.name})") from None
@@ -148,12 +192,17 @@ def validation_sets(data: PreparedData | MixtureData) -> dict[str, tuple[np.ndar
     return {"": (data.val, 1.0)}
 
 
-def validation_batches(data: PreparedData | MixtureData, config: Config) -> dict[str, tuple[list[Batch], float]]:
-    """name -> (the fixed validation batches, weight) of each validation set; one line said for empty ones."""
+def validation_batches(
+    data: PreparedData | MixtureData, config: Config, batch_size: int | None = None
+) -> dict[str, tuple[list[Batch], float]]:
+    """name -> (the fixed validation batches, weight) of each validation set: train.eval_batches
+    batches of `batch_size` windows (the run's validation batch size; None: train.batch_size). One
+    line is said for empty ones."""
     settings = config.train
+    batch_size = batch_size or settings.batch_size
     eos_id = data.tokenizer.eos_id if config.data.document_mask else None
     sets = {
-        name: (eval_batches(val, settings.batch_size, config.data.seq_len, settings.eval_batches, eos_id), weight)
+        name: (eval_batches(val, batch_size, config.data.seq_len, settings.eval_batches, eos_id), weight)
         for name, (val, weight) in validation_sets(data).items()
     }
     empty = [name for name, (batches, _) in sets.items() if not batches]

@@ -19,7 +19,7 @@ so a resumed run sees the same batches, bitwise.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,9 +180,16 @@ def pack(conversations: list[Conversation], seq_len: int, pad_id: int) -> Packed
     return PackedRows(input_ids, targets, document_ids)
 
 
-def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, workers: int = 1) -> ChatData:
+def prepare(
+    config: Config,
+    out_dir: str | Path = ".",
+    quiet: bool = False,
+    workers: int = 1,
+    accept_tokenizer: Callable[[Tokenizer], None] | None = None,
+) -> ChatData:
     """Read, check, tokenize and pack the conversations; a held-out share (data.val_fraction) for
-    validation. In memory, in one process: conversation sets are small next to pretraining corpora."""
+    validation. In memory, in one process: conversation sets are small next to pretraining corpora.
+    `accept_tokenizer` sees the tokenizer before the conversations are encoded (it raises to refuse)."""
     files = resolve_sources(config.data.path)
     conversations = list(read_conversations(files))
     if not conversations:
@@ -190,6 +197,8 @@ def prepare(config: Config, out_dir: str | Path = ".", quiet: bool = False, work
     tokenizer = chat_tokenizer(config, [messages for _, messages in conversations])
     if tokenizer.eos_id is None:
         raise UserError(f"tokenizer {config.data.tokenizer}: no end-of-text token to pad with")
+    if accept_tokenizer is not None:
+        accept_tokenizer(tokenizer)
     encoded = encode_all(tokenizer, conversations, config.data.seq_len)
     held_out = [_is_val_conversation(index, config.data.val_fraction) for index in range(len(encoded))]
     train_conversations = [c for c, out in zip(encoded, held_out, strict=True) if not out]
@@ -251,10 +260,13 @@ def make_loader(data: ChatData, config: Config, rank: int, world_size: int, devi
     )
 
 
-def validation_sets(data: ChatData, config: Config) -> dict[str, tuple[list[Batch], float]]:
-    """The held-out conversations: one validation set (one line said when it is empty)."""
+def validation_sets(
+    data: ChatData, config: Config, batch_size: int | None = None
+) -> dict[str, tuple[list[Batch], float]]:
+    """The held-out conversations: one validation set, train.eval_batches batches of `batch_size` rows
+    (the run's validation batch size; None: train.batch_size). One line is said when it is empty."""
     settings = config.train
-    batches = eval_batches(data.val, settings.batch_size, config.data.seq_len, settings.eval_batches)
+    batches = eval_batches(data.val, batch_size or settings.batch_size, config.data.seq_len, settings.eval_batches)
     if not batches:
         fraction = config.data.val_fraction
         reason = f"data.val_fraction={fraction} of {data.meta['conversations']} conversation(s) holds none out"

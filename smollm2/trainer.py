@@ -9,6 +9,7 @@ loader, validator, predictor, checkpointer, reporter); each owns its state and i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import shlex
 import signal
@@ -40,6 +41,7 @@ from smollm2.model import SmolLM2
 from smollm2.muon import ADJUST_LR, GatheringMuon, MuonWithAdamW, adamw_groups, hidden_matrices
 from smollm2.pretrained import initial_weights, resolve_init_from
 from smollm2.run_folder import RunFolder
+from smollm2.tokenizer import Tokenizer
 
 MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops
 
@@ -112,7 +114,8 @@ class DataPipeline(NamedTuple):
     loader: (
         Callable  # (data, config, rank, world_size, device) -> a Prefetcher (next, state_dict, load_state_dict, close)
     )
-    validation_sets: Callable  # (data, config) -> {name: (batches, weight)}; "" names a run's only set
+    # (data, config, batch_size) -> {name: (batches, weight)}; "" names a run's only set
+    validation_sets: Callable
 
 
 def data_pipeline(config: Config) -> DataPipeline:
@@ -159,10 +162,11 @@ class Validator:
     for a mixture, per source (`val_loss/NAME`) and their weighted mean (`val_loss`); and the figures
     of train.eval_tasks (smollm2.evaluation.TaskScores), when there are any."""
 
-    def __init__(self, data: PreparedData | MixtureData, config: Config) -> None:
+    def __init__(self, data: PreparedData | MixtureData, config: Config, batch_size: int) -> None:
+        """batch_size: the validation set's, kept by the run (`validation_batch_size`), not train.batch_size."""
         settings = config.train
         self.every = settings.eval_every
-        self.sets = data_pipeline(config).validation_sets(data, config)
+        self.sets = data_pipeline(config).validation_sets(data, config, batch_size)
         self.tasks = None
         if settings.eval_tasks:
             from smollm2.evaluation import TaskScores  # lm-eval is a heavy import: only when asked for
@@ -205,6 +209,28 @@ class Validator:
         return sum(losses) / len(losses)
 
 
+def prompt_tokens(config: Config, tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """A prompt of train.prompts as the predictions feed it (for data.format chat, a user's message
+    under the chat template); one that does not fit the model's context is refused in one line."""
+    context = config.model.max_seq_len
+    if config.data.format == "chat":
+        ids = chat_template.prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+        return check_fits(ids, context, f"train.prompts: {prompt[:40]!r} with the chat template")
+    try:
+        return prompt_ids(tokenizer, prompt, context)
+    except UserError as error:
+        raise UserError(f"{prompt[:40]!r}: {error.reason}", key="train.prompts") from None
+
+
+def validation_batch_size(progress: RunProgress, resume: Checkpoint | None, settings: TrainConfig) -> int:
+    """The validation set's batch size: train.batch_size at the run's first start, kept by its
+    checkpoints, so a resume in another batch size measures val_loss on the same windows, in the same
+    batches. A checkpoint older than that: the batch size its last session trained (and measured) with."""
+    if progress.validation_batch_size is not None:
+        return progress.validation_batch_size
+    return int(resume.loader["batch_size"]) if resume is not None else settings.batch_size
+
+
 class Predictor:
     """The config's prompts, sampled under a fixed seed every predict_every steps: the same text
     every time for the same weights, so the samples show what the model learned in between."""
@@ -217,14 +243,8 @@ class Predictor:
         self.max_seq_len = config.model.max_seq_len
         self.chat = config.data.format == "chat"  # then a prompt is a user's message, the sample its reply
         self.stop_id = chat_template.end_of_turn_id(self.tokenizer) if self.chat else self.tokenizer.eos_id
-        # Checked now, not at the first prediction hours in: a prompt that does not fit is refused.
-        self.prompts = [(prompt, self.encode(prompt)) for prompt in config.train.prompts]
-
-    def encode(self, prompt: str) -> list[int]:
-        if not self.chat:
-            return prompt_ids(self.tokenizer, prompt, self.max_seq_len)
-        ids = chat_template.prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
-        return check_fits(ids, self.max_seq_len, f"train.prompts: {prompt[:40]!r} with the chat template")
+        # Refused, if they do not fit, before the data is prepared (Trainer.accept_tokenizer).
+        self.prompts = [(prompt, prompt_tokens(config, self.tokenizer, prompt)) for prompt in config.train.prompts]
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -285,16 +305,15 @@ class Trainer:
         self.device = distributed.device_for(self.world)
         self.precision = self.choose_precision(resume.progress.precision if resume else None)
         torch.manual_seed(settings.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
-        self.data = self.prepare_data()
-        if resume is not None:
-            resume.check_tokenizer(self.data.tokenizer)
-        self.predictor = Predictor(config, self.data)  # refuses prompts that do not fit, before any work
+        self.data = self.prepare_data(resume)
+        self.predictor = Predictor(config, self.data)
         self.progress = (
             resume.progress if resume else RunProgress(schedule_steps=settings.schedule_steps or train_steps)
         )
         if settings.schedule_steps:
             self.progress.schedule_steps = settings.schedule_steps
         self.progress.precision = self.precision.key
+        self.progress.validation_batch_size = validation_batch_size(self.progress, resume, settings)
         self.model = SmolLM2(config.model).to(self.device)
         if resume is not None:
             load_weights(self.model, resume.model, "the checkpoint")  # whole weights, before any sharding
@@ -309,7 +328,7 @@ class Trainer:
             self.load_optimizer_state(resume.optimizer)
             self.loader.load_state_dict(resume.loader)
             restore_rng(resume.rng)
-        self.validator = Validator(self.data, config)
+        self.validator = Validator(self.data, config, self.progress.validation_batch_size)
         self.checkpointer = Checkpointer(self.out_dir, settings, self.world.is_main)
         self.checkpointer.claim(self.progress.run_id)
         self.guard = DivergenceGuard()
@@ -345,10 +364,22 @@ class Trainer:
         for group, settings in zip(self.optimizer.param_groups, chosen, strict=True):
             group.update(settings)
 
-    def prepare_data(self) -> PreparedData | MixtureData:
+    def prepare_data(self, resume: Checkpoint | None) -> PreparedData | MixtureData:
         """Rank 0 tokenizes; the others wait, then find its files ready and reuse them."""
+        accept = functools.partial(self.accept_tokenizer, resume)
         with distributed.main_rank_first(self.world):
-            return data_pipeline(self.config).prepare(self.config, self.out_dir, quiet=not self.world.is_main)
+            return data_pipeline(self.config).prepare(
+                self.config, self.out_dir, quiet=not self.world.is_main, accept_tokenizer=accept
+            )
+
+    def accept_tokenizer(self, resume: Checkpoint | None, tokenizer: Tokenizer) -> None:
+        """Called as soon as the tokenizer is known (read, reused, or trained in memory from the
+        corpus) and before any data file is written: a resume's tokenizer must be its checkpoint's,
+        and every prompt must fit the context, or nothing is prepared."""
+        if resume is not None:
+            resume.check_tokenizer(tokenizer)
+        for prompt in self.config.train.prompts:
+            prompt_tokens(self.config, tokenizer, prompt)
 
     def autocast(self):
         if self.precision.dtype is None:
@@ -579,6 +610,23 @@ class Trainer:
         }
 
 
+def check_same_measurements(config: Config, resume: Checkpoint) -> None:
+    """A resumed run measures what its run measured: a change that would put val_loss on other
+    validation windows (train.eval_batches), or the eval tasks on another sample of their examples
+    (train.eval_limit, while tasks run before and after), is refused in one line."""
+    saved = resume.config.get("train", {})
+    changes = [("eval_batches", "val_loss would be measured on other validation windows")]
+    if saved.get("eval_tasks") and config.train.eval_tasks:
+        changes.append(("eval_limit", "the eval tasks would be scored on another sample of their examples"))
+    for key, what in changes:
+        was, now = saved.get(key), getattr(config.train, key)
+        if was is not None and was != now:
+            raise UserError(
+                f"checkpoint was measured with train.{key}={was!r} but {config.source} says {now!r}: {what}; "
+                "keep it, or start a new run from the checkpoint's weights with model.init_from"
+            )
+
+
 def resume_command(config_path: str, overrides: list[str] = (), out_dir: str | Path = ".") -> str:
     """The command that continues a run, with {steps} and {path} left to fill in."""
     settings = "".join(f" --set {shlex.quote(o)}" for o in overrides)
@@ -595,7 +643,9 @@ def train(
     """Train `train_steps` steps, from scratch or from `checkpoint`'s step onwards.
 
     Everything that can be refused is refused before anything is written: the steps, the
-    checkpoint, the config against it, the run folder; then the folder is locked for this run.
+    checkpoint, the config against it, the run folder; then the folder is locked for this run, and
+    the prompts and a resume's tokenizer are checked as soon as the tokenizer is known, before any
+    data file is written (`Trainer.accept_tokenizer`).
     resume_hint: the command that continues this run, with {steps} and {path} to fill in.
     Returns the signal number when SIGINT / SIGTERM stopped the run (its checkpoint saved), else None.
     """
@@ -605,6 +655,7 @@ def train(
     config = resolve_init_from(config, resume, checkpoint)
     if resume is not None:
         resume.check_resumable(config)
+        check_same_measurements(config, resume)
     if config.train.eval_tasks:  # an unknown task is refused before anything is written
         from smollm2.evaluation import load_tasks
 
