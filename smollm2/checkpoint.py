@@ -271,10 +271,28 @@ def _is_optimizer_state(optimizer) -> bool:
         isinstance(state, dict)
         and all(_is_int(k) and isinstance(v, dict) for k, v in state.items())
         and all(isinstance(t, torch.Tensor) for v in state.values() for t in v.values())
+        and all(v["step"].numel() == 1 for v in state.values() if "step" in v)  # a step count
         and isinstance(groups, list)
         and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
         and all(_is_int(i) for g in groups for i in g["params"])
     )
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, source: str | Path) -> None:
+    """A checkpoint's optimizer state fits the optimizer built for the model, before it is loaded: the
+    same groups of the same sizes, and every moment the shape of its parameter. torch checks only the
+    group sizes; a moment of another shape reached the fused AdamW kernel and corrupted the heap."""
+    groups = optimizer.param_groups
+    if [len(g["params"]) for g in saved["param_groups"]] != [len(g["params"]) for g in groups]:
+        raise UserError(f"{source}: its optimizer state does not fit the model (other parameter groups)")
+    for group, saved_group in zip(groups, saved["param_groups"], strict=True):
+        for parameter, index in zip(group["params"], saved_group["params"], strict=True):
+            for name, tensor in saved["state"].get(index, {}).items():
+                if name != "step" and tensor.shape != parameter.shape:
+                    raise UserError(
+                        f"{source}: its optimizer state does not fit the model ({name} of parameter {index} has "
+                        f"shape {list(tensor.shape)}, the parameter {list(parameter.shape)})"
+                    )
 
 
 def _check_rng(state: dict) -> None:

@@ -300,6 +300,37 @@ def test_a_checkpoint_whose_model_config_is_not_a_model_config_is_refused_at_res
     train_refused(capsys, workspace, argv, "model.init_from in edited.pt: expected str, got 7")
 
 
+def test_an_optimizer_step_count_that_is_not_a_count_is_one_line_before_any_work(workspace, capsys):
+    def steps(state):
+        for moments in state["optimizer"]["state"].values():
+            moments["step"] = torch.tensor([1.0, 2.0])
+
+    name = edited_checkpoint(workspace, steps)
+    argv = [*TRAIN, "--train_steps", "1", "--checkpoint_path", name, "--out_dir", "run"]
+    train_refused(capsys, workspace, argv, "edited.pt: not a smollm2 training checkpoint (its optimizer is not")
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_moments_of_another_shape_never_reach_the_optimizer(workspace, optimizer):
+    """A moment of another shape went into the fused AdamW kernel and corrupted the heap (free():
+    invalid next size). The state is checked against the optimizer built for the model first."""
+    from smollm2.checkpoint import check_optimizer_state
+    from smollm2.config import TrainConfig, model_config_from_dict
+    from smollm2.errors import UserError
+    from smollm2.model import SmolLM2
+    from smollm2.trainer import make_optimizer
+
+    state = torch.load(workspace / CHECKPOINT, weights_only=True)
+    model = SmolLM2(model_config_from_dict(state["config"]["model"], "the checkpoint"))
+    built = make_optimizer(model, TrainConfig(optimizer=optimizer), torch.device("cpu"))
+    saved = built.state_dict() | {"state": {0: {"exp_avg": torch.zeros(3), "step": torch.tensor(4.0)}}}
+    with pytest.raises(UserError, match=r"exp_avg of parameter 0 has shape \[3\], the parameter \["):
+        check_optimizer_state(built, saved, "edited.pt")
+    fewer = built.state_dict() | {"param_groups": built.state_dict()["param_groups"][:1]}
+    with pytest.raises(UserError, match="its optimizer state does not fit the model"):
+        check_optimizer_state(built, fewer, "edited.pt")
+
+
 # ---------------------------------------------------------------------------------------------
 # A full disk
 
