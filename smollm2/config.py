@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from smollm2.errors import UserError, error_reason
+from smollm2.errors import UserError, error_reason, reading
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "UserError", "load_config"]
 
@@ -338,11 +338,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = _load_yaml(path.read_text(encoding="utf-8"), path) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({error_reason(exc)})") from None
-    return config_from_dict(raw, str(path), overrides)
+    with reading(path, "a smollm2 config"):  # YAML nested too deeply, a number too large for a float, ...
+        try:
+            raw = _load_yaml(path.read_text(encoding="utf-8"), path) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid YAML ({error_reason(exc)})") from None
+        return config_from_dict(raw, str(path), overrides)
 
 
 def _load_yaml(text: str, path: Path) -> Any:

@@ -100,6 +100,19 @@ def test_a_number_too_large_for_a_float_is_one_line(workspace, capsys):
     generate_refused(capsys, workspace, "m", "m/config.json: not a complete Llama config (int too large to convert")
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: " + DEEP + "\n", "deep.yaml: not a smollm2 config (nested too deeply)"),
+        ("".join(" " * depth + "a:\n" for depth in range(3000)), "deep.yaml: not a smollm2 config (nested too deeply)"),
+        ("train:\n  lr: 1" + "0" * 400 + "\n", "deep.yaml: not a smollm2 config (int too large to convert to float)"),
+    ],
+)
+def test_a_yaml_config_nested_too_deeply_or_of_a_huge_number_is_one_line(workspace, capsys, text, message):
+    (workspace / "deep.yaml").write_text(text)
+    main_refused(capsys, workspace, ["info", "--config", "deep.yaml"], message)
+
+
 # ---------------------------------------------------------------------------------------------
 # Sharded weights: the index names files inside the folder, nothing else
 
