@@ -13,13 +13,15 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import gradio as gr
 import pandas as pd
 
 from smollm2.chat import reply_after
+from smollm2.chat_template import prompt_ids
 from smollm2.cli import ArgumentParser, examples
-from smollm2.errors import UserError, error_reason
+from smollm2.errors import UserError, error_reason, one_line, os_error_line
 from smollm2.generation import Sampling
 from smollm2.inference import load_for_inference, stream_text
 from smollm2.metrics import benchmark_points
@@ -33,27 +35,13 @@ QUEUE_SIZE = 16
 
 def build_app(model_path: Path, logs: Path | None, precision: str = "fp32") -> gr.Blocks:
     model, tokenizer = load_for_inference(model_path, precision=precision)
+    if tokenizer.chat_template:  # a template that fails (or renders nothing) is refused now, not at every message
+        prompt_ids(tokenizer, [{"role": "user", "content": "hi"}], model.config.max_seq_len)
     record = read_record(model.config, model.num_parameters(), logs)
     # The most characters a prompt that fits the context can have: the browser stops typing there, and
     # the server refuses anything longer (an API call skips the browser) before tokenizing it.
     most = tokenizer.max_chars(model.config.max_seq_len - 1)
-
-    def generate(prompt: str, max_new_tokens: float, temperature: float, top_k: float, top_p: float, seed: float):
-        # An API call skips the browser's widgets: any input may be null, NaN, Infinity or 12.5.
-        text = prompt = text_input(prompt, "prompt")
-        max_new_tokens, top_k, seed = (
-            whole_number(max_new_tokens, "max_new_tokens"),
-            whole_number(top_k, "top_k"),
-            whole_number(seed, "seed"),
-        )
-        temperature, top_p = number(temperature, "temperature"), number(top_p, "top_p")
-        try:
-            sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-            for piece in stream_text(model, tokenizer, prompt, max_new_tokens, sampling, seed):
-                text += piece
-                yield text
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
+    generate = generator(model, tokenizer)
 
     with gr.Blocks(title="SmolLM2") as app:
         gr.Markdown(
@@ -69,7 +57,7 @@ def build_app(model_path: Path, logs: Path | None, precision: str = "fp32") -> g
                 f"{model.config.max_seq_len:,}-token context",
             )
             with gr.Row():
-                longest = min(MAX_NEW_TOKENS, model.config.max_seq_len - 1)
+                longest = longest_reply(model)
                 max_new = lenient(gr.Slider(1, longest, value=min(120, longest), step=1, label="max new tokens"))
                 temperature = lenient(gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="temperature (0 = greedy)"))
                 top_k = lenient(gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)"))
@@ -84,6 +72,56 @@ def build_app(model_path: Path, logs: Path | None, precision: str = "fp32") -> g
         with gr.Tab("Training"):
             training_tab(record)
     return app.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+
+
+def generator(model, tokenizer):
+    """The Generate tab's handler: the prompt and its continuation so far, at each new piece."""
+    longest = longest_reply(model)
+
+    def generate(prompt: str, max_new_tokens: float, temperature: float, top_k: float, top_p: float, seed: float):
+        # An API call skips the browser's widgets: any input may be null, NaN, Infinity or 12.5.
+        text = prompt = text_input(prompt, "prompt")
+        max_new_tokens = reply_length(max_new_tokens, longest)
+        top_k, seed = whole_number(top_k, "top_k"), whole_number(seed, "seed")
+        temperature, top_p = number(temperature, "temperature"), number(top_p, "top_p")
+        try:
+            sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+            for piece in stream_text(model, tokenizer, prompt, max_new_tokens, sampling, seed):
+                text += piece
+                yield text
+        except UserError as exc:
+            raise refusal(str(exc)) from None
+
+    return generate
+
+
+def chat_responder(model, tokenizer):
+    """The Chat tab's handler: the reply so far to a message after the history (smollm2.chat)."""
+    longest = longest_reply(model)
+
+    def respond(message: str, history: list[dict], max_new_tokens: float, temperature: float):
+        if not text_input(message, "message"):  # an API call's null message arrives as "" (see the textbox)
+            raise refusal("the message is missing or empty: send text")
+        if history is not None and not isinstance(history, list):
+            raise refusal("the history must be a list of messages")
+        max_new_tokens, temperature = reply_length(max_new_tokens, longest), number(temperature, "temperature")
+        try:
+            sampling = Sampling(temperature=temperature, top_k=50)
+            yield from reply_after(model, tokenizer, history or [], message, max_new_tokens, sampling)
+        except UserError as exc:
+            raise refusal(str(exc)) from None
+
+    return respond
+
+
+def longest_reply(model) -> int:
+    return min(MAX_NEW_TOKENS, model.config.max_seq_len - 1)
+
+
+def refusal(message: str) -> gr.Error:
+    """What the browser shows for a refused request: one line, control characters escaped as the CLI
+    escapes them (a template's raise_exception, or a path, may hold a newline or an escape sequence)."""
+    return gr.Error(one_line(message))
 
 
 def lenient(component):
@@ -102,14 +140,14 @@ def lenient(component):
 
 def text_input(value, what: str) -> str:
     if not isinstance(value, str):
-        raise gr.Error(f"the {what} is missing: send text" if value is None else f"the {what} must be text")
+        raise refusal(f"the {what} is missing: send text" if value is None else f"the {what} must be text")
     return value
 
 
 def number(value, name: str) -> float:
     """A float input as an API call may send it: null or a string is refused (NaN is Sampling's to refuse)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise gr.Error(f"{name} must be a number, got {'nothing' if value is None else repr(value)}")
+        raise refusal(f"{name} must be a number, got {'nothing' if value is None else repr(value)}")
     return float(value)
 
 
@@ -117,8 +155,17 @@ def whole_number(value, name: str) -> int:
     """An integer input (a slider with step 1, the seed): null, NaN, Infinity or 12.5 is refused, not truncated."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value % 1:
         got = "nothing" if value is None else repr(value)
-        raise gr.Error(f"{name} must be a whole number, got {got}")
+        raise refusal(f"{name} must be a whole number, got {got}")
     return int(value)
+
+
+def reply_length(value, longest: int) -> int:
+    """max_new_tokens within the slider's range: an API call skips the slider, and the tokens a request
+    may ask for are the work it costs."""
+    tokens = whole_number(value, "max_new_tokens")
+    if not 1 <= tokens <= longest:
+        raise refusal(f"max_new_tokens must be in 1..{longest}, got {tokens}")
+    return tokens
 
 
 def limits(model, most: int) -> str:
@@ -131,23 +178,12 @@ def limits(model, most: int) -> str:
 
 def chat_tab(model, tokenizer, most: int) -> None:
     """A conversation through the model's chat template (smollm2.chat), replies streamed."""
-
-    def respond(message: str, history: list[dict], max_new_tokens: float, temperature: float):
-        if not text_input(message, "message"):  # an API call's null message arrives as "" (see the textbox)
-            raise gr.Error("the message is missing or empty: send text")
-        max_new_tokens, temperature = whole_number(max_new_tokens, "max_new_tokens"), number(temperature, "temperature")
-        try:
-            sampling = Sampling(temperature=temperature, top_k=50)
-            yield from reply_after(model, tokenizer, history or [], message, max_new_tokens, sampling)
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
-
-    longest = min(MAX_NEW_TOKENS, model.config.max_seq_len - 1)
+    longest = longest_reply(model)
     textbox = gr.Textbox(max_length=most, placeholder=f"a message of at most {most:,} characters", render=False)
     preprocess = textbox.preprocess
     textbox.preprocess = lambda payload: "" if payload is None else preprocess(payload)  # gradio fails on None
     gr.ChatInterface(
-        respond,
+        chat_responder(model, tokenizer),
         textbox=textbox,
         additional_inputs=[
             # half the context at most by default: a reply that takes all of it leaves no room for a message
@@ -262,15 +298,20 @@ def main(argv: list[str] | None = None) -> None:
     logs = args.logs or (Path(os.environ["SMOLLM2_LOGS"]) if os.environ.get("SMOLLM2_LOGS") else None)
     logs = logs or logs_beside(model_path)
     if not model_path.exists():
-        print(f"error: {model_path}: no model there (run `make demo` first, or pass --model)", file=sys.stderr)
-        raise SystemExit(2)
+        fail(f"{model_path}: no model there (run `make demo` first, or pass --model)")
     try:
         app = build_app(model_path, logs, args.precision)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(str(exc))
+    except OSError as exc:  # an unreadable model file or folder
+        fail(os_error_line(exc))
     try:
         app.launch(server_name=args.host, server_port=args.port)
     except OSError as exc:  # the port is taken, or the host is not this machine's
-        print(f"error: cannot serve on {args.host}:{args.port} ({error_reason(exc, 120)})", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(f"cannot serve on {args.host}:{args.port} ({error_reason(exc, 120)})")
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr, as the CLI writes it (a newline in a path is shown \\n), and exit code 2."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    raise SystemExit(2)

@@ -9,8 +9,8 @@ from typing import TextIO
 
 import torch
 
-from smollm2.chat_template import Message, end_of_turn_id, prompt_ids, render
-from smollm2.errors import UserError
+from smollm2.chat_template import Message, TemplateLimit, end_of_turn_id, prompt_ids
+from smollm2.errors import UserError, one_line
 from smollm2.generation import Sampling, check_chars, check_fits, check_new_tokens, check_text, fit_new_tokens
 from smollm2.inference import seeded_generator, stream_pieces
 from smollm2.model import SmolLM2
@@ -59,7 +59,12 @@ class Conversation:
         encoded: dict[int, list[int]] = {}
 
         def fits(start: int) -> bool:
-            encoded[start] = prompt_ids(self.tokenizer, self.system + turns[start:])
+            try:
+                encoded[start] = prompt_ids(self.tokenizer, self.system + turns[start:], context)
+            except TemplateLimit:  # this much history takes the template past its bounds: it cannot fit
+                if start == starts[-1]:
+                    raise
+                return False
             return len(encoded[start]) + room <= context
 
         if not fits(starts[-1]):  # a message that cannot fit costs the conversation nothing
@@ -73,13 +78,16 @@ class Conversation:
 
     def first_possible(self, turns: list[Message], starts: list[int], tokens: int) -> int:
         """The index into `starts` of the earliest exchange whose text, with all after it, could
-        still be held by `tokens` tokens (by characters: nothing is rendered or tokenized); the last
-        (the new message) at the latest, which the caller measures in tokens."""
-        most, total = self.tokenizer.max_chars(tokens), 0
+        still be held by `tokens` tokens (by characters, and by messages: a template that marks turns
+        gives each a token at least; nothing is rendered or tokenized); the last (the new message) at
+        the latest, which the caller measures in tokens. A history sent to the Space is thus rendered
+        no bigger than the context, however many empty messages it holds."""
+        most, total, messages = self.tokenizer.max_chars(tokens), 0, 0
         for index in range(len(starts) - 1, -1, -1):
             end = starts[index + 1] if index + 1 < len(starts) else len(turns)
             total += sum(len(turn["content"]) for turn in turns[starts[index] : end])
-            if total > most:
+            messages += end - starts[index]
+            if total > most or messages > tokens:
                 return min(index + 1, len(starts) - 1)
         return 0
 
@@ -108,16 +116,14 @@ def chat_loop(
 ) -> None:
     """The terminal chat: a line in, a streamed reply out; /reset forgets, /quit (or end of input) leaves,
     Ctrl-C during a reply stops that reply and keeps the chat."""
-    render(
-        tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True
-    )  # refuse a template-less model now
+    context = model.config.max_seq_len
+    prompt_ids(tokenizer, [{"role": "user", "content": "hi"}], context)  # refuse a template-less model now
     generator = seeded_generator(model, seed)
     check_new_tokens(max_new_tokens)
     if system is not None:
         check_text(system, "--system")
     conversation = Conversation(model, tokenizer, system, max_new_tokens)
-    context = model.config.max_seq_len
-    system_alone = prompt_ids(tokenizer, conversation.system + [{"role": "user", "content": ""}])
+    system_alone = prompt_ids(tokenizer, conversation.system + [{"role": "user", "content": ""}], context)
     alone = len(check_fits(system_alone, context, "--system with the chat template"))
     if alone + max_new_tokens >= context:  # no message could ever be answered: say so now, not at every one
         raise UserError(
@@ -145,8 +151,8 @@ def chat_loop(
             continue
         try:
             ids, dropped = conversation.prompt(text)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except UserError as exc:  # a template's raise_exception may say anything: one line
+            print(f"error: {one_line(str(exc))}", file=sys.stderr)
             continue
         if dropped:
             print(f"(the {dropped} oldest message(s) were dropped to fit the context)", file=sys.stderr)
@@ -170,8 +176,8 @@ def single_reply(
 ) -> Iterator[str]:
     """`generate --chat`: one user message through the template, the reply streamed."""
     check_new_tokens(max_new_tokens)
-    ids = prompt_ids(tokenizer, [{"role": "user", "content": check_text(user_text, "the prompt")}])
     context = model.config.max_seq_len
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": check_text(user_text, "the prompt")}], context)
     check_fits(ids, context, "the prompt with the chat template")
     generator = seeded_generator(model, seed)
     return stream_reply(model, tokenizer, ids, fit_new_tokens(ids, max_new_tokens, context), sampling, generator)
@@ -182,7 +188,8 @@ def message_text(content: object) -> str:
     if isinstance(content, str):
         return content
     blocks = content if isinstance(content, list) else [content]
-    return "".join(b.get("text", "") for b in blocks if isinstance(b, dict))
+    texts = (b.get("text") for b in blocks if isinstance(b, dict))
+    return "".join(text for text in texts if isinstance(text, str))
 
 
 def reply_after(
