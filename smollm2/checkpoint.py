@@ -527,8 +527,8 @@ class Checkpointer:
         if not self.is_main:
             return
         clean_leftovers(self.out_dir, {self.final.name, MARKER})  # the run folder may be the user's own
-        for folder in (self.folder, self.run.logs):
-            clean_leftovers(folder)
+        clean_leftovers(self.folder, lambda name: step_of(name) is not None)  # only what a run writes there
+        clean_leftovers(self.run.logs, {path.name for path in self.run.log_files})
         if run_id and read_marker(self.out_dir).get("kind") == "run":
             mark(self.out_dir, "run", run_id=run_id)
 
