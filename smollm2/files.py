@@ -533,9 +533,9 @@ def remove_entries(folder: Path, entries: dict[str, tuple]) -> bool:
     return not folder.exists()
 
 
-def clean_leftovers(folder: Path, names: Collection[str] | Callable[[str], bool] | None = None) -> list[Path]:
+def clean_leftovers(folder: Path, names: Collection[str] | Callable[[str], bool]) -> list[Path]:
     """Clean what killed smollm2 processes left in `folder` under the NAMEs we write there (`names`:
-    those names, or a test of one; None: any name, on the proof alone), and only what proves it is theirs.
+    those names, or a test of one), and only what proves it is theirs.
 
     A leftover is a folder `.NAME.tmp-PID-HOST-TOKEN` (or `.old-`) of a process of this host that is
     gone. A staging folder whose marker holds the token of its name is removed whole; a folder of
@@ -543,7 +543,7 @@ def clean_leftovers(folder: Path, names: Collection[str] | Callable[[str], bool]
     an `.old` folder whose NAME is missing was the only copy when its process died mid-swap: it is
     put back. Anything else, whatever its name, is left as it is.
     """
-    ours = (lambda name: True) if names is None else names if callable(names) else names.__contains__
+    ours = names if callable(names) else names.__contains__
     cleaned = []
     if not folder.is_dir():
         return cleaned
