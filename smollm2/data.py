@@ -32,7 +32,15 @@ from tqdm import tqdm
 
 from smollm2.config import Config
 from smollm2.errors import UserError, error_reason
-from smollm2.files import build_folder, check_replaceable, clean_leftovers, inside_another, is_inside, write_atomic
+from smollm2.files import (
+    build_folder,
+    check_replaceable,
+    clean_leftovers,
+    create_file,
+    inside_another,
+    is_inside,
+    write_atomic,
+)
 from smollm2.parallel_encode import encode_pieces
 from smollm2.run_folder import RunFolder
 from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -399,7 +407,7 @@ def _build(
     progress = tqdm(
         total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=True if quiet else None, leave=False
     )
-    with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
+    with create_file(staging / "train.bin") as train_file, create_file(staging / "val.bin") as val_file:
         outputs = {"train": train_file, "val": val_file}
         pieces = read_pieces(files, corpus.piece_bytes, bad_bytes, config.data.text_field)
         for index, (piece, ids) in enumerate(encode_pieces(pieces, tokenizer, progress, workers)):
