@@ -409,7 +409,8 @@ def add_eval(commands: Subcommands) -> None:
     evaluate.add_argument(
         "--allow_code",
         action="store_true",
-        help="let task files run the Python files beside them (lm-eval's !function): only for tasks you trust",
+        help="let task files run Python (lm-eval's !function, metrics HF evaluate loads, use_prompt YAML files): "
+        "only for tasks you trust; templates render in a sandbox either way",
     )
     evaluate.set_defaults(run=cmd_eval)
 

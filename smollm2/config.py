@@ -147,7 +147,7 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "smollm2"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun
-    eval_allow_code: bool = False  # eval_tasks files may run the Python beside them (lm-eval's !function)
+    eval_allow_code: bool = False  # eval_tasks files may run Python (!function, evaluate metrics, use_prompt files)
 
 
 @dataclass
