@@ -21,7 +21,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MappingView
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,7 +32,7 @@ import jinja2.ext
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from jinja2.utils import generate_lorem_ipsum
+from jinja2.utils import Namespace, generate_lorem_ipsum
 
 from smollm2.errors import UserError
 from smollm2.tokenizer import Tokenizer
@@ -58,6 +58,10 @@ MADE_PER_CHAR = 16
 MAX_STEPS = 1_000_000  # loop turns, calls, operators and filters in one rendering: about a second
 MAX_SECONDS = 5.0  # one rendering, whatever its steps
 MAX_INT_BITS = 1 << 16  # a number a template computes (10 ** 19728); str() stops at 4,300 digits anyway
+# The items one value holds, counted through shared references: `[a, a]` forty times over is small in
+# memory, but comparing, hashing or printing it visits 2**40 items in one uninterruptible step.
+MAX_ITEMS = 1 << 20
+CONTAINERS = (list, tuple, dict, set, frozenset)
 SEQUENCES = (str, bytes, list, tuple)
 BINOPS = frozenset({"+", "-", "*", "/", "//", "%", "**"})
 MAX_SAID = 500  # characters of a template's own error message in the line that refuses it
@@ -134,6 +138,18 @@ def cutoff() -> int:
     return current_budget().remaining() + 1
 
 
+def contents(value: object) -> Iterable | None:
+    """What a value shows when it is printed, compared or hashed: a container's items (a mapping's keys
+    and values, a namespace's attributes); None for a value that holds nothing."""
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return value
+    if isinstance(value, Namespace):
+        value = object.__getattribute__(value, "_Namespace__attrs")
+    if isinstance(value, Mapping):
+        return [*value.keys(), *value.values()]
+    return list(value) if isinstance(value, MappingView) else None
+
+
 def measure(value: object, limit: int) -> int:
     """About how long `value` is as text (a string's characters; a container's items with their
     contents, counted through shared references), counted no further than past `limit`."""
@@ -144,26 +160,45 @@ def measure(value: object, limit: int) -> int:
         item = pending.pop()
         if isinstance(item, (str, bytes)):
             total += len(item) + 2
-        elif isinstance(item, Mapping):
-            total += 2 + 2 * len(item)
-            if total <= limit:
-                pending.extend(item.keys())
-                pending.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            total += 2 + 2 * len(item)
-            if total <= limit:
-                pending.extend(item)
         elif isinstance(item, int):
             total += item.bit_length() // 3 + 1
+        elif (inside := contents(item)) is not None:
+            total += 2 + 2 * len(inside)
+            if total <= limit:
+                pending.extend(inside)
         else:
             total += 16
     return total
 
 
+def check_items(value: object) -> object:
+    """`value`, refused when it holds more than MAX_ITEMS items counted through shared references."""
+    if not isinstance(value, (*CONTAINERS, Namespace)):
+        return value
+    count, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        inside = None if isinstance(item, (str, bytes, int, float)) else contents(item)
+        if inside is not None:
+            count += len(inside)
+            if count > MAX_ITEMS:
+                raise TemplateLimit(
+                    f"the chat template would make a value of more than {MAX_ITEMS:,} items (counted through the "
+                    "values it repeats): refused"
+                )
+            pending.extend(inside)
+    return value
+
+
 def made_size(value: object) -> int:
-    """What making `value` cost: a string's characters, a container's items (its contents were made before)."""
-    if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset)):
+    """What making `value` cost: a string's characters, a container's items (its contents were made
+    before); a container of too many items, or too large a number, is refused."""
+    if isinstance(value, (str, bytes)):
         return len(value)
+    if isinstance(value, CONTAINERS):
+        return len(check_items(value))
+    if isinstance(value, Namespace):
+        check_items(value)
     if isinstance(value, int):
         check_bits(value.bit_length())
         return value.bit_length() // 64
@@ -420,6 +455,24 @@ class BoundedCodeGenerator(CodeGenerator):
             self.writeline(f"environment.count_output({text})")
         super().visit_Output(node, frame)
 
+    def visit_List(self, node: nodes.List, frame: Frame) -> None:
+        self.built(super().visit_List, node, frame)
+
+    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
+        self.built(super().visit_Dict, node, frame)
+
+    def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:
+        if node.ctx == "store":  # `{% for key, value in ... %}`: names, not a value
+            super().visit_Tuple(node, frame)
+        else:
+            self.built(super().visit_Tuple, node, frame)
+
+    def built(self, visit: Callable, node: nodes.Node, frame: Frame) -> None:
+        """A literal [...], {...} or (...), its items counted (environment.built) as it is made."""
+        self.write("environment.built(")
+        visit(node, frame)
+        self.write(")")
+
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         # jinja's own, the parts bounded by environment.joined before they are joined
         if frame.eval_ctx.volatile:
@@ -454,6 +507,10 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
     def count_output(self, chars: int) -> None:
         current_budget().make(chars)
+
+    def built(self, value: object) -> object:
+        current_budget().make(made_size(value))
+        return value
 
     def joined(self, join: Callable, parts: tuple) -> str:
         budget = current_budget()

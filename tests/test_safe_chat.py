@@ -147,6 +147,26 @@ def test_a_template_that_works_without_end_is_refused_after_its_steps(template, 
     ), line
 
 
+REPEATS = {
+    "compared": "{% set ns = namespace(a='x', b='x') %}{% for i in range(40) %}{% set ns.a = [ns.a, ns.a] %}"
+    "{% set ns.b = [ns.b, ns.b] %}{% endfor %}{{ ns.a == ns.b }}",
+    "hashed": "{% set ns = namespace(a='x') %}{% for i in range(40) %}{% set ns.a = (ns.a, ns.a) %}{% endfor %}"
+    "{{ {ns.a: 1} | length }}",
+    "printed": "{% set ns = namespace(a='x') %}{% for i in range(30) %}{% set ns.b = ns.a %}"
+    "{% set ns.a = namespace(x=ns.b, y=ns.b) %}{% endfor %}{{ ns }}",
+}
+
+
+@pytest.mark.parametrize("template", REPEATS.values(), ids=REPEATS.keys())
+def test_a_value_of_repeats_is_refused_before_one_step_visits_them_all(template, tmp_path):
+    """Forty doublings of [a, a] hold 80 references, but comparing, hashing or printing them is 2**40 visits."""
+    line = one_error_line(render_limited(template, tmp_path))
+    assert line == (
+        f"error: the chat template would make a value of more than {chat_template.MAX_ITEMS:,} items (counted "
+        "through the values it repeats): refused"
+    ), line
+
+
 def test_a_huge_power_is_refused_before_it_is_computed(tmp_path):
     line = one_error_line(render_limited("{{ 10 ** (10 ** 8) }}", tmp_path))
     assert line.startswith("error: the chat template would make a number of more than "), line
