@@ -46,7 +46,7 @@ NOTHING_RENDERED = "the chat template renders the conversation as no tokens at a
 # ---------------------------------------------------------------------------------------------
 # Bounds
 
-MAX_TEMPLATE_CHARS = 1 << 20  # the template itself; published chat templates are tens of KB at most
+MAX_TEMPLATE_CHARS = 1 << 18  # the template itself: published ones are tens of KB; 1 MB took 7 s to compile
 # The rendered text where the model's context is not known (training renders each conversation; it must
 # then fit data.seq_len tokens). Where it is known: what the context can hold, tokenizer.max_chars(context),
 # since a longer text cannot encode to that many tokens; and never more than this.
