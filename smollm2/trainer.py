@@ -22,7 +22,15 @@ from typing import NamedTuple
 import torch
 
 from smollm2 import chat_template, distributed, mixture, sft
-from smollm2.checkpoint import Checkpoint, Checkpointer, RunProgress, capture_rng, load_weights, restore_rng
+from smollm2.checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    RunProgress,
+    capture_rng,
+    check_optimizer_state,
+    load_weights,
+    restore_rng,
+)
 from smollm2.config import Config, TrainConfig
 from smollm2.data import PreparedData, to_device
 from smollm2.errors import UserError, error_reason
@@ -355,6 +363,7 @@ class Trainer:
         """The checkpoint's moments and step counts, under this config's hyperparameters: loading
         would otherwise bring back the weight decay and betas the run started with."""
         chosen = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        check_optimizer_state(self.optimizer, state, "the checkpoint")
         try:
             distributed.load_optimizer_state(self.model, self.optimizer, state)
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:

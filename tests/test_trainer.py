@@ -203,7 +203,7 @@ def test_checkpoints_load_with_weights_only(run_dir):
 # The writer of a save, in a process the test kills: half the checkpoint's bytes written and flushed,
 # then it says where it stands and waits, so the kill certainly lands while the save is in flight.
 HALF_WRITTEN_SAVE = """
-import io, sys, threading, torch
+import io, os, sys, threading, torch
 from pathlib import Path
 from smollm2.checkpoint import save_checkpoint
 
@@ -212,7 +212,8 @@ def half_then_wait(obj, f):
     torch.serialization.save(obj, whole)
     f.write(whole.getvalue()[: len(whole.getvalue()) // 2])
     f.flush()
-    print(f"in flight: {f.name} {len(whole.getvalue())}", flush=True)
+    written = os.readlink(f"/proc/self/fd/{f.fileno()}")  # where the bytes go, whatever name f was opened by
+    print(f"in flight: {written} {len(whole.getvalue())}", flush=True)
     threading.Event().wait()
 
 torch.save = half_then_wait
@@ -233,7 +234,7 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         proc.stdout.close()
     assert line.startswith("in flight: "), line
     written, size = line.split()[2], int(line.split()[3])
-    assert Path(written).parent == tmp_path and Path(written) != path  # a temporary name beside the real one
+    assert Path(written).parent.parent == tmp_path and Path(written) != path  # in a staging folder beside it
     assert Path(written).stat().st_size == size // 2  # half the new checkpoint was on disk at the kill
     assert path.read_bytes() == before  # the real name still holds the previous checkpoint, whole
     state = torch.load(path, weights_only=True)
