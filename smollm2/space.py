@@ -152,13 +152,19 @@ def run_facts(run: Path) -> RunFacts:
     config = last_config(run)
     sources = (config.get("data") or {}).get("sources")
     if isinstance(sources, list):  # a mixture (data.sources): its paths and weights, as the config says
-        named = [f"{s.get('path')} x {s.get('weight')}" for s in sources if isinstance(s, dict)]
+        named = [f"{published_name(s.get('path'))} x {s.get('weight')}" for s in sources if isinstance(s, dict)]
         return RunFacts(Path(run).resolve().name, ", ".join(named), prompts=config_prompts(config))
     data_path = (config.get("data") or {}).get("path")
     if not isinstance(data_path, str):
         return RunFacts(Path(run).resolve().name, prompts=config_prompts(config))
     corpus = known_corpus(prepared_sources(run, config))
-    return RunFacts(Path(run).resolve().name, data_path, corpus, config_prompts(config))
+    return RunFacts(Path(run).resolve().name, published_name(data_path), corpus, config_prompts(config))
+
+
+def published_name(path: object) -> str:
+    """A corpus path as a Space may publish it: its last part (`input.txt`), never the folders above it,
+    which name the user's machine (/home/alice/private/...)."""
+    return Path(str(path)).name or str(path)
 
 
 def last_config(run: Path) -> dict:

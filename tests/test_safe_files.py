@@ -134,6 +134,25 @@ def test_the_space_holds_regular_files_only_and_the_same_bytes(workspace):
         assert (space / "logs" / name).read_bytes() == (workspace / "run" / "logs" / name).read_bytes()
 
 
+def test_a_space_names_its_corpus_by_file_name_never_by_the_folders_above_it(workspace, monkeypatch):
+    """--push publishes the Space: the card and run.json say `diary.txt`, not /home/alice/private/diary.txt."""
+    import smollm2.space
+
+    private = workspace / "private" / "alice"
+    private.mkdir(parents=True)
+    (private / "diary.txt").write_text((workspace / "input.txt").read_text())
+    argv = ["--config", "config/tiny.yaml", "--train_steps", "2", "--out_dir", "mine_run"]
+    assert cli.train_main([*argv, "--set", f"data.path={private / 'diary.txt'}"]) == 0
+    assert cli.main(["export-space", "--run", "mine_run", "--out", "space"]) == 0
+    published = {p.name: p.read_text() for p in (workspace / "space").iterdir() if p.is_file()}
+    assert json.loads(published["run.json"])["data_path"] == "diary.txt"
+    assert "`diary.txt`" in published["README.md"]
+    assert not [name for name, text in published.items() if str(private) in text or "private" in text]
+    mixture = {"data": {"sources": [{"path": str(private / "diary.txt"), "weight": 0.5}]}}
+    monkeypatch.setattr(smollm2.space, "last_config", lambda run: mixture)  # a mixture's sources, named the same way
+    assert smollm2.space.run_facts(workspace / "mine_run").data_path == "diary.txt x 0.5"
+
+
 def test_a_resume_refuses_samples_that_link_out_of_the_run(workspace, capsys):
     """A resumed run keeps its samples.md's bytes: through a link they would be another file's, and
     export-space would publish them."""
