@@ -139,8 +139,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from smollm2.evaluation import evaluate
+    from smollm2.evaluation import evaluate, quiet_data_set_bars
 
+    quiet_data_set_bars()
     evaluate(
         args.checkpoint or args.model,
         tasks=args.tasks,

@@ -13,7 +13,8 @@ is not there is one line, never a hang on a machine without network.
 
 A task file is data, not code: its `!function`s and the metrics HF evaluate would load for it are
 refused unless code is allowed, and its templates (doc_to_text, doc_to_target, doc_to_choice, ...)
-always render in jinja2's sandbox (`sandboxed_templates`), which no template gets out of.
+always render in the bounded sandbox of template_sandbox.py (`sandboxed_templates`), which no template
+gets out of, nor past its bounds of size and work.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
-import jinja2.sandbox
 import lm_eval.api.metrics  # noqa: F401 - fills lm-eval's registry of its own metrics
 import lm_eval.models  # noqa: F401 - lm-eval's own models first: it reads an empty registry as "import them"
 import lm_eval.tasks
@@ -55,12 +55,13 @@ from lm_eval.utils import (
 from smollm2.checkpoint import peek_checkpoint
 from smollm2.config import TrainConfig
 from smollm2.data import read_meta, read_tokens
-from smollm2.errors import UserError, error_reason, read_utf8
+from smollm2.errors import UserError, error_reason, read_utf8, reading
 from smollm2.files import inside_another, write_atomic
 from smollm2.generation import Sampling, stream
 from smollm2.metrics import EVAL_PREFIX
 from smollm2.model import SmolLM2
 from smollm2.run_folder import RunFolder
+from smollm2.template_sandbox import MAX_RENDER_CHARS, BoundedEnvironment, BoundedTemplate
 from smollm2.tokenizer import Tokenizer
 
 OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -79,6 +80,14 @@ def stay_offline(download: bool = False) -> None:
     if "datasets.config" in sys.modules:
         config = sys.modules["datasets.config"]
         config.HF_DATASETS_OFFLINE = config.HF_HUB_OFFLINE = True
+
+
+def quiet_data_set_bars() -> None:
+    """datasets draws a bar on stderr while it reads a task's data files into its cache the first
+    time ("Generating test split"): not a line of ours, so the commands turn it off (the tests do too)."""
+    import datasets
+
+    datasets.disable_progress_bars()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,14 +460,14 @@ def task_code(path: Path, strict: bool = True, seen: frozenset[Path] = frozenset
     a `!function NAME`, which lm-eval imports from beside the file, or what `settings_code` finds
     (a metric HF evaluate loads a Python script for, a prompt file read with yaml.full_load). None
     when there is none; lm-eval's own task files are not counted. `strict`: a file that is not a task
-    file is one line, else skipped."""
+    file is one line, else skipped; one too large or too deep to walk (`check_task_shape`) is refused either way."""
     path = path.expanduser().resolve()
     if path in seen or path.is_relative_to(LM_EVAL_TASKS):
         return None  # an include cycle (lm-eval names it when it loads the task), or lm-eval's own file
     try:
         config, functions = read_task_file(path)
-    except UserError:
-        if strict:
+    except UserError as error:
+        if strict or isinstance(error, TaskShapeError):  # lm-eval would read it all the same
             raise
         return None
     if functions:
@@ -496,13 +505,18 @@ def settings_code(settings: object) -> str | None:
 
 
 def read_task_file(path: Path) -> tuple[dict, list[str]]:
-    """A task file's settings and the `!function` names in it (noted, not imported)."""
+    """A task file's settings and the `!function` names in it (noted, not imported). Text nested
+    deeper than Python recurses is one line (`errors.reading`); so is anything `check_task_shape` refuses."""
     if not path.is_file():
         raise UserError(f"task file {path}: no such file")
     loader = _TaskYamlLoader(read_utf8(path))
     loader.functions = []
     try:
-        config = loader.get_single_data()
+        with reading(path, "an lm-eval task file"):
+            node = loader.get_single_node()
+            if node is not None:
+                check_task_shape(node, path)
+            config = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -512,6 +526,50 @@ def read_task_file(path: Path) -> tuple[dict, list[str]]:
     if not isinstance(config, dict):
         raise UserError(f"task file {path}: expected a YAML mapping of task settings, got {type(config).__name__}")
     return config, loader.functions
+
+
+# yaml.safe_load keeps an alias as one shared value, so nine aliases of nine aliases ... ("billion
+# laughs") load at once, but every walk of the settings (ours for task code, lm-eval's) visits 9**9
+# values, and an alias inside its own value is a loop. lm-eval's own 14,000 task files hold at most
+# ~800 values, 8 levels deep: these bounds refuse none of them.
+MAX_TASK_VALUES = 100_000
+MAX_TASK_DEPTH = 64
+
+
+class TaskShapeError(UserError):
+    """A task file whose settings would be too large or too deep to walk, or a loop (`check_task_shape`)."""
+
+
+def check_task_shape(node: yaml.Node, path: Path) -> None:
+    """A task file's YAML, as its settings will be once its aliases are expanded: at most
+    MAX_TASK_VALUES values, MAX_TASK_DEPTH levels deep, no alias inside its own value; one line otherwise."""
+    _values_under(node, path, 1, {}, set())
+
+
+def _values_under(node: yaml.Node, path: Path, depth: int, known: dict[int, tuple[int, int]], open_: set[int]) -> int:
+    """The values `node` expands to, counting a shared (aliased) node each time it is used; `known`
+    holds each node's (values, levels) once counted, so the walk is as long as the file, not as its expansion."""
+    if id(node) in open_:
+        raise TaskShapeError(f"task file {path}: an alias refers to itself (an anchor used inside its own value)")
+    values, levels = known.get(id(node), (0, 0))
+    if depth + levels - 1 > MAX_TASK_DEPTH or (not values and depth > MAX_TASK_DEPTH):
+        raise TaskShapeError(f"task file {path}: nested deeper than {MAX_TASK_DEPTH} levels")
+    if values:
+        return values
+    children = node.value if isinstance(node, yaml.SequenceNode) else []
+    if isinstance(node, yaml.MappingNode):
+        children = [item for pair in node.value for item in pair]
+    open_.add(id(node))
+    values = 1 + sum(_values_under(child, path, depth + 1, known, open_) for child in children)
+    open_.discard(id(node))
+    if values > MAX_TASK_VALUES:
+        raise TaskShapeError(
+            f"task file {path}: its aliases expand to more than {MAX_TASK_VALUES:,} values "
+            "(lm-eval's own task files hold at most about 800): refusing to read it"
+        )
+    levels = 1 + max((known[id(child)][1] for child in children), default=0)
+    known[id(node)] = (values, levels)
+    return values
 
 
 def check_task_files(files: list[str], include_path: str | None, allow_code: bool) -> None:
@@ -594,7 +652,14 @@ def held_warnings() -> Iterator[None]:
 # Task templates: rendered in a sandbox
 
 
-class TaskTemplate(jinja2.Template):
+# The text of one task prompt, at most. lm-eval keeps a prompt longer than the model's context (the model cuts
+# it from the left), so the bound is not the context's but one far past any task's: 4,194,304 characters,
+# about a million tokens, 512 times SmolLM2's 8,192, as for a chat template whose context is not known. All one
+# rendering makes is 16 times that (64 M characters, a few hundred MB at worst); steps and time as a chat template's.
+MAX_TASK_PROMPT_CHARS = MAX_RENDER_CHARS
+
+
+class TaskTemplate(BoundedTemplate):
     """A task template of lm-eval's, rendered by TaskTemplates: a failure to render is one line naming it."""
 
     source = ""
@@ -606,11 +671,14 @@ class TaskTemplate(jinja2.Template):
             raise template_error(exc, self.source) from None
 
 
-class TaskTemplates(jinja2.sandbox.ImmutableSandboxedEnvironment):
-    """jinja2's sandbox, which refuses a template's reach for attributes that lead to Python (a
-    function's __globals__, a class's __subclasses__) and its changes to the data it is given."""
+class TaskTemplates(BoundedEnvironment):
+    """The bounded sandbox (template_sandbox.py), which refuses a template's reach for attributes that lead
+    to Python (a function's __globals__, a class's __subclasses__), its changes to the data it is given,
+    and every rendering past its bounds (MAX_TASK_PROMPT_CHARS of text, what it makes, steps, time)."""
 
     template_class = TaskTemplate
+    subject = "a task template"
+    chars = MAX_TASK_PROMPT_CHARS
 
     def from_string(self, source, globals=None, template_class=None) -> TaskTemplate:  # noqa: A002 - jinja2's name
         try:
@@ -630,16 +698,26 @@ ENVIRONMENT_OPTIONS = (  # what jinja2.Environment() takes, but for its extensio
 
 
 def sandbox_of(environment: jinja2.Environment) -> TaskTemplates:
-    """A sandbox that renders as `environment` does: its options (lm-eval's StrictUndefined and
-    keep_trailing_newline among them), extensions, filters (its regex_replace), tests and globals."""
+    """A bounded sandbox that renders as `environment` does: its options (lm-eval's StrictUndefined and
+    keep_trailing_newline among them), extensions, filters (its regex_replace, bounded as the others are),
+    tests and globals."""
     sandbox = TaskTemplates(
         **{option: getattr(environment, option) for option in ENVIRONMENT_OPTIONS},
         extensions=[type(extension) for extension in environment.extensions.values()],
         enable_async=environment.is_async,
     )
-    for name in ("filters", "tests", "globals", "policies"):
+    sandbox.add_filters(environment.filters, {"regex_replace": regex_replaced_size})
+    for name in ("tests", "globals", "policies"):
         getattr(sandbox, name).update(getattr(environment, name))
     return sandbox
+
+
+def regex_replaced_size(string, pattern, repl, count=0) -> int:
+    """At most what lm-eval's regex_replace (re.sub) makes: the string, the replacement's text at each
+    match (one per character and one more, empty ones included), and at each backslash of it (a
+    group) at most the text of the match, which all matches together hold at most once."""
+    text, replacement = str(string), str(repl)
+    return len(text) + (len(text) + 1) * len(replacement) + replacement.count("\\") * len(text)
 
 
 def lm_eval_templates() -> jinja2.Environment:
@@ -660,7 +738,7 @@ def lm_eval_templates() -> jinja2.Environment:
 @contextlib.contextmanager
 def sandboxed_templates() -> Iterator[None]:
     """For the block, lm-eval renders every task template (doc_to_text, doc_to_target, doc_to_choice,
-    gen_prefix, fewshot templates, a prompt's) in jinja2's sandbox, with its own options and filters;
+    gen_prefix, fewshot templates, a prompt's) in the bounded sandbox, with its own options and filters;
     its environment is put back after. Always, --allow_code or not: allowed code is a `!function`,
     never a template. A template the sandbox refuses, or one that fails, is one line."""
     original = lm_eval_templates()
@@ -721,6 +799,7 @@ class TaskScores:
 
     def __init__(self, settings: TrainConfig, tokenizer: Tokenizer) -> None:
         stay_offline()
+        quiet_data_set_bars()  # the training console's lines only
         self.limit, self.tokenizer, self.batch_size = settings.eval_limit, tokenizer, settings.batch_size
         tasks = load_tasks(settings.eval_tasks, allow_code=settings.eval_allow_code)
         with held_warnings():

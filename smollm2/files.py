@@ -36,7 +36,7 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from smollm2.errors import UserError
+from smollm2.errors import CONTENT_ERRORS, UserError
 from smollm2.run_folder import PARTS  # what a run folder (marked "run") holds
 
 MARKER = ".smollm2"
@@ -282,7 +282,7 @@ def read_marker(folder: Path) -> dict:
     try:
         with open_regular(folder / MARKER) as f:  # a marker that is a link proves nothing
             marker = json.loads(f.read())
-    except (OSError, ValueError, UserError):
+    except (OSError, UserError, *CONTENT_ERRORS):  # nested too deeply, say: not a marker of ours
         return {}
     return marker if isinstance(marker, dict) else {}
 
@@ -567,7 +567,7 @@ def staging_token_of(folder: Path) -> str | None:
     try:
         with open_regular(folder / STAGING_PROOF) as f:
             proof = json.loads(f.read())
-    except (OSError, ValueError, UserError):
+    except (OSError, UserError, *CONTENT_ERRORS):
         return None
     return proof.get("token") if isinstance(proof, dict) and proof.get("kind") == STAGING else None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from smollm2.config import ModelConfig
+from smollm2.errors import UserError, read_json_file
 from smollm2.files import cache_root, write_atomic
 from smollm2.model import KVCache, parameter_count
 
@@ -182,12 +183,12 @@ DECODE_SHAPE_FIELDS = (
 def read_decode_choices(path: Path) -> dict | None:
     """The remembered choices: {} when there is no file yet, None when the file is not ours (left alone)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json_file(path, "smollm2's decode choices")
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError):
+    except (OSError, UserError):  # not JSON, nested too deeply, not UTF-8: not ours
         return None
-    ours = isinstance(data, dict) and data.get("kind") == DECODE_CHOICES_KIND and isinstance(data.get("choices"), dict)
+    ours = data.get("kind") == DECODE_CHOICES_KIND and isinstance(data.get("choices"), dict)
     return data["choices"] if ours else None
 
 

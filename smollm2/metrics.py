@@ -23,7 +23,7 @@ from tqdm import tqdm
 matplotlib.use("Agg")  # headless: the plot is a file, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from smollm2.errors import error_reason, read_utf8  # noqa: E402
+from smollm2.errors import CONTENT_ERRORS, error_reason, read_utf8  # noqa: E402
 from smollm2.files import open_append, open_regular, write_atomic  # noqa: E402
 from smollm2.run_folder import RunFolder  # noqa: E402
 
@@ -227,7 +227,7 @@ def read_metrics(path: Path) -> list[dict]:
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash: skip it
+        except CONTENT_ERRORS:  # a line cut short by a crash, nested too deeply, a number too long: not a row
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int):  # anything else is not a row of ours
             rows.append(row)

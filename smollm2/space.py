@@ -26,7 +26,7 @@ import yaml
 
 from smollm2.checkpoint import peek_checkpoint
 from smollm2.config import ModelConfig
-from smollm2.errors import UserError, error_reason
+from smollm2.errors import UserError, error_reason, read_json_file
 from smollm2.files import (
     build_folder,
     check_regular,
@@ -216,11 +216,12 @@ def known_corpus(sources: list) -> str | None:
 
 
 def read_run_file(path: Path) -> RunFacts | None:
+    """A Space's run.json; None when it is absent or unreadable (not JSON, nested too deeply): no facts."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = read_json_file(path, "a Space's run.json")
+    except (OSError, UserError):
         return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+    if not isinstance(raw.get("name"), str):
         return None
     data_path, corpus = (raw.get(key) if isinstance(raw.get(key), str) else None for key in ("data_path", "corpus"))
     return RunFacts(raw["name"], data_path, corpus, config_prompts({"train": raw}))
