@@ -85,6 +85,8 @@ class Checkpoint:
     tokenizer_hash: str
     tokenizer: str | None = None  # the tokenizer.json text (absent from the oldest checkpoints)
     chat_template: str | None = None  # the tokenizer's chat template (absent from older checkpoints)
+    # what the run trains and validates on, by content (trainer.data_digest); absent from older checkpoints
+    data_digest: str | None = None
 
     def to_dict(self) -> dict:
         """The file's layout: the progress fields at the top level, beside the states."""
@@ -170,6 +172,23 @@ class Checkpoint:
                 file=sys.stderr,
             )
 
+    def check_data(self, digest: str | None, config: Config) -> None:
+        """A resume on other training data than its run's (a corpus edited in place, prepared again
+        with the same data.tokenizer) goes on, as on a changed data.path, but says so in one line: its
+        losses are no longer those of the run continued. A checkpoint older than data digests, or data
+        without one (a datatrove folder), says nothing; a changed data.path was said already."""
+        if self.data_digest is None or digest is None or digest == self.data_digest:
+            return
+        if config.data.path != self.config.get("data", {}).get("path", config.data.path):
+            return
+        what = "data.sources" if config.data.sources is not None else f"data.path {config.data.path!r}"
+        print(
+            f"warning: the training data is not the data this run trained on so far ({what} changed since "
+            f"step {self.progress.step}): the run goes on with the same tokenizer, on other data, so it is not "
+            "the run continued exactly",
+            file=sys.stderr,
+        )
+
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         if self.tokenizer_hash != tokenizer.hash:
             raise UserError(
@@ -206,6 +225,7 @@ FIELD_CHECKS = {
     "tokenizer_hash": (lambda v: isinstance(v, str), "a string"),
     "tokenizer": (lambda v: v is None or isinstance(v, str), "a tokenizer.json text"),
     "chat_template": (lambda v: v is None or isinstance(v, str), "a string"),
+    "data_digest": (lambda v: v is None or isinstance(v, str), "a string"),
     "model": (lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()), "tensors"),
     "loader": (lambda v: isinstance(v, dict), "a loader position (step, batch_size, world_size)"),
 }

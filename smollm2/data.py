@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
 import os
 import queue
@@ -31,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from smollm2.config import Config
-from smollm2.errors import UserError, error_reason
+from smollm2.errors import CONTENT_ERRORS, UserError, content_reason, error_reason, read_json_file
 from smollm2.files import (
     build_folder,
     check_replaceable,
@@ -39,6 +40,7 @@ from smollm2.files import (
     create_file,
     inside_another,
     is_inside,
+    read_marker,
     write_atomic,
 )
 from smollm2.parallel_encode import encode_pieces
@@ -47,6 +49,7 @@ from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 2  # 2: pieces cut at any text, the split by tokens (1: only between ASCII lines)
 PREPARED_FILES = frozenset({"meta.json", "tokenizer.json", "train.bin", "val.bin"})
+TOKEN_DTYPES = ("uint16", "uint32")  # what token files hold (by model.vocab_size)
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 # A batch is the model's keyword arguments: input_ids and targets (B, T), and optionally
@@ -220,8 +223,9 @@ def jsonl_records(file: Path) -> Iterator[tuple[str, object]]:
                 where = f"{file}:{number}"
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
+                except CONTENT_ERRORS as exc:  # nested too deeply, a number too long to convert
+                    reason = exc.msg if isinstance(exc, json.JSONDecodeError) else content_reason(exc)
+                    raise UserError(f"{where}: not valid JSON ({reason})") from None
                 yield where, record
     except UnicodeDecodeError as exc:
         raise UserError(f"{file}: not UTF-8 at byte {exc.start}") from None
@@ -361,20 +365,36 @@ def check_prepared_folder(folder: Path, sources: list[Path], tokenizer: str) -> 
 
 
 def read_meta(folder: Path) -> dict | None:
-    """The prepared folder's meta.json; None when absent or unreadable (a crash, a hand edit): rebuild."""
+    """The prepared folder's meta.json; None when absent or unreadable (a crash, a hand edit: nested
+    too deeply, token counts that are not counts, a dtype we never write): rebuild."""
     try:
-        meta = json.loads((folder / "meta.json").read_text())
-    except (OSError, ValueError):
+        meta = read_json_file(folder / "meta.json", "a prepared data folder's meta.json")
+    except (OSError, UserError):
         return None
     needed = {"fingerprint", "dtype", "train_tokens", "val_tokens"}
     if (
-        not isinstance(meta, dict)
-        or not needed <= meta.keys()
+        not needed <= meta.keys()
+        or meta["dtype"] not in TOKEN_DTYPES
+        or not all(_is_count(meta[f"{split}_tokens"]) for split in ("train", "val"))
         or not PREPARED_FILES <= {p.name for p in folder.iterdir()}
         or not _sizes_match(folder, meta)
     ):
         return None
     return meta
+
+
+def prepared_digest(folder: Path) -> str | None:
+    """The SHA-256 of a prepared folder's token files, train.bin then val.bin, as its marker recorded
+    them when they were written; None when it records none (a folder an older smollm2 marked)."""
+    files = read_marker(folder).get("files")
+    recorded = [files.get(name) if isinstance(files, dict) else None for name in ("train.bin", "val.bin")]
+    if not all(isinstance(entry, list) and len(entry) == 3 and isinstance(entry[2], str) for entry in recorded):
+        return None
+    return hashlib.sha256(f"{recorded[0][2]}\n{recorded[1][2]}".encode()).hexdigest()
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _sizes_match(folder: Path, meta: dict) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import math
 import shlex
 import signal
@@ -32,7 +33,7 @@ from smollm2.checkpoint import (
     restore_rng,
 )
 from smollm2.config import Config, TrainConfig
-from smollm2.data import PreparedData, to_device
+from smollm2.data import PreparedData, prepared_digest, to_device
 from smollm2.errors import UserError, error_reason
 from smollm2.files import RunLock, missing_folders, remove_empty_folders, unmark_if_alone
 from smollm2.generation import Sampling, check_fits, fit_new_tokens, generate, prompt_ids
@@ -134,6 +135,22 @@ def data_pipeline(config: Config) -> DataPipeline:
     if config.data.sources is not None:
         return DataPipeline(mixture.prepare_mixture, mixture.mixture_loader, mixture.validation_batches)
     return DataPipeline(mixture.prepare_corpus, mixture.corpus_loader, mixture.validation_batches)
+
+
+def data_digest(data: PreparedData | MixtureData | sft.ChatData) -> str | None:
+    """What a run trains and validates on, by content, for its checkpoints (`Checkpoint.check_data`):
+    the token files of each prepared folder as their marker recorded them, or the packed conversations.
+    The same text prepared again gives the same digest, wherever it lies; None where a source has
+    none (a datatrove folder, a folder an older smollm2 marked)."""
+    if isinstance(data, sft.ChatData):
+        arrays = [a for rows in (data.train, data.val) for a in (rows.input_ids, rows.targets, rows.document_ids)]
+        parts = [hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()]
+    else:
+        folders = [s.folder for s in data.sources] if isinstance(data, MixtureData) else [data.folder]
+        parts = [prepared_digest(folder) for folder in folders]
+    if None in parts:
+        return None
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 class StopRequest:
@@ -313,8 +330,6 @@ class Trainer:
         self.device = distributed.device_for(self.world)
         self.precision = self.choose_precision(resume.progress.precision if resume else None)
         torch.manual_seed(settings.seed)  # the same initial weights on every rank (FSDP does not broadcast them)
-        self.data = self.prepare_data(resume)
-        self.predictor = Predictor(config, self.data)
         self.progress = (
             resume.progress if resume else RunProgress(schedule_steps=settings.schedule_steps or train_steps)
         )
@@ -331,9 +346,16 @@ class Trainer:
         # FSDP replaces the parameters with shards, so the optimizer is made after parallelizing.
         self.train_model = distributed.parallelize(self.model, self.world, settings)
         self.optimizer = make_optimizer(self.model, settings, self.device, self.precision.dtype)
-        self.loader = data_pipeline(config).loader(self.data, config, self.world.rank, self.world.size, self.device)
         if resume is not None:
             self.load_optimizer_state(resume.optimizer)
+        # Weights and optimizer state are read and refused above, before a data file is written.
+        self.data = self.prepare_data(resume)
+        self.data_digest = data_digest(self.data)
+        if resume is not None and self.world.is_main:
+            resume.check_data(self.data_digest, config)
+        self.predictor = Predictor(config, self.data)
+        self.loader = data_pipeline(config).loader(self.data, config, self.world.rank, self.world.size, self.device)
+        if resume is not None:
             self.loader.load_state_dict(resume.loader)
             restore_rng(resume.rng)
         self.validator = Validator(self.data, config, self.progress.validation_batch_size)
@@ -511,6 +533,7 @@ class Trainer:
             tokenizer_hash=self.data.tokenizer.hash,
             tokenizer=self.data.tokenizer.backend.to_str(),
             chat_template=self.data.tokenizer.chat_template,
+            data_digest=self.data_digest,
         )
 
     def save(self) -> Path | None:
@@ -652,7 +675,8 @@ def train(
     """Train `train_steps` steps, from scratch or from `checkpoint`'s step onwards.
 
     Everything that can be refused is refused before anything is written: the steps, the
-    checkpoint, the config against it, the run folder; then the folder is locked for this run, and
+    checkpoint, the config against it, the run folder; then the folder is locked for this run, the
+    weights (a resume's, model.init_from's) and a resume's optimizer state are read and checked, and
     the prompts and a resume's tokenizer are checked as soon as the tokenizer is known, before any
     data file is written (`Trainer.accept_tokenizer`).
     resume_hint: the command that continues this run, with {steps} and {path} to fill in.
