@@ -55,7 +55,7 @@ from lm_eval.utils import (
 from smollm2.checkpoint import peek_checkpoint
 from smollm2.config import TrainConfig
 from smollm2.data import read_meta, read_tokens
-from smollm2.errors import UserError, error_reason, read_utf8, reading
+from smollm2.errors import CONTENT_ERRORS, UserError, error_reason, read_utf8, reading
 from smollm2.files import inside_another, write_atomic
 from smollm2.generation import Sampling, stream
 from smollm2.metrics import EVAL_PREFIX
@@ -871,7 +871,7 @@ def report_refusal(path: Path) -> str | None:
     data = path.read_bytes()
     try:
         report = json.loads(data)
-    except ValueError:
+    except CONTENT_ERRORS:  # not JSON, nested too deeply
         return foreign
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         return foreign

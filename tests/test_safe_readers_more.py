@@ -132,6 +132,12 @@ def test_metrics_lines_nested_too_deeply_or_with_huge_numbers_are_not_rows(works
     assert [row["step"] for row in read_metrics(metrics)] == [1, 2, 3, 4, 5]
 
 
+def test_an_eval_out_nested_too_deeply_is_not_a_report_of_ours(workspace, capsys):
+    (workspace / "report.json").write_text(DEEP)
+    argv = ["eval", "--model", "run/final", "--text", "input.txt", "--out", "report.json"]
+    main_refused(capsys, workspace, argv, "report.json exists and is not results smollm2 wrote")
+
+
 # ---------------------------------------------------------------------------------------------
 # Task YAML: nested too deeply, an alias bomb, an alias inside itself
 
