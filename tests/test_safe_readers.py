@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from smollm2 import cli
 from smollm2.files import RunLock
-from tests.helpers import leftovers, main_refused, snapshot, train_refused
+from tests.helpers import leftovers, main_refused, one_error_line, run_train, snapshot, train_refused
 
 TRAIN = ["--config", "config/tiny.yaml"]
 CHECKPOINT = "run/checkpoints/step_4.pt"
@@ -342,6 +342,21 @@ def test_optimizer_moments_of_another_shape_never_reach_the_optimizer(workspace,
     fewer = built.state_dict() | {"param_groups": built.state_dict()["param_groups"][:1]}
     with pytest.raises(UserError, match="its optimizer state does not fit the model"):
         check_optimizer_state(built, fewer, "edited.pt")
+
+
+def test_a_resume_with_moments_of_another_shape_is_one_line_not_a_corrupted_heap(workspace):
+    """The same, as a user meets it: train.py resuming a hand-edited checkpoint, in a process of its own
+    (a moment that reached the fused kernel killed the process with free(): invalid next size)."""
+
+    def shrink(state):
+        moments = next(iter(state["optimizer"]["state"].values()))
+        moments["exp_avg"] = moments["exp_avg"].flatten()[:3].clone()
+
+    name = edited_checkpoint(workspace, shrink)
+    before = snapshot(workspace)
+    result = run_train(*TRAIN, "--train_steps", "1", "--checkpoint_path", name, "--out_dir", "run", cwd=workspace)
+    assert "its optimizer state does not fit the model (exp_avg of parameter" in one_error_line(result)
+    assert snapshot(workspace) == before and not leftovers(workspace)
 
 
 # ---------------------------------------------------------------------------------------------
