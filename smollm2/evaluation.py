@@ -667,7 +667,7 @@ class TaskTemplate(BoundedTemplate):
     def render(self, *args, **kwargs) -> str:
         try:
             return super().render(*args, **kwargs)
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as exc:  # its code failed
             raise template_error(exc, self.source) from None
 
 
@@ -749,9 +749,11 @@ def sandboxed_templates() -> Iterator[None]:
         lm_eval.utils.env = original
 
 
-def template_error(exc: jinja2.TemplateError, template: str) -> UserError:
+def template_error(exc: Exception, template: str) -> UserError:
     shown = repr(template if len(template) <= 100 else template[:100] + "...")
     reason = error_reason(exc, 160).rstrip(".")
+    if not isinstance(exc, jinja2.TemplateError):  # the template's own code failed: say how
+        reason = f"{type(exc).__name__}: {reason}"
     if isinstance(exc, jinja2.exceptions.SecurityError):
         return UserError(
             f"a task template tried what templates may not ({reason}): {shown}; templates render in a sandbox, "

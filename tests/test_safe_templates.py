@@ -192,6 +192,20 @@ def test_lm_evals_regex_replace_is_bounded_before_it_makes_its_text():
     assert rendered("{{ 'a1b22c333' | regex_replace('[0-9]+', '<\\\\g<0>>') }}") == "a<1>b<22>c<333>"
 
 
+@pytest.mark.parametrize(
+    "template", ["{{ 1 / 0 }}", "{{ question[99] }}", "{{ question + 1 }}", "{{ {'a': 1} | dictsort(by='nope') }}"]
+)
+def test_a_task_template_whose_own_code_fails_is_one_line(template):
+    with pytest.raises(UserError, match=r"^a task template could not be rendered \("):
+        rendered(template)
+
+
+def test_a_task_template_whose_own_code_fails_is_one_line_through_eval(workspace):
+    json_task(workspace, doc_to_text="{{ 1 / 0 }}{{q}}" + GADGET)
+    line = refused_in_a_process(workspace, EVAL)
+    assert line.startswith("error: a task template could not be rendered (ZeroDivisionError"), line
+
+
 def test_a_task_template_too_long_or_too_deep_to_compile_is_one_line():
     with pytest.raises(UserError, match="^a task template is 262,145 characters, more than the 262,144 a template"):
         rendered("x" * (template_sandbox.MAX_TEMPLATE_CHARS + 1))
