@@ -257,10 +257,20 @@ def samples_up_to(path: Path, last_step: int) -> bytes:
         data = f.read()
     for line in data.splitlines(keepends=True):
         if match := re.match(rb"## step (\d+) \(", line):
-            keep = int(match[1]) <= last_step
+            keep = _step_at_most(match[1].decode("ascii"), last_step)
         if keep:
             kept.append(line)
     return b"".join(kept).rstrip(b"\n") + b"\n"
+
+
+MAX_STEP_DIGITS = 19  # a step number of samples.md: any int64, far past any run's steps
+
+
+def _step_at_most(digits: str, last_step: int) -> bool:
+    """Whether a section's step is at most `last_step`. A step of more digits than any step (a hand
+    edit: 5,000 of them) is past it, and never converted: Python refuses to convert over 4,300 digits."""
+    digits = digits.lstrip("0") or "0"
+    return len(digits) <= MAX_STEP_DIGITS and int(digits) <= last_step
 
 
 @dataclass
@@ -275,17 +285,21 @@ def read_samples(path: Path) -> list[Predictions]:
     if not path.is_file():
         return []
     found: list[Predictions] = []
+    section: Predictions | None = None  # None: before the first heading, or in a section not of ours
     block: list[str] | None = None
     for line in read_utf8(path).splitlines():
         if block is not None:
             if line == "```":
-                found[-1].texts.append("\n".join(block))
+                section.texts.append("\n".join(block))
                 block = None
             else:
                 block.append(line)
         elif match := re.fullmatch(r"## step (\d+) \((.*)\)", line):
-            found.append(Predictions(int(match[1]), match[2], []))
-        elif line == "```text" and found:
+            # a step of more digits than any step (a hand edit) heads no section of ours, and is never converted
+            section = Predictions(int(match[1]), match[2], []) if len(match[1]) <= MAX_STEP_DIGITS else None
+            if section is not None:
+                found.append(section)
+        elif line == "```text" and section is not None:
             block = []
     return found
 
