@@ -1,7 +1,8 @@
 """From corpus to batches.
 
 prepare(): text files / jsonl / parquet -> tokenizer.json, train.bin, val.bin, meta.json (token ids
-as uint16 or uint32, read back with numpy memmap). The corpus is read in pieces of at most twice
+as little-endian uint16 or uint32, read back with numpy memmap, each checked to be below
+model.vocab_size when a folder is opened). The corpus is read in pieces of at most twice
 piece_bytes, whatever its text (CRLF, any script, one line without an end), cut where the byte-level
 pre-tokenizer cuts anyway (where whitespace follows a word), so the token files equal the direct
 encoding of the whole text; only text without any whitespace is cut between two characters.
@@ -49,7 +50,9 @@ from smollm2.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 2  # 2: pieces cut at any text, the split by tokens (1: only between ASCII lines)
 PREPARED_FILES = frozenset({"meta.json", "tokenizer.json", "train.bin", "val.bin"})
-TOKEN_DTYPES = ("uint16", "uint32")  # what token files hold (by model.vocab_size)
+# What token files hold (by model.vocab_size), by the name meta.json gives: little-endian whatever the
+# machine, and nothing else is ever memory-mapped (">u2" is also numpy's "uint16"; "object" maps bytes as pointers).
+TOKEN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 # A batch is the model's keyword arguments: input_ids and targets (B, T), and optionally
@@ -301,7 +304,7 @@ def prepare(
     expected = fingerprint(config, files, tokenizer)
     meta = read_meta(folder)
     if meta is not None and meta.get("fingerprint") == expected:
-        prepared = _open(folder, meta)
+        prepared = _open(folder, meta, config.model.vocab_size)
         if accept_tokenizer is not None:
             accept_tokenizer(prepared.tokenizer)
         if not quiet:
@@ -319,7 +322,7 @@ def prepare(
         accept_tokenizer(tokenizer)
     with build_folder(folder, "data") as staging:  # the old folder stays whole until the new one is complete
         meta = _build(config, corpus, staging, expected, quiet, workers, tokenizer, notes)
-    return _open(folder, meta)
+    return _open(folder, meta, config.model.vocab_size)
 
 
 def _train_on(config: Config, corpus: Corpus, quiet: bool, notes: list[str]) -> Tokenizer:
@@ -374,6 +377,7 @@ def read_meta(folder: Path) -> dict | None:
     needed = {"fingerprint", "dtype", "train_tokens", "val_tokens"}
     if (
         not needed <= meta.keys()
+        or not isinstance(meta["dtype"], str)
         or meta["dtype"] not in TOKEN_DTYPES
         or not all(_is_count(meta[f"{split}_tokens"]) for split in ("train", "val"))
         or not PREPARED_FILES <= {p.name for p in folder.iterdir()}
@@ -400,11 +404,11 @@ def _is_count(value: object) -> bool:
 def _sizes_match(folder: Path, meta: dict) -> bool:
     """Whether the token files hold the tokens meta.json counts (a truncated file is rebuilt, not trained on)."""
     try:
-        size = np.dtype(meta["dtype"]).itemsize
+        size = TOKEN_DTYPES[meta["dtype"]].itemsize
         return all(
             (folder / f"{split}.bin").stat().st_size == meta[f"{split}_tokens"] * size for split in ("train", "val")
         )
-    except (TypeError, ValueError, OSError):
+    except (KeyError, TypeError, ValueError, OSError):
         return False
 
 
@@ -421,7 +425,7 @@ def _build(
     files, total_bytes = corpus.files, corpus.total_bytes
     bad_bytes: dict[str, int] = {}
     tokenizer.save(staging / "tokenizer.json")
-    dtype = np.uint16 if config.model.vocab_size <= 1 << 16 else np.uint32
+    dtype = TOKEN_DTYPES["uint16" if config.model.vocab_size <= 1 << 16 else "uint32"]
     counts = {"train": 0, "val": 0}
     has_text, pieces_count = False, 0
     progress = tqdm(
@@ -455,7 +459,7 @@ def _build(
     meta = {
         "fingerprint": expected,
         "tokenizer_hash": tokenizer.hash,
-        "dtype": np.dtype(dtype).name,
+        "dtype": dtype.name,
         "train_tokens": counts["train"],
         "val_tokens": counts["val"],
         "pieces": pieces_count,
@@ -475,21 +479,36 @@ def _goes_to_val(tokens: int, counts: dict[str, int], fraction: float) -> bool:
     return counts["val"] + tokens / 2 < target
 
 
-def _open(folder: Path, meta: dict) -> PreparedData:
-    tokenizer = load_tokenizer(folder / "tokenizer.json")
-    return PreparedData(
-        folder=folder,
-        tokenizer=tokenizer,
-        train=read_tokens(folder / "train.bin", meta["dtype"]),
-        val=read_tokens(folder / "val.bin", meta["dtype"]),
-        meta=meta,
-    )
+def _open(folder: Path, meta: dict, vocab_size: int) -> PreparedData:
+    """A prepared folder's tokenizer and token files, each id checked to be a row of the model's
+    embedding (a reused folder's train.bin may hold anything: 0xff bytes were an IndexError in training)."""
+    tokenizer = load_tokenizer(folder / "tokenizer.json", vocab_size)
+    tokens = {split: read_tokens(folder / f"{split}.bin", meta["dtype"]) for split in ("train", "val")}
+    for split, ids in tokens.items():
+        check_token_ids(ids, folder / f"{split}.bin", vocab_size, f"model.vocab_size={vocab_size}")
+    return PreparedData(folder=folder, tokenizer=tokenizer, train=tokens["train"], val=tokens["val"], meta=meta)
 
 
 def read_tokens(path: Path, dtype: str) -> np.ndarray:
+    """A token file memory-mapped as meta.json's `dtype`, one of TOKEN_DTYPES' names (little-endian)."""
+    if dtype not in TOKEN_DTYPES:  # read_meta admits no other: a caller's mistake, never a file's
+        raise ValueError(f"token files hold {', '.join(TOKEN_DTYPES)}, not {dtype!r}")
     if path.stat().st_size == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+        return np.zeros(0, dtype=TOKEN_DTYPES[dtype])
+    return np.memmap(path, dtype=TOKEN_DTYPES[dtype], mode="r")
+
+
+def check_token_ids(tokens: np.ndarray, where: str | Path, limit: int, vocabulary: str) -> None:
+    """Token ids read from a file (`where`: its path, as the refusal names it) must be below `limit`
+    (`vocabulary` says what it is: the model's rows, a tokenizer's ids), or they index past the
+    embedding deep inside training or scoring. Checked once a file, when it is opened: one pass of
+    np.max, 10-25 ms per 100 MB in the page cache on a 2-core Xeon."""
+    largest = int(tokens.max()) if len(tokens) else -1
+    if largest >= limit:
+        raise UserError(
+            f"{where}: holds the token id {largest}, not below {vocabulary}: not tokens of this vocabulary "
+            "(another tokenizer's, or a damaged file)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

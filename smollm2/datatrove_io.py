@@ -4,9 +4,10 @@ datatrove's `DocumentTokenizer` (the step that tokenized FineWeb; it runs the sa
 locally or on Slurm) writes, per task, `NAME.ds`: the token ids, little-endian uint16 or uint32,
 an end-of-text token after each document when asked (`eos_token`); `NAME.ds.index`: the document
 ends in tokens (uint64); `NAME.ds.metadata`: `tokenizer|token size`, then the token count. A
-source folder holding `.ds` files is such a source: each file is memory-mapped, a window never
-spans two files, and the validation split is the last `data.val_fraction` of the last file's
-documents (datatrove shuffles documents within a file by default, so that is a fair sample).
+source folder holding `.ds` files is such a source: each file is memory-mapped (its ids checked
+once to be the run's tokenizer's, so none indexes past the model's embedding), a window never spans
+two files, and the validation split is the last `data.val_fraction` of the last file's documents
+(datatrove shuffles documents within a file by default, so that is a fair sample).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smollm2.data import SUFFIXES
+from smollm2.data import SUFFIXES, check_token_ids
 from smollm2.errors import UserError
 from smollm2.files import open_regular
 from smollm2.tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer
@@ -86,7 +87,10 @@ def _read_tokens(file: Path, tokenizer: Tokenizer, tokenizer_spec: str) -> np.nd
             raise UserError(f"{file}: not a datatrove token file of {token_size}-byte tokens")
         if size == 0:
             return np.zeros(0, dtype=DTYPES[token_size])
-        return np.memmap(f, dtype=DTYPES[token_size], mode="r")
+        tokens = np.memmap(f, dtype=DTYPES[token_size], mode="r")
+    # its ids index the model's embedding: the run's tokenizer has at most model.vocab_size of them
+    check_token_ids(tokens, file, tokenizer.id_limit, f"the {tokenizer.id_limit} ids of the run's tokenizer")
+    return tokens
 
 
 def _is_run_tokenizer(name: str, tokenizer: Tokenizer, tokenizer_spec: str) -> bool:
