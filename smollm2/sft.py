@@ -19,6 +19,7 @@ so a resumed run sees the same batches, bitwise.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from smollm2.chat_template import (
     Message,
     check_messages,
     encode_conversation,
+    render,
     render_template,
     training_targets,
 )
@@ -47,6 +49,7 @@ from smollm2.data import (
 )
 from smollm2.errors import UserError
 from smollm2.model_source import open_tokenizer
+from smollm2.template_sandbox import TemplateLimit, TooLong
 from smollm2.tokenizer import CHATML_TEMPLATE, Tokenizer, train_tokenizer
 
 MESSAGES_FIELD = "messages"
@@ -126,12 +129,13 @@ def _parquet_conversations(file: Path) -> Iterator[tuple[str, list[Message]]]:
 # Tokens and rows
 
 
-def chat_tokenizer(config: Config, conversations: list[list[Message]]) -> Tokenizer:
-    """data.tokenizer, or with `train` a byte-level BPE trained on the conversations as ChatML renders them."""
+def chat_tokenizer(config: Config, conversations: list[list[Message]], notes: list[str] | None = None) -> Tokenizer:
+    """data.tokenizer, or with `train` a byte-level BPE trained on the conversations as ChatML renders them.
+    `notes`: given, the note on a small vocabulary goes there (said once the conversations are accepted)."""
     if config.data.tokenizer != "train":
         return open_tokenizer(config.data.tokenizer, config.model.vocab_size)
     texts = (render_template(CHATML_TEMPLATE, messages) for messages in conversations)
-    return train_tokenizer(texts, config.model.vocab_size)
+    return train_tokenizer(texts, config.model.vocab_size, notes)
 
 
 def _is_val_conversation(index: int, fraction: float) -> bool:
@@ -144,14 +148,35 @@ def encode_all(
 ) -> list[Conversation]:
     encoded = []
     for where, messages in conversations:
+        check_fits(tokenizer, messages, where, seq_len)
         ids, is_assistant = encode_conversation(tokenizer, messages)
         if len(ids) > seq_len:
-            raise UserError(
-                f"{where}: the conversation is {len(ids)} tokens, longer than data.seq_len={seq_len}: "
-                "shorten it, or raise data.seq_len (up to model.max_seq_len)"
-            )
+            raise _too_long(where, f"is {len(ids)} tokens, longer than data.seq_len={seq_len}")
         encoded.append(Conversation(ids, training_targets(ids, is_assistant)))
     return encoded
+
+
+def check_fits(tokenizer: Tokenizer, messages: list[Message], where: str, seq_len: int) -> None:
+    """A conversation longer than data.seq_len is refused from one rendering of it, before it is
+    rendered turn by turn (a prefix per assistant turn: 4,000 messages took 65 s to be refused).
+    The rendering stops past the characters seq_len tokens can hold, and what it renders is what
+    encode_conversation encodes, so a conversation that fits is never refused."""
+    try:
+        text = render(tokenizer, messages, context=seq_len)
+    except TooLong:
+        chars = tokenizer.max_chars(seq_len)
+        raise _too_long(
+            where, f"renders more than {chars:,} characters, more than data.seq_len={seq_len} tokens can hold"
+        ) from None
+    except TemplateLimit:  # past a bound of work that scales with the text: the default bounds decide
+        return
+    tokens = len(tokenizer.encode(text))
+    if tokens > seq_len:
+        raise _too_long(where, f"is {tokens} tokens, longer than data.seq_len={seq_len}")
+
+
+def _too_long(where: str, size: str) -> UserError:
+    return UserError(f"{where}: the conversation {size}: shorten it, or raise data.seq_len (up to model.max_seq_len)")
 
 
 def pack(conversations: list[Conversation], seq_len: int, pad_id: int) -> PackedRows:
@@ -194,7 +219,8 @@ def prepare(
     conversations = list(read_conversations(files))
     if not conversations:
         raise UserError(f"data.path: {config.data.path!r} holds no conversation")
-    tokenizer = chat_tokenizer(config, [messages for _, messages in conversations])
+    notes: list[str] = []  # said once the conversations are accepted: a refusal is one line, the error
+    tokenizer = chat_tokenizer(config, [messages for _, messages in conversations], notes)
     if tokenizer.eos_id is None:
         raise UserError(f"tokenizer {config.data.tokenizer}: no end-of-text token to pad with")
     if accept_tokenizer is not None:
@@ -207,6 +233,8 @@ def prepare(
     val = pack(val_conversations, config.data.seq_len, tokenizer.eos_id)
     if len(train) == 0:
         raise UserError("data.path: every conversation went to validation; lower data.val_fraction")
+    for note in notes:
+        print(note, file=sys.stderr)
     meta = {
         "conversations": len(encoded),
         "train_rows": len(train),
