@@ -54,7 +54,7 @@ from lm_eval.utils import (
 
 from smollm2.checkpoint import peek_checkpoint
 from smollm2.config import TrainConfig
-from smollm2.data import read_meta, read_tokens
+from smollm2.data import check_token_ids, read_meta, read_tokens
 from smollm2.errors import CONTENT_ERRORS, UserError, error_reason, read_utf8, reading
 from smollm2.files import inside_another, write_atomic
 from smollm2.generation import Sampling, stream
@@ -84,10 +84,22 @@ def stay_offline(download: bool = False) -> None:
 
 def quiet_data_set_bars() -> None:
     """datasets draws a bar on stderr while it reads a task's data files into its cache the first
-    time ("Generating test split"): not a line of ours, so the commands turn it off (the tests do too)."""
+    time ("Generating test split"), and lm-eval while it builds a task's requests ("Building contexts",
+    a bar without a title) and tokenizes them ("Tokenizing inputs"): not lines of ours, each over in a
+    moment, so the commands turn them off (the tests do too)."""
     import datasets
+    import lm_eval.api.task
 
     datasets.disable_progress_bars()
+    for module in (lm_eval.api.task, lm_eval.api.model):  # each calls the tqdm it imported
+        module.tqdm = undrawn_bar
+
+
+def undrawn_bar(*args, **kwargs):
+    """A tqdm that is never drawn, whatever `disable` its caller says (lm-eval passes False)."""
+    from tqdm import tqdm
+
+    return tqdm(*args, **(kwargs | {"disable": True}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,9 +244,13 @@ def held_out_split(source: str | Path, tokenizer: Tokenizer) -> tuple[list[int],
         raise UserError(f"--split val: {folders[0]} was tokenized by another tokenizer than the model's")
     if not meta["val_tokens"]:
         raise UserError(f"--split val: {folders[0]} has no held-out tokens (data.val_fraction was 0)")
-    tokens = read_tokens(folders[0] / "val.bin", meta["dtype"]).tolist()
+    file = folders[0] / "val.bin"
+    ids = read_tokens(file, meta["dtype"])
+    vocabulary = f"the {tokenizer.id_limit} ids of the model's tokenizer"  # no more than its rows (model_source)
+    check_token_ids(ids, f"--split val: {file}", tokenizer.id_limit, vocabulary)
+    tokens = ids.tolist()
     text = tokenizer.decode([token for token in tokens if token != tokenizer.eos_id])
-    return tokens, len(text.encode("utf-8")), folders[0] / "val.bin"
+    return tokens, len(text.encode("utf-8")), file
 
 
 def trained_length(source: str | Path) -> int | None:
@@ -404,6 +420,7 @@ class Tasks:
 
     manager: TaskManager  # where names are looked up
     specs: list  # task names, and configs (dicts) of task YAML files
+    files: tuple[Path, ...] = ()  # the task files given (named, and --include_path's), as given
 
 
 @functools.cache
@@ -434,7 +451,8 @@ def load_tasks(names: Iterable[str], include_path: str | None = None, allow_code
                 f"unknown task {name!r} (`lm-eval ls tasks` lists them; a task of your own: its .yaml path)"
             )
     specs = [load_task_file(name) if name in files else name for name in names]
-    return Tasks(manager, specs)
+    given = [Path(name) for name in files] + (sorted(Path(include_path).rglob("*.yaml")) if include_path else [])
+    return Tasks(manager, specs, tuple(given))
 
 
 LM_EVAL_TASKS = Path(lm_eval.tasks.__file__).resolve().parent  # lm-eval's own tasks: installed code, trusted as such
@@ -584,6 +602,39 @@ def check_task_files(files: list[str], include_path: str | None, allow_code: boo
             raise UserError(f"task file {path} runs Python code ({code}): if you trust it, allow it with {CODE_FLAGS}")
 
 
+UNKNOWN_TASK_KEY = re.compile(r"TaskConfig\.__init__\(\) got an unexpected keyword argument '([^']*)'")
+
+
+def refuse_unknown_task_key(exc: TypeError, tasks: Tasks) -> None:
+    """lm-eval builds a task as TaskConfig(**its settings), so a key it does not know (`foo: 1`) is a
+    TypeError from deep inside it: refused in one line naming the key and the given task file (or a
+    file it includes) that holds it. Any other TypeError is left to its caller to raise as it is."""
+    match = UNKNOWN_TASK_KEY.search(str(exc))
+    if match is None:
+        return
+    holder = next(filter(None, (file_with_key(path, match[1]) for path in tasks.files)), None)
+    where = f"task file {holder}" if holder is not None else "a task file"
+    raise UserError(f"{where}: unknown key {match[1]!r} (not a setting of an lm-eval task): remove or rename it")
+
+
+def file_with_key(path: Path, key: str, seen: frozenset[Path] = frozenset()) -> Path | None:
+    """`path` when its settings hold `key`, else the first file it includes that does (None: none)."""
+    if path.resolve() in seen:
+        return None
+    try:
+        config, _ = read_task_file(path)
+    except UserError:  # not a task file: lm-eval built no task of it
+        return None
+    if key in config:
+        return path
+    includes = config.get("include")
+    for include in includes if isinstance(includes, list) else [includes] if includes else []:
+        found = file_with_key(path.parent / str(include), key, seen | {path.resolve()})
+        if found is not None:
+            return found
+    return None
+
+
 def load_task_file(name: str) -> dict:
     """lm-eval's reading of a task file (its !function code imported); its failures are one line."""
     try:
@@ -614,6 +665,9 @@ def run_tasks(
                 )
         except OSError as exc:  # datasets' ConnectionError and FileNotFoundError among them
             raise data_error(exc) from None
+        except TypeError as exc:
+            refuse_unknown_task_key(exc, tasks)
+            raise
 
 
 class HeldWarnings(logging.Handler):
@@ -810,6 +864,9 @@ class TaskScores:
                     self.tasks = tasks.manager.load(tasks.specs)
             except OSError as exc:
                 raise data_error(exc) from None
+            except TypeError as exc:
+                refuse_unknown_task_key(exc, tasks)
+                raise
 
     def run(self, model: SmolLM2, autocast) -> dict[str, float]:
         harness = SmolLM2Harness(model, self.tokenizer, self.batch_size)
