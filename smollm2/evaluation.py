@@ -668,6 +668,20 @@ def run_tasks(
         except TypeError as exc:
             refuse_unknown_task_key(exc, tasks)
             raise
+        except LITERAL_ERRORS as exc:
+            raise unreadable_rendering(exc) from None
+
+
+# lm-eval reads a rendered doc_to_choice / doc_to_target that looks like a list with ast.literal_eval:
+# text a template made nested too deeply for Python's parser fails there, not in the template.
+LITERAL_ERRORS = (SyntaxError, RecursionError)
+
+
+def unreadable_rendering(exc: BaseException) -> UserError:
+    return UserError(
+        f"a task template rendered text lm-eval could not read as a Python literal "
+        f"({type(exc).__name__}: {error_reason(exc, 120)}): check its doc_to_choice / doc_to_target"
+    )
 
 
 class HeldWarnings(logging.Handler):
@@ -871,7 +885,10 @@ class TaskScores:
     def run(self, model: SmolLM2, autocast) -> dict[str, float]:
         harness = SmolLM2Harness(model, self.tokenizer, self.batch_size)
         with autocast(), sandboxed_templates():
-            results = evaluate_quietly(harness, self.tasks, self.limit)
+            try:
+                results = evaluate_quietly(harness, self.tasks, self.limit)
+            except LITERAL_ERRORS as exc:
+                raise unreadable_rendering(exc) from None
         return {f"{EVAL_PREFIX}{task}/{metric}": value for task, metric, value, _ in metric_rows(results)}
 
 

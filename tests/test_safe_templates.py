@@ -123,6 +123,16 @@ def test_a_bomb_in_doc_to_choice_is_one_line(workspace):
     assert line.startswith("error: a task template would make a value of 2,000,000,000 characters or items"), line
 
 
+def test_choices_rendered_too_deep_for_lm_evals_literal_reading_are_one_line(workspace):
+    """lm-eval reads a rendered doc_to_choice that looks like a list with ast.literal_eval: 300 brackets
+    are past Python's parser (a SyntaxError traceback from inside lm-eval)."""
+    accuracy = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
+    json_task(workspace, output_type="multiple_choice", doc_to_choice="{{ '[' * 300 }}", doc_to_target="0",
+              generation_kwargs=None, metric_list=accuracy)  # fmt: skip
+    line = refused_in_a_process(workspace, EVAL)
+    assert line.startswith("error: a task template rendered text lm-eval could not read as a Python literal"), line
+
+
 # ---------------------------------------------------------------------------------------------
 # Through train.eval_tasks: refused before the first training step
 
