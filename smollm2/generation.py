@@ -108,28 +108,46 @@ def sample(
     generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Pick the next token from logits (B, vocab) given the tokens so far (B, T)."""
-    if sampling.repetition_penalty != 1.0:
-        counts = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, context, context_valid.long())
-        seen = counts > 0
-        penalised = torch.where(logits > 0, logits / sampling.repetition_penalty, logits * sampling.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
+    scores = scaled_scores(logits, context, context_valid, sampling)
     if sampling.temperature == 0:
-        return logits.argmax(dim=-1)
-    # The largest logit moved to 0 first: a tiny temperature then sends the others to -inf, not
-    # the largest to +inf (inf - inf = nan in the softmax).
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature
+        return scores.argmax(dim=-1)
     if sampling.top_k > 0:
-        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1])).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
     if sampling.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        sorted_probs = sorted_scores.softmax(dim=-1)
         # Drop a token once the ones before it already hold top_p of the mass.
         drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs > sampling.top_p
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def scaled_scores(
+    logits: torch.Tensor, context: torch.Tensor, context_valid: torch.Tensor, sampling: Sampling
+) -> torch.Tensor:
+    """The logits after the repetition penalty and the temperature, as float32 with the best at 0
+    (the raw logits, penalised, for greedy decoding).
+
+    Any finite factor > 0 is applied in float64, where float32 would round it to 0 or inf first
+    (1e-300, 1e300) and make a NaN of 0 / 0, inf - inf or 0 x inf. A score past float64 is held at
+    its largest finite value; below float32's range the temperature sends a score to -inf, so the
+    best token is never lost and a temperature that small samples only among the best."""
+    scores = logits.double()
+    if sampling.repetition_penalty != 1.0:
+        counts = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, context, context_valid.long())
+        penalty = sampling.repetition_penalty
+        penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
+        scores = torch.where(counts > 0, penalised, scores)
+    largest = torch.finfo(torch.float64).max
+    scores = scores.clamp(-largest, largest)
+    if sampling.temperature == 0:
+        return scores
+    # The largest score moved to 0 first: a tiny temperature then sends the others to -inf, not
+    # the largest to +inf (inf - inf = nan in the softmax).
+    return ((scores - scores.amax(dim=-1, keepdim=True)) / sampling.temperature).float()
 
 
 # ---------------------------------------------------------------------------------------------
