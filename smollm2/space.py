@@ -3,7 +3,7 @@
 The Space folder:
 
     app.py             # runs smollm2.app
-    smollm2/           # this package, what app.py imports
+    smollm2/           # this package's modules (*.py, nothing else of its folder), what app.py imports
     requirements.txt   # for a CPU Space (gradio itself comes with the Space's SDK)
     README.md          # the Space's YAML front matter, then the model card
     run.json           # the run's name, corpus and prompts (the app starts with the first prompt)
@@ -32,7 +32,6 @@ from smollm2.files import (
     check_regular,
     check_replaceable,
     copy_regular_file,
-    copy_regular_folder,
     inside_another,
     is_inside,
     write_atomic,
@@ -274,13 +273,26 @@ def export_space(run: Path, out: Path) -> Path:
             for path in (RunFolder(run).metrics, RunFolder(run).samples, RunFolder(run).plot):
                 if path.exists() or path.is_symlink():
                     copy_regular_file(path, staging / "logs" / path.name, run)
-        copy_regular_folder(PACKAGE, staging / "smollm2", lambda name: name == "__pycache__" or name.endswith(".pyc"))
+        copy_package(staging / "smollm2")
         copy_regular_file(APP_PY, staging / "app.py")
         write_atomic(staging / "requirements.txt", SPACE_REQUIREMENTS)
         write_atomic(staging / RUN_FILE, json.dumps(dataclasses.asdict(facts), indent=2) + "\n")
         record = read_record(model.config, model.num_parameters(), staging / "logs" if logs.is_dir() else None)
         write_atomic(staging / "README.md", space_readme(record, facts))
     return out
+
+
+def copy_package(destination: Path) -> None:
+    """The package's own modules, the only files the Space's app imports from it (it reads no data file):
+    nothing else that lies in its folder (a `.env` holding a token, notes, a scratch folder) is published."""
+    destination.mkdir()
+    for path in package_modules():
+        copy_regular_file(path, destination / path.name, PACKAGE)
+
+
+def package_modules() -> list[Path]:
+    """The package folder's `*.py` files by name, hidden ones left out (a link is refused as it is copied)."""
+    return sorted(path for path in PACKAGE.iterdir() if path.suffix == ".py" and not path.name.startswith("."))
 
 
 def load_run_model(run: Path):
