@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from smollm2.config import Config, load_config
+from smollm2.config import COUNT_LIMIT, Config, load_config
 from smollm2.errors import UserError, one_line, os_error_line
 from smollm2.files import missing_folders, remove_empty_folders
 from smollm2.generation import Sampling
@@ -67,9 +67,23 @@ def add_config_flags(parser: argparse.ArgumentParser, required: bool = True) -> 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser)
-    parser.add_argument("--train_steps", type=int, required=True, help="optimizer steps to run (more, when resuming)")
+    parser.add_argument(
+        "--train_steps", type=step_count, required=True, help="optimizer steps to run (more, when resuming)"
+    )
     parser.add_argument("--checkpoint_path", help="resume from this checkpoint (checkpoints/step_N.pt), exactly")
     parser.add_argument("--out_dir", default=".", help="run folder for checkpoints/, logs/, final/")
+
+
+def step_count(text: str) -> int:
+    """--train_steps: a whole number a checkpoint can hold (its step and schedule are int64); the
+    trainer refuses 0 and below in words of its own."""
+    steps = int(text)
+    if steps >= COUNT_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be below 2**63 (a checkpoint holds its steps as int64), got {text}")
+    return steps
+
+
+step_count.__name__ = "int"  # what argparse names in "invalid int value: 'x'"
 
 
 def train_examples(command: str) -> str:
