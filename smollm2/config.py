@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,10 +32,30 @@ MAX_PARAMETERS = 10**11
 MAX_POSITIONS = 2**21
 MAX_MICRO_BATCH_TOKENS = 2**24
 SEED_LIMIT = 2**63  # torch.manual_seed and numpy both take seeds in [0, 2**63)
+COUNT_LIMIT = 2**63  # a checkpoint's steps and counts are int64 (smollm2.checkpoint refuses larger ones)
+# A YAML document's values counted through its aliases: a config has tens, an alias bomb 10**9 in 1 KB.
+MAX_YAML_NODES = 100_000
 
 
 class ConfigError(UserError):
     pass
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict, _SHOWN.maxset = 3, 4, 4, 4, 4
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 60, 60, 40
+SHOWN_CHARACTERS = 160
+
+
+def shown(value: Any) -> str:
+    """`value` for an error message, at most SHOWN_CHARACTERS long: a few items of a few levels, a long
+    text cut in the middle. It never walks the whole value, which YAML aliases can make 10**9 items
+    from a file of 1 KB."""
+    try:
+        text = _SHOWN.repr(value)
+    except ValueError:  # an integer of more digits than Python will print
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= SHOWN_CHARACTERS else text[: SHOWN_CHARACTERS - 4] + " ..."
 
 
 @dataclass
@@ -171,8 +193,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if not any(value == a and type(value) is type(a) for a in allowed):  # 1 is not true
-            shown = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
-            raise ConfigError(f"{where}: {value!r} is not one of {shown}")
+            choices = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+            raise ConfigError(f"{where}: {shown(value)} is not one of {choices}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -183,7 +205,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {shown(value)}")
         return [_coerce(v, item_type, where) for v in value]
     if annotation is bool:
         if isinstance(value, bool):
@@ -196,7 +218,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+                raise ConfigError(f"{where}: must be a finite number, got {shown(value)}")
             return float(value)
     elif annotation is str:
         if isinstance(value, str):
@@ -205,7 +227,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, dict):
             return value
     type_name = getattr(annotation, "__name__", str(annotation))
-    raise ConfigError(f"{where}: expected {type_name}, got {value!r}")
+    raise ConfigError(f"{where}: expected {type_name}, got {shown(value)}")
 
 
 def _build_section(cls: type, values: dict[str, Any], section: str, source: str) -> Any:
@@ -230,9 +252,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     key, sep, raw = text.partition("=")
     section, dot, name = key.strip().partition(".")
     if not sep or not dot or not name:
-        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.lr=1e-3")
+        raise ConfigError(f"--set {shown(text)}: expected section.key=value, e.g. train.lr=1e-3")
     if section not in SECTIONS:
-        raise ConfigError(f"--set {text!r}: unknown section {section!r} (model, data, train)")
+        raise ConfigError(f"--set {shown(text)}: unknown section {shown(section)} (model, data, train)")
     annotation = typing.get_type_hints(SECTIONS[section]).get(name)
     if annotation in STRING_TYPES:
         return section, name, _string_override(raw, may_unset=annotation is not str)
@@ -260,12 +282,47 @@ def _yaml_override(raw: str, text: str) -> Any:
     loader = yaml.SafeLoader(raw)
     try:
         node = loader.get_single_node()
+        _refuse_huge_yaml(node, f"--set {shown(text)}")
         _refuse_lossy_reading(node, raw, text)
         return None if node is None else loader.construct_document(node)
     except yaml.YAMLError:
         return raw
+    except RecursionError:
+        raise ConfigError(f"--set {shown(text)}: the value is nested too deeply") from None
     finally:
         loader.dispose()
+
+
+def _refuse_huge_yaml(node: yaml.Node | None, what: str) -> None:
+    """Refuse a YAML document of more than MAX_YAML_NODES values counted through its aliases (an alias
+    bomb: each error message, comparison or copy would walk all of them), or one that holds itself.
+    Each node is counted once, with what it holds remembered: linear in the text, not in what it expands to."""
+    sizes: dict[int, int] = {}  # id(node) -> its size expanded; -1 while it is being counted
+
+    def size(node: yaml.Node) -> int:
+        known = sizes.get(id(node))
+        if known == -1:
+            raise ConfigError(f"{what}: a YAML value holds itself (an alias inside its own anchor)")
+        if known is not None:
+            return known
+        sizes[id(node)] = -1
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_NODES:
+                raise ConfigError(
+                    f"{what}: more than {MAX_YAML_NODES:,} YAML values counted through its aliases (*name): "
+                    "too large for a config (an alias bomb?)"
+                )
+        sizes[id(node)] = total
+        return total
+
+    if node is not None:
+        size(node)
 
 
 def _refuse_lossy_reading(node: yaml.Node | None, raw: str, text: str) -> None:
@@ -276,12 +333,12 @@ def _refuse_lossy_reading(node: yaml.Node | None, raw: str, text: str) -> None:
     comment = next((at for at, ch in enumerate(raw) if ch == "#" and not any(a <= at < b for a, b in spans)), None)
     if comment is not None:
         raise ConfigError(
-            f"--set {text!r}: {raw[comment:]!r} is a YAML comment, which would be dropped from the value: "
+            f"--set {shown(text)}: {shown(raw[comment:])} is a YAML comment, which would be dropped from the value: "
             'remove it, or put the text that holds it in quotes ("...")'
         )
     if any(s.style != "|" and "\n" in raw[s.start_mark.index : s.end_mark.index] for s in scalars):
         raise ConfigError(
-            f"--set {text!r}: YAML reads a line break inside a string as a space; write it as \\n in double quotes"
+            f"--set {shown(text)}: YAML reads a line break inside a string as a space; write it as \\n in double quotes"
         )
 
 
@@ -315,11 +372,11 @@ def config_from_dict(raw: dict[str, Any], source: str, overrides: list[str] = ()
     sections: dict[str, dict[str, Any]] = {}
     for section, values in raw.items():
         if section not in SECTIONS:
-            raise ConfigError(f"unknown section {section!r} in {source} (model, data, train)")
+            raise ConfigError(f"unknown section {shown(section)} in {source} (model, data, train)")
         if values is None:
             values = {}
         if not isinstance(values, dict):
-            raise ConfigError(f"section {section!r} in {source} must be a mapping")
+            raise ConfigError(f"section {shown(section)} in {source} must be a mapping")
         sections[section] = dict(values)
     for text in overrides:
         section, name, value = parse_override(text)
@@ -330,8 +387,34 @@ def config_from_dict(raw: dict[str, Any], source: str, overrides: list[str] = ()
         source=source,
         model_keys_set=frozenset(sections.get("model", {})),
     )
+    _expand_home(config, where)
     validate(config, where)
     return config
+
+
+# The keys that name a file or folder (and data.sources' paths, train.eval_tasks' files).
+PATH_KEYS = (("model", "init_from"), ("data", "path"), ("data", "tokenizer"), ("data", "prepared_dir"))
+
+
+def _expand_home(config: Config, where: str) -> None:
+    for section, name in PATH_KEYS:
+        values = getattr(config, section)
+        value = getattr(values, name)
+        if isinstance(value, str):
+            setattr(values, name, home_path(value, f"{section}.{name} in {where}"))
+    tasks = config.train.eval_tasks
+    config.train.eval_tasks = [home_path(task, f"train.eval_tasks in {where}") for task in tasks]
+
+
+def home_path(path: str, at: str) -> str:
+    """`path` with a leading ~ or ~user made that home folder, as a shell does (a shell leaves the ~ of
+    `--set data.path=~/x` as it is); one that names no user is refused, never made a folder named ~."""
+    if not path.startswith("~"):
+        return path
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):
+        raise ConfigError(f"{at}: {shown(path)} starts with ~ but names no home folder; write the folder out")
+    return expanded
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -353,6 +436,7 @@ def _load_yaml(text: str, path: Path) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
+        _refuse_huge_yaml(node, str(path))
         _refuse_duplicate_keys(node, "", path, set())
         return loader.construct_document(node)
     finally:
@@ -382,6 +466,8 @@ def model_config_from_dict(raw: Any, source: str) -> ModelConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of model settings")
     config = _build_section(ModelConfig, raw, "model", source)
+    if config.init_from is not None:
+        config.init_from = home_path(config.init_from, f"model.init_from in {source}")
     validate_model(config, source)
     return config
 
@@ -447,7 +533,7 @@ def approximate_parameters(model: ModelConfig) -> int:
 
 def _positive(section: str, name: str, value: float, where: str) -> None:
     if value <= 0:
-        raise ConfigError(f"{section}.{name} in {where}: must be positive, got {value}")
+        raise ConfigError(f"{section}.{name} in {where}: must be positive, got {shown(value)}")
 
 
 def validate(config: Config, where: str) -> None:
@@ -460,7 +546,7 @@ def validate(config: Config, where: str) -> None:
     if not data.text_field:
         raise ConfigError(f"data.text_field in {where}: must name a field, e.g. text")
     if not 0 <= data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction in {where}: must be in [0, 1), got {data.val_fraction}")
+        raise ConfigError(f"data.val_fraction in {where}: must be in [0, 1), got {shown(data.val_fraction)}")
     if data.sources is not None:
         if data.format == "chat":
             raise ConfigError(
@@ -489,21 +575,26 @@ def validate(config: Config, where: str) -> None:
         )
     for name in ("min_lr", "warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip"):
         if getattr(train, name) < 0:
-            raise ConfigError(f"train.{name} in {where}: must not be negative, got {getattr(train, name)}")
+            raise ConfigError(f"train.{name} in {where}: must not be negative, got {shown(getattr(train, name))}")
     if train.schedule_steps is not None:
         _positive("train", "schedule_steps", train.schedule_steps, where)
+        if train.schedule_steps >= COUNT_LIMIT:
+            raise ConfigError(
+                f"train.schedule_steps in {where}: must be below 2**63 (a checkpoint holds it as int64), "
+                f"got {shown(train.schedule_steps)}"
+            )
     if not 0 <= train.decay_fraction <= 1:
-        raise ConfigError(f"train.decay_fraction in {where}: must be in [0, 1], got {train.decay_fraction}")
+        raise ConfigError(f"train.decay_fraction in {where}: must be in [0, 1], got {shown(train.decay_fraction)}")
     for name in ("beta1", "beta2", "muon_momentum"):
         if not 0 <= getattr(train, name) < 1:
-            raise ConfigError(f"train.{name} in {where}: must be in [0, 1), got {getattr(train, name)}")
+            raise ConfigError(f"train.{name} in {where}: must be in [0, 1), got {shown(getattr(train, name))}")
     if not 0 <= train.seed < SEED_LIMIT:
-        raise ConfigError(f"train.seed in {where}: must be in [0, 2**63), got {train.seed}")
+        raise ConfigError(f"train.seed in {where}: must be in [0, 2**63), got {shown(train.seed)}")
     smallest_vocab = BYTE_LEVEL_ALPHABET + SPECIAL_TOKEN_COUNT
     if data.tokenizer == "train" and model.vocab_size < smallest_vocab:
         raise ConfigError(
             f"model.vocab_size in {where}: a trained byte-level tokenizer needs at least {smallest_vocab} "
-            f"tokens (256 bytes + {SPECIAL_TOKEN_COUNT} special), got {model.vocab_size}"
+            f"tokens (256 bytes + {SPECIAL_TOKEN_COUNT} special), got {shown(model.vocab_size)}"
         )
     if train.min_lr > train.lr:
         raise ConfigError(f"train.min_lr in {where}: {train.min_lr} is above train.lr={train.lr}")
@@ -522,36 +613,41 @@ def parse_sources(raw: object, default_text_field: str, where: str) -> list[Sour
     sources = [_parse_source(item, f"data.sources[{i}] in {where}", default_text_field) for i, item in enumerate(raw)]
     if not any(s.weight > 0 for s in sources):
         raise ConfigError(f"data.sources in {where}: the weights are all zero; give at least one a positive weight")
+    if not math.isfinite(sum(s.weight for s in sources)):
+        raise ConfigError(
+            f"data.sources in {where}: the weights add up to more than a number holds (past 1.8e308); "
+            "scale them down: only their ratios count"
+        )
     names = [s.name for s in sources]
     twice = next((n for n in names if names.count(n) > 1), None)
     if twice is not None:
-        raise ConfigError(f"data.sources in {where}: two sources are named {twice!r}; give one a name: key")
+        raise ConfigError(f"data.sources in {where}: two sources are named {shown(twice)}; give one a name: key")
     return sources
 
 
 def _parse_source(item: object, at: str, default_text_field: str) -> Source:
     if not isinstance(item, dict):
-        raise ConfigError(f"{at}: expected a mapping {{path, weight}}, got {item!r}")
+        raise ConfigError(f"{at}: expected a mapping {{path, weight}}, got {shown(item)}")
     unknown = sorted(set(item) - set(SOURCE_KEYS))
     if unknown:
-        raise ConfigError(f"{at}: unknown key {unknown[0]!r} ({', '.join(SOURCE_KEYS)})")
+        raise ConfigError(f"{at}: unknown key {shown(unknown[0])} ({', '.join(SOURCE_KEYS)})")
     path, weight = item.get("path"), item.get("weight")
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{at}: path must name a file, folder or glob")
     if isinstance(weight, str) and _looks_numeric(weight):  # YAML 1.1 reads "1e-2" as a string
         weight = float(weight)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise ConfigError(f"{at}: weight must be a finite number, got {weight!r}")
+        raise ConfigError(f"{at}: weight must be a finite number, got {shown(weight)}")
     if weight < 0:
-        raise ConfigError(f"{at}: weight must not be negative, got {weight}")
+        raise ConfigError(f"{at}: weight must not be negative, got {shown(weight)}")
     text_field = item.get("text_field", default_text_field)
     name = item.get("name", _default_name(path))
     for key, value in (("text_field", text_field), ("name", name)):
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{at}: {key} must be a non-empty string, got {value!r}")
+            raise ConfigError(f"{at}: {key} must be a non-empty string, got {shown(value)}")
     if not re.fullmatch(r"[\w.-]+", name):
-        raise ConfigError(f"{at}: name {name!r} may hold only letters, digits, '_', '-' and '.'")
-    return Source(name=name, path=path, weight=float(weight), text_field=text_field)
+        raise ConfigError(f"{at}: name {shown(name)} may hold only letters, digits, '_', '-' and '.'")
+    return Source(name=name, path=home_path(path, f"{at}: path"), weight=float(weight), text_field=text_field)
 
 
 def _default_name(path: str) -> str:
