@@ -48,13 +48,15 @@ def build_app(model_path: Path, logs: Path | None, precision: str = "fp32") -> g
             f"# SmolLM2, {short_count(record.parameters)} parameters\n{describe(record)}\n\n{limits(model, most)}"
         )
         with gr.Tab("Generate"):
-            prompt = gr.Textbox(
-                label="Prompt",
-                value=opening_prompt(model_path),
-                lines=3,
-                max_length=most,
-                info=f"at most {most:,} characters; the prompt and the new tokens share the model's "
-                f"{model.config.max_seq_len:,}-token context",
+            prompt = as_sent(
+                gr.Textbox(
+                    label="Prompt",
+                    value=opening_prompt(model_path),
+                    lines=3,
+                    max_length=most,
+                    info=f"at most {most:,} characters; the prompt and the new tokens share the model's "
+                    f"{model.config.max_seq_len:,}-token context",
+                )
             )
             with gr.Row():
                 longest = longest_reply(model)
@@ -138,6 +140,23 @@ def lenient(component):
     return component
 
 
+def as_sent(textbox: gr.Textbox) -> gr.Textbox:
+    """A textbox that passes on what an API call sent that is not text (a list, a number, null) as it
+    is, for the handler to refuse in words: gradio would make ["a"] the text "['a']"."""
+    preprocess = textbox.preprocess
+    textbox.preprocess = lambda payload: preprocess(payload) if isinstance(payload, str) else payload
+    return textbox
+
+
+def message_as_sent(payload, preprocess):
+    """The chat textbox's value for the handler: text as text, null as "" (gradio's chat fails on None
+    before the handler runs), and anything else as a message whose content it is, which the chat keeps
+    in its history as it is and the handler refuses in words (gradio would make ["a"] the text "['a']")."""
+    if payload is None:
+        return ""
+    return preprocess(payload) if isinstance(payload, str) else {"content": payload}
+
+
 def text_input(value, what: str) -> str:
     if not isinstance(value, str):
         raise refusal(f"the {what} is missing: send text" if value is None else f"the {what} must be text")
@@ -181,7 +200,7 @@ def chat_tab(model, tokenizer, most: int) -> None:
     longest = longest_reply(model)
     textbox = gr.Textbox(max_length=most, placeholder=f"a message of at most {most:,} characters", render=False)
     preprocess = textbox.preprocess
-    textbox.preprocess = lambda payload: "" if payload is None else preprocess(payload)  # gradio fails on None
+    textbox.preprocess = lambda payload: message_as_sent(payload, preprocess)
     gr.ChatInterface(
         chat_responder(model, tokenizer),
         textbox=textbox,
