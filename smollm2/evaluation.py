@@ -867,10 +867,10 @@ class TaskScores:
     (the same ones each time), as eval/<task>/<metric> figures for metrics.jsonl, wandb and loss.png.
     Data sets come from the local cache only; they are read when this is made, before training."""
 
-    def __init__(self, settings: TrainConfig, tokenizer: Tokenizer) -> None:
+    def __init__(self, settings: TrainConfig) -> None:
         stay_offline()
         quiet_data_set_bars()  # the training console's lines only
-        self.limit, self.tokenizer, self.batch_size = settings.eval_limit, tokenizer, settings.batch_size
+        self.limit, self.batch_size = settings.eval_limit, settings.batch_size
         tasks = load_tasks(settings.eval_tasks, allow_code=settings.eval_allow_code)
         with held_warnings():
             try:
@@ -882,8 +882,8 @@ class TaskScores:
                 refuse_unknown_task_key(exc, tasks)
                 raise
 
-    def run(self, model: SmolLM2, autocast) -> dict[str, float]:
-        harness = SmolLM2Harness(model, self.tokenizer, self.batch_size)
+    def run(self, model: SmolLM2, tokenizer: Tokenizer, autocast) -> dict[str, float]:
+        harness = SmolLM2Harness(model, tokenizer, self.batch_size)
         with autocast(), sandboxed_templates():
             try:
                 results = evaluate_quietly(harness, self.tasks, self.limit)

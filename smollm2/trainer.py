@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -51,6 +51,9 @@ from smollm2.muon import ADJUST_LR, GatheringMuon, MuonWithAdamW, adamw_groups, 
 from smollm2.pretrained import initial_weights, resolve_init_from
 from smollm2.run_folder import RunFolder
 from smollm2.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from smollm2.evaluation import TaskScores
 
 MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops
 
@@ -182,21 +185,28 @@ class StopRequest:
 # Evaluation and predictions: each knows its cadence
 
 
+def task_scores(settings: TrainConfig) -> TaskScores | None:
+    """train.eval_tasks, their task files read and checked (code, templates, keys), or None."""
+    if not settings.eval_tasks:
+        return None
+    from smollm2.evaluation import TaskScores  # lm-eval is a heavy import: only when asked for
+
+    return TaskScores(settings)
+
+
 class Validator:
     """The validation loss over the same first windows of the validation split, every eval_every steps;
     for a mixture, per source (`val_loss/NAME`) and their weighted mean (`val_loss`); and the figures
     of train.eval_tasks (smollm2.evaluation.TaskScores), when there are any."""
 
-    def __init__(self, data: PreparedData | MixtureData, config: Config, batch_size: int) -> None:
-        """batch_size: the validation set's, kept by the run (`validation_batch_size`), not train.batch_size."""
-        settings = config.train
-        self.every = settings.eval_every
+    def __init__(
+        self, data: PreparedData | MixtureData, config: Config, batch_size: int, tasks: TaskScores | None
+    ) -> None:
+        """batch_size: the validation set's, kept by the run (`validation_batch_size`), not train.batch_size;
+        tasks: train.eval_tasks, built (and refused) before the data was prepared (`task_scores`)."""
+        self.every = config.train.eval_every
         self.sets = data_pipeline(config).validation_sets(data, config, batch_size)
-        self.tasks = None
-        if settings.eval_tasks:
-            from smollm2.evaluation import TaskScores  # lm-eval is a heavy import: only when asked for
-
-            self.tasks = TaskScores(settings, data.tokenizer)
+        self.tokenizer, self.tasks = data.tokenizer, tasks
 
     def due(self, step: int, end: int) -> bool:
         return step % self.every == 0 or step == end
@@ -204,7 +214,7 @@ class Validator:
     def run(self, model: SmolLM2, autocast) -> dict:
         row = self.validation_loss(model, autocast)
         if self.tasks is not None:
-            row |= self.tasks.run(model, autocast)
+            row |= self.tasks.run(model, self.tokenizer, autocast)
         return row
 
     @torch.no_grad()
@@ -348,7 +358,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, settings, self.device, self.precision.dtype)
         if resume is not None:
             self.load_optimizer_state(resume.optimizer)
-        # Weights and optimizer state are read and refused above, before a data file is written.
+        tasks = task_scores(settings)
+        # Weights, optimizer state and task files are read and refused above, before a data file is written.
         self.data = self.prepare_data(resume)
         self.data_digest = data_digest(self.data)
         if resume is not None and self.world.is_main:
@@ -358,7 +369,7 @@ class Trainer:
         if resume is not None:
             self.loader.load_state_dict(resume.loader)
             restore_rng(resume.rng)
-        self.validator = Validator(self.data, config, self.progress.validation_batch_size)
+        self.validator = Validator(self.data, config, self.progress.validation_batch_size, tasks)
         self.checkpointer = Checkpointer(self.out_dir, settings, self.world.is_main)
         self.checkpointer.claim(self.progress.run_id)
         self.guard = DivergenceGuard()

@@ -66,15 +66,15 @@ def run_limited(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           preexec_fn=limited_memory)  # fmt: skip
 
 
-def refused_in_a_process(workspace: Path, args: list[str], writes: bool = False) -> str:
+def refused_in_a_process(workspace: Path, args: list[str]) -> str:
     """`args` run under MEMORY_LIMIT: exit 2, one line, nothing run, every file as it was, no leftovers,
-    and no new file (unless it `writes`: a run prepares its data before it builds its tasks)."""
+    and no new file (a run builds its tasks before it prepares its data)."""
     before = snapshot(workspace)
     line = one_error_line(run_limited(args, workspace))
     after = snapshot(workspace)
     assert not (workspace / "PWNED").exists() and not leftovers(workspace)
     assert [name for name, digest in before.items() if after.get(name) != digest] == []
-    assert writes or after == before, sorted(after.keys() - before.keys())
+    assert after == before, sorted(after.keys() - before.keys())
     return line
 
 
@@ -142,7 +142,7 @@ def test_a_task_template_bomb_through_train_eval_tasks_is_one_line_before_traini
     config = tiny_config(eval_tasks=[str(task)], eval_every=2, eval_limit=2, save_every=2)
     (workspace / "evil_train.yaml").write_text(yaml.safe_dump(config))
     train = [sys.executable, str(ROOT / "train.py"), "--config", "evil_train.yaml", "--train_steps", "2"]
-    line = refused_in_a_process(workspace, [*train, "--out_dir", "run2"], writes=True)
+    line = refused_in_a_process(workspace, [*train, "--out_dir", "run2"])
     assert line.startswith("error: a task template would make a value of 10,000,000,000 characters or items"), line
     assert not (workspace / "run2" / "checkpoints").exists()
 
