@@ -186,9 +186,12 @@ def _about(index: int, source: Source) -> Iterator[None]:
 
 
 def validation_sets(data: PreparedData | MixtureData) -> dict[str, tuple[np.ndarray, float]]:
-    """name -> (validation tokens, weight): one unnamed set for a single corpus, one per source."""
+    """name -> (validation tokens, weight): one unnamed set for a single corpus, one per source, each
+    weighted by its share of the weights (they sum to 1: weights of 1e307 each would make a weighted
+    loss overflow to inf)."""
     if isinstance(data, MixtureData):
-        return {s.source.name: (s.val, s.source.weight) for s in data.sources}
+        total = sum(s.source.weight for s in data.sources)
+        return {s.source.name: (s.val, s.source.weight / total) for s in data.sources}
     return {"": (data.val, 1.0)}
 
 

@@ -18,7 +18,7 @@ from smollm2 import cli
 from smollm2.config import ConfigError, load_config
 from smollm2.errors import UserError
 from smollm2.generation import Sampling, sample
-from tests.helpers import ROOT, main_refused, snapshot, train_refused
+from tests.helpers import ROOT, main_refused, metrics, snapshot, train_refused
 
 CHECKPOINT = "run/checkpoints/step_4.pt"
 
@@ -211,6 +211,16 @@ def test_weights_that_are_large_but_sum_to_a_number_are_kept(run_dir):
     sources = "data.sources=[{path: a.txt, weight: 1e307}, {path: b.txt, weight: 3e307}]"
     weights = [s.weight for s in load_config("config/tiny.yaml", [sources]).data.mixture()]
     assert weights == [1e307, 3e307]
+
+
+def test_a_mixture_of_huge_weights_measures_a_finite_validation_loss(workspace):
+    (workspace / "second.txt").write_text((workspace / "input.txt").read_text()[15_000:30_000])
+    sources = "data.sources=[{path: input.txt, weight: 1e307}, {path: second.txt, weight: 3e307}]"
+    argv = ["--config", "config/tiny.yaml", "--train_steps", "2", "--out_dir", "mix", "--set", sources]
+    assert cli.train_main(argv) == 0
+    last = metrics(workspace / "mix")[-1]
+    assert last["val_loss"] == pytest.approx(0.25 * last["val_loss/input"] + 0.75 * last["val_loss/second"])
+    assert (workspace / "mix" / "final").is_dir()
 
 
 # ---------------------------------------------------------------------------------------------
