@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from smollm2 import distributed
-from smollm2.config import Config, ModelConfig, TrainConfig, model_config_from_dict
+from smollm2.config import COUNT_LIMIT, Config, ModelConfig, TrainConfig, model_config_from_dict
 from smollm2.data import FORMAT_VERSION as DATA_FORMAT
 from smollm2.errors import CONTENT_ERRORS, UserError, reading, refusal_while
 from smollm2.files import (
@@ -198,7 +198,6 @@ class Checkpoint:
 
 
 # What each field must be for a resume to rely on it: (test, what it should be).
-COUNT_LIMIT = 2**63  # positions and counts are read as int64 (numpy, torch): a larger one is no count of ours
 
 
 def _is_int(value) -> bool:

@@ -32,7 +32,7 @@ MAX_PARAMETERS = 10**11
 MAX_POSITIONS = 2**21
 MAX_MICRO_BATCH_TOKENS = 2**24
 SEED_LIMIT = 2**63  # torch.manual_seed and numpy both take seeds in [0, 2**63)
-COUNT_LIMIT = 2**63  # a checkpoint's steps and counts are int64 (smollm2.checkpoint refuses larger ones)
+COUNT_LIMIT = 2**63  # steps and counts are int64 in a checkpoint (numpy, torch): a larger one is no count of ours
 # A YAML document's values counted through its aliases: a config has tens, an alias bomb 10**9 in 1 KB.
 MAX_YAML_NODES = 100_000
 

@@ -238,22 +238,6 @@ def copy_regular_file(source: Path, destination: Path, root: Path | None = None)
         write_atomic(destination, lambda out: shutil.copyfileobj(f, out))
 
 
-def copy_regular_folder(source: Path, destination: Path, skip: Callable[[str], bool]) -> None:
-    """Copy a folder's files and subfolders to a new `destination`, refusing any link or special
-    file; names for which `skip` is true are left out."""
-    destination.mkdir()
-    for root, folders, files in os.walk(source):
-        here = Path(root)
-        folders[:] = sorted(name for name in folders if not skip(name))
-        for name in folders:
-            if (here / name).is_symlink():
-                raise UserError(f"{here / name} is a symlink: refusing to follow it (smollm2 follows no link)")
-            (destination / (here / name).relative_to(source)).mkdir()
-        for name in sorted(files):
-            if not skip(name):
-                copy_regular_file(here / name, destination / (here / name).relative_to(source), source)
-
-
 def check_regular(path: Path, root: Path) -> None:
     """Refuse, in one line, a file or folder about to be read that is, holds, or is reached through
     a symlink from `root`, or holds anything but regular files and folders."""
