@@ -128,7 +128,10 @@ def file_in_folder(folder: str | Path, name: str, named_by: str | Path | None = 
         raise UserError(f"{prefix}{name!r} is not a file name inside {folder} (absolute, or through ..)")
     path = folder / name
     root, target = folder.resolve(), path.resolve()
-    in_hub_cache = root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
+    in_hub_cache = any(  # snapshots/REV/... -> REPO/blobs/HASH, wherever blobs/ itself lies
+        ancestor.name == "snapshots" and target.parent == (ancestor.parent / "blobs").resolve()
+        for ancestor in (*folder.absolute().parents, *root.parents)
+    )
     if not (target.is_relative_to(root) or in_hub_cache):
         raise UserError(f"{prefix}{path} links out of {folder} (to {target}): refusing to read it")
     if not path.is_file():

@@ -90,6 +90,8 @@ def open_append(path: Path) -> TextIO:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UserError(f"{path} is a symlink: refusing to follow it (smollm2 follows no link)") from None
+        if exc.errno == errno.ENXIO:  # a FIFO no one reads
+            raise UserError(f"{path} is not a regular file: refusing to write to it") from None
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -109,12 +111,13 @@ def make_staging_folder(target: Path, mode: int) -> tuple[Path, int]:
             continue
         except OSError as exc:  # a read-only or full folder: named as the folder it is
             raise OSError(exc.errno, exc.strerror, str(target.parent)) from None
+        made = os.lstat(path)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            if os.fstat(fd).st_uid != os.geteuid():  # swapped for another user's folder right after mkdir
-                raise UserError(
-                    f"{path}: replaced by a folder of another user while smollm2 made it: refusing to write"
-                )
+            # The folder mkdir made, not one swapped in right after: by identity, not by owner (a
+            # vfat or NFS mount reports an owner of its own for every file).
+            if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (made.st_dev, made.st_ino):
+                raise UserError(f"{path}: replaced by another folder while smollm2 made it: refusing to write")
             with create_file(STAGING_PROOF, fd) as f:
                 f.write(json.dumps({"kind": STAGING, "token": token}).encode() + b"\n")
         except BaseException:

@@ -154,17 +154,27 @@ def test_weights_that_link_out_of_the_folder_are_never_read(workspace, capsys):
     generate_refused(capsys, workspace, "m", "m/model.safetensors links out of m (to ")
 
 
-def test_a_hugging_face_cache_snapshot_whose_files_link_into_its_blobs_loads(workspace):
-    """The one link out that is read: the hub cache's snapshots/REV/NAME -> ../../blobs/HASH."""
+@pytest.mark.parametrize("layout", ["plain", "blobs on another disk", "snapshot named by a link"])
+def test_a_hugging_face_cache_snapshot_whose_files_link_into_its_blobs_loads(workspace, layout):
+    """The one link out that is read: the hub cache's snapshots/REV/NAME -> ../../blobs/HASH, also where
+    blobs/ is itself a link (a cache moved to another disk) or the snapshot is named through a link."""
     repo = workspace / "hub" / "models--someone--tiny"
     snapshot_folder, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
     snapshot_folder.mkdir(parents=True)
-    blobs.mkdir()
+    if layout == "blobs on another disk":
+        (workspace / "disk" / "blobs").mkdir(parents=True)
+        blobs.symlink_to(workspace / "disk" / "blobs")
+    else:
+        blobs.mkdir()
     for file in (workspace / "run" / "final").iterdir():
         if file.name != ".smollm2":
             shutil.copy(file, blobs / f"blob-{file.name}")
             (snapshot_folder / file.name).symlink_to(f"../../blobs/blob-{file.name}")
-    argv = ["generate", "--model", str(snapshot_folder), "--prompt", "ROMEO:", "--max_new_tokens", "4"]
+    named = snapshot_folder
+    if layout == "snapshot named by a link":
+        named = workspace / "my-model"
+        named.symlink_to(snapshot_folder)
+    argv = ["generate", "--model", str(named), "--prompt", "ROMEO:", "--max_new_tokens", "4"]
     assert cli.main(argv) == 0
 
 
