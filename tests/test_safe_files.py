@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -191,6 +192,9 @@ def test_a_file_system_that_reports_another_owner_is_still_written_to(tmp_path, 
     assert (tmp_path / "notes.txt").read_text() == "kept\n" and not leftovers(tmp_path)
 
 
+RUN_TOKENIZER = SimpleNamespace(hash="0123", id_limit=100)  # named by a hub id in the metadata: compared by name
+
+
 def datatrove_folder(folder: Path) -> Path:
     """A folder as datatrove's DocumentTokenizer writes it: tokens, document ends, tokenizer name."""
     folder.mkdir()
@@ -205,7 +209,7 @@ def test_a_datatrove_folder_is_read_as_it_lies(tmp_path):
 
     folder = datatrove_folder(tmp_path / "tokens")
     check_datatrove_folder(folder)
-    (train,), val = read_datatrove_folder(folder, None, "some/tokenizer", 0.5)
+    (train,), val = read_datatrove_folder(folder, RUN_TOKENIZER, "some/tokenizer", 0.5)
     assert train.tolist() == list(range(50)) and val.tolist() == list(range(50, 100))
 
 
@@ -218,7 +222,7 @@ def test_a_datatrove_file_that_links_out_of_its_folder_is_refused(tmp_path, name
     (folder / name).symlink_to(tmp_path / name)
     for read in (
         lambda: check_datatrove_folder(folder),
-        lambda: read_datatrove_folder(folder, None, "some/tokenizer", 0.5),
+        lambda: read_datatrove_folder(folder, RUN_TOKENIZER, "some/tokenizer", 0.5),
     ):
         with pytest.raises(UserError, match=f"^{folder / name} is a symlink: refusing to follow it"):
             read()
