@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = (ROOT / "input.txt").read_text()[:60_000]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -139,3 +141,29 @@ def main_refused(capsys, folder, argv, message) -> str:
     from smollm2 import cli
 
     return refused(capsys, folder, cli.main, argv, message)
+
+
+def json_task(folder: Path, name: str = "evil.yaml", data: Path | None = None, **fields) -> Path:
+    """An lm-eval task over a local JSONL file (three questions) through datasets' json builder, no
+    !function anywhere: a generate_until task unless `fields` say otherwise (a None field is left out)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        data = folder / "questions.jsonl"
+        data.write_text(
+            "".join(json.dumps({"q": f"What is {n}?", "a": str(n), "choices": ["1", "2"]}) + "\n" for n in (1, 2, 3))
+        )
+    settings = {
+        "task": Path(name).stem,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "{{q}}",
+        "doc_to_target": "{{a}}",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 2},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+    } | fields
+    settings = {key: value for key, value in settings.items() if value is not None}
+    path = folder / name
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from smollm2 import cli, evaluation
-from tests.helpers import ROOT, main_refused, one_error_line, snapshot, tiny_config, train_refused
+from tests.helpers import ROOT, json_task, main_refused, one_error_line, snapshot, tiny_config, train_refused
 
 evaluation.stay_offline()
 
@@ -41,31 +41,6 @@ def _no_data_set_progress_bars():
     datasets.disable_progress_bars()
     yield
     datasets.enable_progress_bars()
-
-
-def json_task(folder: Path, name: str = "evil.yaml", data: Path | None = None, **fields) -> Path:
-    """A task over a local JSONL file through datasets' json builder: no !function anywhere."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if data is None:
-        data = folder / "questions.jsonl"
-        data.write_text(
-            "".join(json.dumps({"q": f"What is {n}?", "a": str(n), "choices": ["1", "2"]}) + "\n" for n in (1, 2, 3))
-        )
-    settings = {
-        "task": Path(name).stem,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test",
-        "output_type": "generate_until",
-        "doc_to_text": "{{q}}",
-        "doc_to_target": "{{a}}",
-        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 2},
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-    } | fields
-    settings = {key: value for key, value in settings.items() if value is not None}
-    path = folder / name
-    path.write_text(yaml.safe_dump(settings, sort_keys=False))
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from smollm2 import cli
-from tests.helpers import ROOT, main_refused, one_error_line, train_refused
+from tests.helpers import ROOT, json_task, main_refused, one_error_line, train_refused
 
 TRAIN = ["--config", "config/tiny.yaml"]
 CHECKPOINT = "run/checkpoints/step_4.pt"
@@ -288,20 +287,7 @@ def test_a_bad_optimizer_state_is_refused_before_the_data_is_prepared(workspace,
 
 
 def test_eval_on_a_new_local_jsonl_task_draws_no_data_set_bar(workspace, tmp_path):
-    data = workspace / "questions.jsonl"
-    data.write_text("".join(json.dumps({"q": f"What is {n}?", "a": str(n)}) + "\n" for n in (1, 2, 3)))
-    task = {
-        "task": "mine",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test",
-        "output_type": "generate_until",
-        "doc_to_text": "{{q}}",
-        "doc_to_target": "{{a}}",
-        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 2},
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-    }
-    (workspace / "mine.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+    json_task(workspace, "mine.yaml")
     command = [sys.executable, "-m", "smollm2", "eval", "--model", "run/final", "--tasks", "mine.yaml", "--limit", "2"]
     environment = os.environ | {"PYTHONPATH": str(ROOT), "HF_DATASETS_CACHE": str(tmp_path / "new_cache")}
     environment.pop("HF_DATASETS_DISABLE_PROGRESS_BARS", None)

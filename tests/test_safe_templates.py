@@ -10,7 +10,6 @@ Every template here that could eat memory or hang runs in a subprocess under a m
 The workspace (tests/conftest.py): a finished 4-step run in run/ with final/, and mine/notes.txt.
 """
 
-import json
 import os
 import resource
 import subprocess
@@ -23,7 +22,7 @@ import yaml
 
 from smollm2 import evaluation, template_sandbox
 from smollm2.errors import UserError
-from tests.helpers import ROOT, leftovers, one_error_line, snapshot, tiny_config
+from tests.helpers import ROOT, json_task, leftovers, one_error_line, snapshot, tiny_config
 
 evaluation.stay_offline()
 
@@ -32,29 +31,6 @@ TIMEOUT = 240  # seconds: an unbounded template runs past it; a bounded one is r
 # A command line of its own: this checkout's smollm2, offline (stay_offline set os.environ), no data set bars.
 COMMAND_LINE = os.environ | {"PYTHONPATH": str(ROOT), "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 GADGET = "{{ cycler.__init__.__globals__.os.system('id > PWNED') }}"  # after each bomb: nothing runs it
-
-
-def json_task(folder: Path, name: str = "evil.yaml", **fields) -> Path:
-    """A generate_until task over a local JSONL file through datasets' json builder: no !function."""
-    data = folder / "questions.jsonl"
-    data.write_text(
-        "".join(json.dumps({"q": f"What is {n}?", "a": str(n), "choices": ["1", "2"]}) + "\n" for n in (1, 2, 3))
-    )
-    settings = {
-        "task": Path(name).stem,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data)}},
-        "test_split": "test",
-        "output_type": "generate_until",
-        "doc_to_text": "{{q}}",
-        "doc_to_target": "{{a}}",
-        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 2},
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-    } | fields
-    settings = {key: value for key, value in settings.items() if value is not None}
-    path = folder / name
-    path.write_text(yaml.safe_dump(settings, sort_keys=False))
-    return path
 
 
 def limited_memory() -> None:
