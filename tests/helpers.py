@@ -2,11 +2,15 @@
 checks of a refused mistake (exit 2, one line, every file that existed before byte-identical).
 Fixtures live in conftest.py; no test module imports another."""
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -167,3 +171,34 @@ def json_task(folder: Path, name: str = "evil.yaml", data: Path | None = None, *
     path = folder / name
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
     return path
+
+
+@contextlib.contextmanager
+def served_app(app_args: list[str], cwd: Path) -> Iterator[str]:
+    """`python APP_ARGS --port P --precision fp32` (an app.py) run in `cwd` until the block ends; its URL
+    once it listens on 127.0.0.1. smollm2's own settings (SMOLLM2_*) stay out of its environment."""
+    import pytest
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMOLLM2_")} | {"GRADIO_ANALYTICS_ENABLED": "False"}
+    command = [sys.executable, *app_args, "--port", str(port), "--precision", "fp32"]
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None:
+                pytest.fail(f"app.py exited: {process.stdout.read()}")
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("app.py did not start listening within 120 s")
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -2,12 +2,9 @@
 carry, weights whose sum overflows, a YAML alias bomb, a Space that publishes only the package's code,
 an API call's prompt that is not text, and `~` in a config's paths."""
 
-import os
 import resource
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from smollm2 import cli
 from smollm2.config import ConfigError, load_config
 from smollm2.errors import UserError
 from smollm2.generation import Sampling, sample
-from tests.helpers import ROOT, main_refused, metrics, snapshot, train_refused
+from tests.helpers import ROOT, main_refused, metrics, served_app, snapshot, train_refused
 
 CHECKPOINT = "run/checkpoints/step_4.pt"
 
@@ -132,29 +129,8 @@ def test_generate_with_a_repetition_penalty_float32_cannot_hold_writes_text(work
 @pytest.fixture
 def app_url(workspace):
     """The repository's app.py serving the workspace run's final/ model."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMOLLM2_")} | {"GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [sys.executable, str(ROOT / "app.py"), "--model", "run/final", "--port", str(port), "--precision", "fp32"]
-    process = subprocess.Popen(
-        command, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited: {process.stdout.read()}")
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("app.py did not start listening within 120 s")
-    yield f"http://127.0.0.1:{port}/"
-    process.terminate()
-    process.wait(timeout=30)
+    with served_app([str(ROOT / "app.py"), "--model", "run/final"], workspace) as url:
+        yield url
 
 
 def call(app_url: str, api: str, data: list) -> str:

@@ -4,10 +4,8 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import gradio
@@ -32,7 +30,7 @@ from smollm2.space import (
     space_readme,
 )
 from smollm2.trainer import train
-from tests.helpers import CORPUS, ROOT, tiny_config
+from tests.helpers import CORPUS, ROOT, served_app, tiny_config
 
 CHROMIUM = Path("/usr/bin/chromium")
 PROMPTS = ["KING HENRY VI:", "ROMEO:"]  # the first is what the app starts with
@@ -273,40 +271,11 @@ def test_push_without_network_fails_in_one_line(space, tmp_path):
 # The running app
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(space):
     """The exported Space's own app.py, run from its folder (its copy of smollm2 comes first on the path)."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMOLLM2_")} | {"GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen(
-        [sys.executable, "app.py", "--port", str(port), "--precision", "fp32"],
-        cwd=space / "out",
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited: {process.stdout.read()}")
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("app.py did not start listening within 120 s")
-    yield f"http://127.0.0.1:{port}/"
-    process.terminate()
-    process.wait(timeout=30)
+    with served_app(["app.py"], space / "out") as url:
+        yield url
 
 
 def test_app_answers_a_generate_call_through_gradio_client(app_url, space):
